@@ -1,0 +1,210 @@
+//! One flow block (ml-tarflow's `MetaBlock`): a causal transformer predicting an affine map
+//! of each token from the tokens before it, in identity or flipped token order.
+
+use crate::config::ModelConfig;
+use crate::error::{FlowError, Result};
+use crate::layers::{AttentionBlock, Linear};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::VarBuilder;
+
+/// Class conditioning of one pass.
+#[derive(Debug, Clone, Copy)]
+pub enum Cond<'a> {
+    /// One label per row; negative labels (dropped) use the mean class embedding.
+    Labels(&'a [i64]),
+    /// No label: the mean class embedding for every row (zero for unconditional models).
+    Null,
+}
+
+/// What one block's forward pass produced.
+#[derive(Debug, Clone)]
+pub struct BlockOutput {
+    /// Output tokens (N, T, D), canonical token order.
+    pub out: Tensor,
+    /// `−mean(α)` per sample (N).
+    pub logdet: Tensor,
+    /// Raw `proj_out` output before the shift (N, T, 2D), block's own token order.
+    pub proj_out: Tensor,
+    /// Log-scales α after the shift (N, T, D), block's own token order.
+    pub alpha: Tensor,
+}
+
+/// A TarFlow block with its parameters `blocks.{k}.*`.
+#[derive(Debug, Clone)]
+pub struct MetaBlock {
+    proj_in: Linear,
+    pos_embed: Tensor,           // (T, C), canonical order
+    class_embed: Option<Tensor>, // (classes, C)
+    layers: Vec<AttentionBlock>,
+    proj_out: Linear,
+    flip: Option<Tensor>, // reversed token indices for odd blocks
+    mask: Tensor,         // (T, T): 0 on and below the diagonal, −∞ above
+    patch_dim: usize,
+    nvp: bool,
+}
+
+impl MetaBlock {
+    /// Loads block `index` of `cfg` (odd blocks flip the token order).
+    pub fn new(cfg: &ModelConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+        let (t, c, d) = (cfg.num_tokens(), cfg.channels, cfg.patch_dim());
+        let class_embed = if cfg.num_classes > 0 {
+            Some(
+                vb.get((cfg.num_classes, 1, c), "class_embed")?
+                    .reshape((cfg.num_classes, c))?,
+            )
+        } else {
+            None
+        };
+        let layers = (0..cfg.block_layers(index))
+            .map(|l| {
+                AttentionBlock::new(c, cfg.head_dim, cfg.mlp_ratio, vb.pp("attn_blocks").pp(l))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dev = vb.device();
+        let flip = if index % 2 == 1 {
+            let idx: Vec<u32> = (0..t as u32).rev().collect();
+            Some(Tensor::from_vec(idx, t, dev)?)
+        } else {
+            None
+        };
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| if i % t <= i / t { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let out_dim = if cfg.nvp { 2 * d } else { d };
+        Ok(Self {
+            proj_in: Linear::new(d, c, vb.pp("proj_in"))?,
+            pos_embed: vb.get((t, c), "pos_embed")?,
+            class_embed,
+            layers,
+            proj_out: Linear::new(c, out_dim, vb.pp("proj_out"))?,
+            flip,
+            mask: Tensor::from_vec(mask, (t, t), dev)?.to_dtype(vb.dtype())?,
+            patch_dim: d,
+            nvp: cfg.nvp,
+        })
+    }
+
+    /// Applies this block's token permutation along `dim` (its own inverse).
+    pub fn permute(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        Ok(match &self.flip {
+            Some(idx) => x.index_select(idx, dim)?,
+            None => x.clone(),
+        })
+    }
+
+    /// Whether this block reverses the token order.
+    pub fn is_flipped(&self) -> bool {
+        self.flip.is_some()
+    }
+
+    /// Class embedding to add to every token: (N, 1, C), (1, 1, C) or none.
+    fn class_cond(&self, cond: Cond, device: &Device) -> Result<Option<Tensor>> {
+        let Some(table) = &self.class_embed else {
+            return Ok(None);
+        };
+        let classes = table.dim(0)?;
+        let mean = table.mean_keepdim(0)?; // (1, C)
+        match cond {
+            Cond::Null => Ok(Some(mean.unsqueeze(0)?)),
+            Cond::Labels(y) => {
+                let mut idx = Vec::with_capacity(y.len());
+                for (i, &l) in y.iter().enumerate() {
+                    if l >= classes as i64 {
+                        return Err(FlowError::Input(format!(
+                            "label {l} of row {i} is out of range: the model has {classes} classes (use -1 for no label)"
+                        )));
+                    }
+                    idx.push(if l < 0 { classes as u32 } else { l as u32 });
+                }
+                let ext = Tensor::cat(&[table, &mean], 0)?; // (classes + 1, C)
+                let idx = Tensor::from_vec(idx, y.len(), device)?;
+                Ok(Some(ext.index_select(&idx, 0)?.unsqueeze(1)?))
+            }
+        }
+    }
+
+    /// Splits the shifted `proj_out` output into (α, μ); α ≡ 0 for volume-preserving blocks.
+    fn split(&self, o: &Tensor) -> Result<(Tensor, Tensor)> {
+        let d = self.patch_dim;
+        if self.nvp {
+            Ok((o.narrow(2, 0, d)?, o.narrow(2, d, d)?))
+        } else {
+            Ok((o.zeros_like()?, o.clone()))
+        }
+    }
+
+    /// x → z for this block: `z = (x − μ)·exp(−α)` token-wise, parameters from earlier tokens.
+    pub fn forward(&self, x: &Tensor, cond: Cond) -> Result<BlockOutput> {
+        let (n, t, _) = x.dims3()?;
+        let x = self.permute(x, 1)?;
+        let pe = self.permute(&self.pos_embed, 0)?;
+        let mut h = self.proj_in.forward(&x)?.broadcast_add(&pe)?; // (N, T, C)
+        if let Some(c) = self.class_cond(cond, x.device())? {
+            h = h.broadcast_add(&c)?;
+        }
+        for layer in &self.layers {
+            h = layer.forward(&h, &self.mask)?;
+        }
+        let proj_out = self.proj_out.forward(&h)?; // (N, T, 2D)
+        // Shift right by one so token t's (α, μ) depend only on tokens < t.
+        let width = proj_out.dim(2)?;
+        let zero = Tensor::zeros((n, 1, width), proj_out.dtype(), proj_out.device())?;
+        let shifted = Tensor::cat(&[&zero, &proj_out.narrow(1, 0, t - 1)?], 1)?;
+        let (alpha, mu) = self.split(&shifted)?;
+        let z = (x - mu)?.mul(&exp_f32(&alpha.neg()?)?)?;
+        let logdet = alpha.mean_keepdim(2)?.mean_keepdim(1)?.flatten_all()?.neg()?;
+        Ok(BlockOutput {
+            out: self.permute(&z, 1)?,
+            logdet,
+            proj_out,
+            alpha,
+        })
+    }
+
+    /// Fresh KV caches, one per layer, for an inverse pass.
+    pub fn new_caches(&self) -> Vec<KvCache> {
+        let t = self.pos_embed.dim(0).unwrap_or(0);
+        self.layers.iter().map(|_| KvCache::new(2, t)).collect()
+    }
+
+    /// Feeds token `i` (N, 1, D), already in its final value, and returns the (α, μ) of token i+1.
+    pub fn step(
+        &self,
+        x_i: &Tensor,
+        i: usize,
+        cls: Option<&Tensor>,
+        caches: &mut [KvCache],
+        attn_temp: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = self.pos_embed.dim(0)?;
+        let pos = match &self.flip {
+            Some(_) => t - 1 - i,
+            None => i,
+        };
+        let mut h = self
+            .proj_in
+            .forward(x_i)?
+            .broadcast_add(&self.pos_embed.narrow(0, pos, 1)?)?;
+        if let Some(c) = cls {
+            h = h.broadcast_add(c)?;
+        }
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            h = layer.step(&h, cache, attn_temp)?;
+        }
+        self.split(&self.proj_out.forward(&h)?)
+    }
+
+    /// Class embedding used by the inverse pass (see [`Cond`]).
+    pub fn reverse_cond(&self, cond: Cond, device: &Device) -> Result<Option<Tensor>> {
+        self.class_cond(cond, device)
+    }
+}
+
+/// `exp` evaluated in at least f32, as upstream forces for the scales.
+pub fn exp_f32(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.exp()?.to_dtype(x.dtype())?,
+        _ => x.exp()?,
+    })
+}

@@ -1,0 +1,349 @@
+//! Self-describing safetensors checkpoints under ml-tarflow key names, atomic writes,
+//! and import of ml-tarflow state_dicts (`.pth` zip pickles read as data, or `.safetensors`).
+
+use crate::config::ModelConfig;
+use crate::error::{FlowError, Result};
+use crate::model::TarFlow;
+use crate::params::{buffers, count_params, init_params, is_buffer, param_specs};
+use candle_core::{DType, Device, Tensor};
+use candle_core::Var;
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Value of the `format` metadata key of our checkpoints.
+pub const FORMAT: &str = "tarflow/1";
+
+/// A model config with its learned tensors (buffers excluded), keyed by ml-tarflow names.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The model the tensors belong to.
+    pub config: ModelConfig,
+    /// Learned parameters by state_dict key; buffers (`var`, `attn_mask`) are regenerated.
+    pub tensors: HashMap<String, Tensor>,
+    /// The prior variance buffer `var` when it is not all ones (volume-preserving models).
+    pub var: Option<Tensor>,
+}
+
+impl Checkpoint {
+    /// A freshly initialised model (ml-tarflow's init) from a seeded RNG.
+    pub fn init(config: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config: config.clone(),
+            tensors: init_params(config, seed, device)?,
+            var: None,
+        })
+    }
+
+    /// Wraps `tensors` after checking them against `config`; `source` names them in errors.
+    pub fn from_tensors(config: ModelConfig, mut tensors: HashMap<String, Tensor>, source: &Path) -> Result<Self> {
+        config.validate().map_err(|e| FlowError::checkpoint(source, e.to_string()))?;
+        let var = tensors.remove("var");
+        tensors.retain(|k, _| !is_buffer(k));
+        validate(&config, &tensors, source)?;
+        let var = match var {
+            Some(v) => {
+                let want = [config.num_tokens(), config.patch_dim()];
+                if v.dims() != want {
+                    return Err(FlowError::checkpoint(
+                        source,
+                        format!("buffer `var` has shape {:?}, expected {want:?}", v.dims()),
+                    ));
+                }
+                let v = v.to_dtype(DType::F32)?;
+                let all_ones = v.ne(1f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? == 0.0;
+                (!all_ones).then_some(v)
+            }
+            None => None,
+        };
+        Ok(Self { config, tensors, var })
+    }
+
+    /// Loads one of our checkpoints (`format = tarflow/1` metadata).
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| FlowError::Io { path: path.into(), source })?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| FlowError::checkpoint(path, format!("not a safetensors file: {e}")))?;
+        let info = meta.metadata().clone().unwrap_or_default();
+        let config = match (info.get("format"), info.get("config")) {
+            (Some(f), Some(c)) if f == FORMAT => serde_json::from_str::<ModelConfig>(c)
+                .map_err(|e| FlowError::checkpoint(path, format!("bad model config in metadata: {e}")))?,
+            _ => {
+                return Err(FlowError::checkpoint(
+                    path,
+                    "no tarflow model config in its metadata; convert a raw ml-tarflow state_dict with \
+                     `tarflow import FILE --img-size S --patch-size P -o out.safetensors`",
+                ))
+            }
+        };
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| FlowError::checkpoint(path, format!("unreadable tensors: {e}")))?;
+        Self::from_tensors(config, tensors, path)
+    }
+
+    /// Imports a raw ml-tarflow state_dict (`.pth` or `.safetensors`), inferring the config
+    /// from its shapes; the image size and patch size cannot be inferred and must be given.
+    pub fn import(
+        path: impl AsRef<Path>,
+        img_size: usize,
+        patch_size: usize,
+        in_channels: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let raw = read_state_dict(path, device)?;
+        let config = infer_config(&raw, img_size, patch_size, in_channels, path)?;
+        let tensors = raw
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Self::from_tensors(config, tensors, path)
+    }
+
+    /// Writes the checkpoint atomically: weights, buffers and the config in the metadata.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let mut all: BTreeMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let device = self.tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        // Buffers are written too so that PyTorch's strict load_state_dict accepts the file.
+        for (k, v) in buffers(&self.config, &device)? {
+            all.insert(k, v);
+        }
+        if let Some(v) = &self.var {
+            all.insert("var".into(), v.clone());
+        }
+        let config = serde_json::to_string(&self.config)
+            .map_err(|e| FlowError::checkpoint(path, format!("cannot encode config: {e}")))?;
+        let meta = HashMap::from([("format".to_string(), FORMAT.to_string()), ("config".to_string(), config)]);
+        let bytes = safetensors::tensor::serialize(all.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+            .map_err(|e| FlowError::checkpoint(path, format!("cannot serialise: {e}")))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Number of learned scalars.
+    pub fn num_params(&self) -> usize {
+        count_params(&self.config)
+    }
+
+    /// Builds a trainable model: every parameter becomes a [`candle_core::Var`] in the returned map.
+    pub fn trainable_model(&self, device: &Device, dtype: DType) -> Result<(TarFlow, VarMap)> {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| FlowError::Config("variable map lock poisoned".into()))?;
+            for (k, v) in &self.tensors {
+                data.insert(k.clone(), Var::from_tensor(&v.to_device(device)?.to_dtype(dtype)?)?);
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let mut model = TarFlow::new(&self.config, vb)?;
+        if let Some(v) = &self.var {
+            // The prior variance is a buffer: read by sampling, never trained.
+            model.set_prior_var(v)?;
+        }
+        Ok((model, varmap))
+    }
+
+    /// Builds the model with these weights on `device` in `dtype` (inference: no gradients).
+    pub fn model(&self, device: &Device, dtype: DType) -> Result<TarFlow> {
+        let mut map = self.tensors.clone();
+        if let Some(v) = &self.var {
+            map.insert("var".into(), v.clone());
+        }
+        let vb = VarBuilder::from_tensors(map, dtype, device);
+        TarFlow::new(&self.config, vb)
+    }
+}
+
+/// Checks `tensors` against the parameter list of `config`: every missing, extra or
+/// mis-shaped key is named in the error.
+pub fn validate(config: &ModelConfig, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+    let specs = param_specs(config);
+    let mut problems = Vec::new();
+    for s in &specs {
+        match tensors.get(&s.name) {
+            None => problems.push(format!("missing key `{}` (expected shape {:?})", s.name, s.shape)),
+            Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
+                "key `{}` has shape {:?}, expected {:?}",
+                s.name,
+                t.dims(),
+                s.shape
+            )),
+            Some(t) if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16 | DType::F64) => {
+                problems.push(format!("key `{}` has dtype {:?}, expected a float type", s.name, t.dtype()))
+            }
+            _ => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k.as_str())).collect();
+    extra.sort();
+    for k in extra {
+        problems.push(format!("unexpected key `{k}` (not a parameter of this model config)"));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown = problems.len().min(12);
+    let mut msg = format!(
+        "does not match the model ({} problem(s)): {}",
+        problems.len(),
+        problems[..shown].join("; ")
+    );
+    if problems.len() > shown {
+        msg.push_str(&format!("; … and {} more", problems.len() - shown));
+    }
+    Err(FlowError::checkpoint(source, msg))
+}
+
+/// Reads a raw state_dict from a `.pth` (PyTorch zip pickle, parsed as data only, never
+/// executed) or `.safetensors` file, stripping `module.` / `_orig_mod.` prefixes.
+pub fn read_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    let pairs: Vec<(String, Tensor)> = if is_safetensors {
+        let bytes = std::fs::read(path).map_err(|source| FlowError::Io { path: path.into(), source })?;
+        candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| FlowError::checkpoint(path, format!("not a readable safetensors file: {e}")))?
+            .into_iter()
+            .collect()
+    } else {
+        read_pth(path)?
+    };
+    if pairs.is_empty() {
+        return Err(FlowError::checkpoint(path, "holds no tensors: expected an ml-tarflow state_dict"));
+    }
+    let mut out = HashMap::new();
+    for (k, v) in pairs {
+        let mut k = k.as_str();
+        for prefix in ["module.", "_orig_mod."] {
+            k = k.strip_prefix(prefix).unwrap_or(k);
+        }
+        out.insert(k.to_string(), v.to_device(device)?);
+    }
+    Ok(out)
+}
+
+fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.exists() {
+        return Err(FlowError::Io {
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let mut last_err = String::from("no tensors found");
+    // A plain state_dict, or one wrapped under a key as training scripts often save it.
+    for key in [None, Some("model"), Some("state_dict"), Some("model_state_dict")] {
+        // The pickle reader is third-party code on untrusted bytes: never let it take us down.
+        let res = std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key));
+        match res {
+            Ok(Ok(v)) if !v.is_empty() => return Ok(v),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => last_err = e.to_string(),
+            Err(_) => last_err = "malformed pickle".into(),
+        }
+    }
+    Err(FlowError::checkpoint(
+        path,
+        format!("not a PyTorch state_dict of tensors ({last_err}); expected a zip-format .pth saved by torch.save(model.state_dict())"),
+    ))
+}
+
+/// Infers the model config of a raw ml-tarflow state_dict from its shapes.
+pub fn infer_config(
+    t: &HashMap<String, Tensor>,
+    img_size: usize,
+    patch_size: usize,
+    in_channels: Option<usize>,
+    source: &Path,
+) -> Result<ModelConfig> {
+    let err = |m: String| FlowError::checkpoint(source, m);
+    let shape = |k: &str| t.get(k).map(|x| x.dims().to_vec());
+    let proj_in = shape("blocks.0.proj_in.weight")
+        .ok_or_else(|| err("missing key `blocks.0.proj_in.weight`: not an ml-tarflow TarFlow state_dict".into()))?;
+    let [channels, d] = proj_in[..] else {
+        return Err(err(format!("`blocks.0.proj_in.weight` has shape {proj_in:?}, expected (channels, patch_dim)")));
+    };
+    if patch_size == 0 || img_size % patch_size != 0 {
+        return Err(err(format!("--img-size {img_size} must be a multiple of --patch-size {patch_size}")));
+    }
+    let p2 = patch_size * patch_size;
+    let in_channels = match in_channels {
+        Some(c) => c,
+        None if d % p2 == 0 => d / p2,
+        None => return Err(err(format!("patch dim {d} is not a multiple of patch_size² = {p2}"))),
+    };
+    if in_channels * p2 != d {
+        return Err(err(format!(
+            "patch dim of the weights is {d}, but {in_channels} channels × {patch_size}² = {}",
+            in_channels * p2
+        )));
+    }
+    let tokens = (img_size / patch_size).pow(2);
+    if let Some(pe) = shape("blocks.0.pos_embed") {
+        if pe.first() != Some(&tokens) {
+            return Err(err(format!(
+                "`blocks.0.pos_embed` has {:?} rows but img_size {img_size} / patch_size {patch_size} gives {tokens} tokens",
+                pe.first()
+            )));
+        }
+    }
+    let mut layers = Vec::new();
+    while t.contains_key(&format!("blocks.{}.proj_in.weight", layers.len())) {
+        let k = layers.len();
+        let mut l = 0;
+        while t.contains_key(&format!("blocks.{k}.attn_blocks.{l}.attention.qkv.weight")) {
+            l += 1;
+        }
+        layers.push(l);
+    }
+    let num_classes = shape("blocks.0.class_embed").and_then(|s| s.first().copied()).unwrap_or(0);
+    let out = shape("blocks.0.proj_out.weight")
+        .and_then(|s| s.first().copied())
+        .ok_or_else(|| err("missing key `blocks.0.proj_out.weight`".into()))?;
+    let nvp = match out {
+        o if o == 2 * d => true,
+        o if o == d => false,
+        o => return Err(err(format!("`blocks.0.proj_out.weight` has {o} rows, expected {} (affine) or {d}", 2 * d))),
+    };
+    let uniform = layers.windows(2).all(|w| w[0] == w[1]);
+    let mut cfg = ModelConfig::new(in_channels, img_size, patch_size, channels, layers.len(), layers[0], num_classes);
+    cfg.nvp = nvp;
+    if !uniform {
+        cfg.layers = Some(layers);
+    }
+    Ok(cfg)
+}
+
+/// Writes `bytes` to `path` via a fsynced temporary file in the same directory and a rename,
+/// so a crash leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |p: &Path| {
+        let p: PathBuf = p.into();
+        move |source| FlowError::Io { path: p, source }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    // Persist the rename itself; not every platform can open a directory, so this is best effort.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

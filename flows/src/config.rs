@@ -1,0 +1,145 @@
+//! Model configuration (serde), mirroring `transformer_flow.Model`'s constructor.
+
+use crate::error::{FlowError, Result};
+use serde::{Deserialize, Serialize};
+
+fn default_head_dim() -> usize {
+    64
+}
+fn default_mlp_ratio() -> usize {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Shape and options of a TarFlow model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Image channels C (3 for RGB, 1 for MNIST).
+    pub in_channels: usize,
+    /// Square image side S in pixels.
+    pub img_size: usize,
+    /// Square patch side p; S must be a multiple of p.
+    pub patch_size: usize,
+    /// Transformer width (ml-tarflow's `channels`); a multiple of `head_dim`.
+    pub channels: usize,
+    /// Number of flow blocks K.
+    pub num_blocks: usize,
+    /// Transformer layers in every block (ignored when `layers` is given).
+    #[serde(default)]
+    pub layers_per_block: usize,
+    /// Per-block layer counts in x→z order (STARFlow deep-shallow: `[2,2,2,18]`); overrides `layers_per_block`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
+    /// Attention head width.
+    #[serde(default = "default_head_dim")]
+    pub head_dim: usize,
+    /// MLP hidden width as a multiple of `channels`.
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: usize,
+    /// Number of classes; 0 for an unconditional model.
+    #[serde(default)]
+    pub num_classes: usize,
+    /// Affine (true) or volume-preserving shift-only (false) coupling.
+    #[serde(default = "default_true")]
+    pub nvp: bool,
+}
+
+impl ModelConfig {
+    /// The config of ml-tarflow's `Model(...)` with a uniform depth.
+    pub fn new(
+        in_channels: usize,
+        img_size: usize,
+        patch_size: usize,
+        channels: usize,
+        num_blocks: usize,
+        layers_per_block: usize,
+        num_classes: usize,
+    ) -> Self {
+        Self {
+            in_channels,
+            img_size,
+            patch_size,
+            channels,
+            num_blocks,
+            layers_per_block,
+            layers: None,
+            head_dim: 64,
+            mlp_ratio: 4,
+            num_classes,
+            nvp: true,
+        }
+    }
+
+    /// Checks every constraint; the error names the key and what was expected.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(FlowError::Config(m));
+        if self.in_channels == 0 {
+            return bad("in_channels must be ≥ 1".into());
+        }
+        if self.patch_size == 0 || self.img_size == 0 || self.img_size % self.patch_size != 0 {
+            return bad(format!(
+                "img_size ({}) must be a positive multiple of patch_size ({})",
+                self.img_size, self.patch_size
+            ));
+        }
+        if self.num_tokens() < 2 {
+            return bad("img_size/patch_size must give at least 2 patches".into());
+        }
+        if self.head_dim == 0 || self.channels == 0 || self.channels % self.head_dim != 0 {
+            return bad(format!(
+                "channels ({}) must be a positive multiple of head_dim ({})",
+                self.channels, self.head_dim
+            ));
+        }
+        if self.mlp_ratio == 0 {
+            return bad("mlp_ratio must be ≥ 1".into());
+        }
+        if self.num_blocks == 0 {
+            return bad("num_blocks must be ≥ 1".into());
+        }
+        match &self.layers {
+            Some(l) if l.len() != self.num_blocks => bad(format!(
+                "layers has {} entries but num_blocks is {}",
+                l.len(),
+                self.num_blocks
+            )),
+            Some(l) if l.contains(&0) => bad("every entry of layers must be ≥ 1".into()),
+            None if self.layers_per_block == 0 => {
+                bad("layers_per_block must be ≥ 1 (or give a per-block `layers` list)".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Number of tokens T = (S/p)².
+    pub fn num_tokens(&self) -> usize {
+        let g = self.img_size / self.patch_size.max(1);
+        g * g
+    }
+
+    /// Patch vector width D = C·p².
+    pub fn patch_dim(&self) -> usize {
+        self.in_channels * self.patch_size * self.patch_size
+    }
+
+    /// Attention heads per layer.
+    pub fn num_heads(&self) -> usize {
+        self.channels / self.head_dim
+    }
+
+    /// Number of scalar dimensions of one image, n = C·S².
+    pub fn dims_per_image(&self) -> usize {
+        self.in_channels * self.img_size * self.img_size
+    }
+
+    /// Transformer depth of block k (x→z order).
+    pub fn block_layers(&self, k: usize) -> usize {
+        match &self.layers {
+            Some(l) => l.get(k).copied().unwrap_or(0),
+            None => self.layers_per_block,
+        }
+    }
+}

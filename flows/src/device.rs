@@ -1,0 +1,25 @@
+//! Device selection by name (`cpu`, `cuda`, `metal`, `auto`).
+
+use crate::error::{FlowError, Result};
+use candle_core::Device;
+
+/// Returns the device called `name`; `auto` picks CUDA, then Metal, then the CPU.
+pub fn select(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            FlowError::Config(format!("--device cuda: {e} (build with `--features cuda`)"))
+        }),
+        "metal" => Device::new_metal(0).map_err(|e| {
+            FlowError::Config(format!("--device metal: {e} (build with `--features metal`)"))
+        }),
+        "auto" => Ok(Device::cuda_if_available(0)
+            .ok()
+            .filter(|d| d.is_cuda())
+            .or_else(|| Device::new_metal(0).ok())
+            .unwrap_or(Device::Cpu)),
+        other => Err(FlowError::Config(format!(
+            "unknown device {other:?}: expected cpu, cuda, metal or auto"
+        ))),
+    }
+}

@@ -1,0 +1,211 @@
+//! Transformer building blocks: Linear, LayerNorm, causal attention with a KV cache, MLP.
+//!
+//! Each op picks candle's fused kernels when no gradient is being tracked, and plain
+//! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward, DESIGN §8).
+
+use crate::error::Result;
+use candle_core::{DType, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::VarBuilder;
+
+/// `y = x Wᵀ + b` with PyTorch's (out, in) weight layout.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Loads `weight` (out, in) and `bias` (out) under `vb`.
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: vb.get(out_dim, "bias")?,
+        })
+    }
+
+    /// Applies the layer to the last dimension of `x` (any rank ≥ 2).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim.max(1);
+        // One large GEMM over all tokens is much faster than a batched one.
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.bias.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// LayerNorm over the last dimension, eps 1e-5, evaluated in at least f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+const LN_EPS: f64 = 1e-5;
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` (dim) under `vb`.
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+        })
+    }
+
+    /// Normalises `x` (…, dim).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let (w, b) = (
+            self.weight.to_dtype(x.dtype())?,
+            self.bias.to_dtype(x.dtype())?,
+        );
+        let y = if x.track_op() || w.track_op() {
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            xc.broadcast_div(&(var + LN_EPS)?.sqrt()?)?
+                .broadcast_mul(&w)?
+                .broadcast_add(&b)?
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, LN_EPS as f32)?
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(x)?
+    })
+}
+
+/// Multi-head self-attention with its pre-norm (`attention.{norm,qkv,proj}`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    norm: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads the layer for width `channels` and heads of `head_dim`.
+    pub fn new(channels: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNorm::new(channels, vb.pp("norm"))?,
+            qkv: Linear::new(channels, 3 * channels, vb.pp("qkv"))?,
+            proj: Linear::new(channels, channels, vb.pp("proj"))?,
+            num_heads: channels / head_dim,
+            head_dim,
+        })
+    }
+
+    /// (N, T, C) → three (N, H, T, dh) tensors.
+    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, t, _) = x.dims3()?;
+        let qkv = self
+            .qkv
+            .forward(&self.norm.forward(x)?)?
+            .reshape((n, t, 3 * self.num_heads, self.head_dim))?
+            .transpose(1, 2)?; // (N, 3H, T, dh)
+        let h = self.num_heads;
+        Ok((
+            qkv.narrow(1, 0, h)?.contiguous()?,
+            qkv.narrow(1, h, h)?.contiguous()?,
+            qkv.narrow(1, 2 * h, h)?.contiguous()?,
+        ))
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, temp: f64) -> Result<Tensor> {
+        let (n, _, t, _) = q.dims4()?;
+        let scale = 1.0 / ((self.head_dim as f64).sqrt() * temp);
+        let mut att = (q.matmul(&k.t()?)? * scale)?; // (N, H, Tq, Tk)
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let y = softmax_last(&att)?.matmul(v)?; // (N, H, Tq, dh)
+        let y = y.transpose(1, 2)?.reshape((n, t, self.num_heads * self.head_dim))?;
+        self.proj.forward(&y)
+    }
+
+    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞.
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x)?;
+        self.attend(&q, &k, &v, Some(mask), 1.0)
+    }
+
+    /// One new token (N, 1, C) attending to the cached ones and itself.
+    pub fn step(&self, x: &Tensor, cache: &mut KvCache, temp: f64) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x)?;
+        let (k, v) = cache.append(&k, &v)?;
+        self.attend(&q, &k, &v, None, temp)
+    }
+}
+
+/// Pre-norm MLP `mlp.{norm, main.0, main.2}` with the exact (erf) GELU.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    /// Loads the MLP of width `channels` and hidden width `hidden`.
+    pub fn new(channels: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNorm::new(channels, vb.pp("norm"))?,
+            fc1: Linear::new(channels, hidden, vb.pp("main").pp("0"))?,
+            fc2: Linear::new(hidden, channels, vb.pp("main").pp("2"))?,
+        })
+    }
+
+    /// (…, C) → (…, C).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(&self.norm.forward(x)?)?.gelu_erf()?;
+        self.fc2.forward(&h)
+    }
+}
+
+/// One transformer layer: `x + Attn(LN(x))`, then `x + MLP(LN(x))`.
+#[derive(Debug, Clone)]
+pub struct AttentionBlock {
+    attention: Attention,
+    mlp: Mlp,
+}
+
+impl AttentionBlock {
+    /// Loads `attention.*` and `mlp.*` under `vb`.
+    pub fn new(channels: usize, head_dim: usize, mlp_ratio: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attention: Attention::new(channels, head_dim, vb.pp("attention"))?,
+            mlp: Mlp::new(channels, channels * mlp_ratio, vb.pp("mlp"))?,
+        })
+    }
+
+    /// Causal pass over (N, T, C).
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attention.forward(x, mask)?)?;
+        Ok((&x + self.mlp.forward(&x)?)?)
+    }
+
+    /// One-token pass with a KV cache (sampling).
+    pub fn step(&self, x: &Tensor, cache: &mut KvCache, attn_temp: f64) -> Result<Tensor> {
+        let x = (x + self.attention.step(x, cache, attn_temp)?)?;
+        Ok((&x + self.mlp.forward(&x)?)?)
+    }
+}

@@ -1,0 +1,21 @@
+//! tarflow-flows: TarFlow (transformer autoregressive normalizing flow) on candle.
+//!
+//! Read top to bottom: [`config`] → [`patch`] → [`layers`] → [`block`] → [`model`];
+//! [`params`] names and initialises the weights, [`checkpoint`] stores them.
+
+pub mod block;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod layers;
+pub mod model;
+pub mod params;
+pub mod patch;
+pub mod rng;
+
+pub use block::Cond;
+pub use checkpoint::Checkpoint;
+pub use config::ModelConfig;
+pub use error::{FlowError, Result};
+pub use model::{BpdConvention, FlowOutput, GuideWhat, ReverseOptions, TarFlow};

@@ -1,0 +1,340 @@
+//! The TarFlow model: patchify, K flow blocks, exact likelihood, the KV-cached inverse
+//! with classifier-free guidance, and score-based denoising.
+
+use crate::block::{exp_f32, BlockOutput, Cond, MetaBlock};
+use crate::config::ModelConfig;
+use crate::error::{FlowError, Result};
+use crate::patch::{patchify, unpatchify};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+
+/// Which of (α, μ) classifier-free guidance extrapolates (ml-tarflow's `guide_what`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuideWhat {
+    /// The log-scale α only (`"a"`).
+    Alpha,
+    /// The shift μ only (`"b"`).
+    Mu,
+    /// Both (`"ab"`, the default).
+    #[default]
+    Both,
+}
+
+impl std::str::FromStr for GuideWhat {
+    type Err = FlowError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "a" | "alpha" => Ok(GuideWhat::Alpha),
+            "b" | "mu" => Ok(GuideWhat::Mu),
+            "ab" | "both" => Ok(GuideWhat::Both),
+            _ => Err(FlowError::Input(format!(
+                "guide_what must be one of a, b, ab; got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// Options of the inverse pass (ml-tarflow's `Model.reverse` keyword arguments).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReverseOptions {
+    /// Guidance weight w; 0 turns guidance off.
+    pub guidance: f64,
+    /// Ramp the weight along the sequence: `g_i = (i+1)/(T−1)·w`, restarted in every block.
+    pub annealed: bool,
+    /// What the guidance extrapolates.
+    pub guide_what: GuideWhat,
+    /// Attention temperature of the unconditional (guidance) pass.
+    pub attn_temp: f64,
+}
+
+impl Default for ReverseOptions {
+    fn default() -> Self {
+        Self {
+            guidance: 0.0,
+            annealed: false,
+            guide_what: GuideWhat::Both,
+            attn_temp: 1.0,
+        }
+    }
+}
+
+/// Result of the forward (x → z) pass.
+#[derive(Debug, Clone)]
+pub struct FlowOutput {
+    /// Latent (N, T, D) in patch-sequence layout.
+    pub z: Tensor,
+    /// Σ_k logdet_k per sample (N); each term is a per-dimension mean.
+    pub logdets: Tensor,
+    /// Per-block outputs and log-dets, x→z order.
+    pub blocks: Vec<BlockOutput>,
+}
+
+/// Bits/dim dimension count: the true C·H·W, or evaluate_bpd.py's hard-coded 3·S².
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BpdConvention {
+    /// n = C·H·W (correct for any channel count).
+    #[default]
+    TrueDims,
+    /// n = 3·S², as ml-tarflow's evaluate_bpd.py (differs only when C ≠ 3).
+    Reference,
+}
+
+/// A TarFlow model.
+#[derive(Debug, Clone)]
+pub struct TarFlow {
+    cfg: ModelConfig,
+    blocks: Vec<MetaBlock>,
+    var: Tensor, // (T, D) prior variance, ones for affine models
+    device: Device,
+    dtype: DType,
+}
+
+const LN_2PI: f64 = 1.837_877_066_409_345_3;
+const LN_128: f64 = 4.852_030_263_919_617;
+
+impl TarFlow {
+    /// Builds the model from `vb`, which must hold every key of [`crate::params::param_specs`].
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let blocks = (0..cfg.num_blocks)
+            .map(|k| MetaBlock::new(cfg, k, vb.pp("blocks").pp(k)))
+            .collect::<Result<Vec<_>>>()?;
+        let shape = (cfg.num_tokens(), cfg.patch_dim());
+        let var = if vb.contains_tensor("var") {
+            vb.get(shape, "var")?
+        } else {
+            Tensor::ones(shape, vb.dtype(), vb.device())?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            blocks,
+            var,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Replaces the prior variance buffer `var` (T, D) used by sampling.
+    pub fn set_prior_var(&mut self, var: &Tensor) -> Result<()> {
+        let want = [self.cfg.num_tokens(), self.cfg.patch_dim()];
+        if var.dims() != want {
+            return Err(FlowError::Input(format!("prior variance of shape {:?}, expected {want:?}", var.dims())));
+        }
+        self.var = var.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok(())
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The flow blocks in x→z order.
+    pub fn blocks(&self) -> &[MetaBlock] {
+        &self.blocks
+    }
+
+    fn check_labels(&self, cond: Cond, n: usize) -> Result<()> {
+        if let Cond::Labels(y) = cond {
+            if y.len() != n {
+                return Err(FlowError::Input(format!(
+                    "{} labels given for a batch of {n}",
+                    y.len()
+                )));
+            }
+            if self.cfg.num_classes == 0 && y.iter().any(|&l| l >= 0) {
+                return Err(FlowError::Input(
+                    "labels given to an unconditional model (num_classes = 0)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `x` is (N, C, S, S) of this model and finite.
+    pub fn check_images(&self, x: &Tensor) -> Result<()> {
+        let c = &self.cfg;
+        let dims = x.dims();
+        if dims.len() != 4 || dims[1..] != [c.in_channels, c.img_size, c.img_size] {
+            return Err(FlowError::Input(format!(
+                "images of shape {dims:?}, expected (N, {}, {}, {})",
+                c.in_channels, c.img_size, c.img_size
+            )));
+        }
+        // 0·x is NaN exactly where x is NaN or ±∞.
+        let probe = (x.detach() * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !probe.is_finite() {
+            return Err(FlowError::Input("images contain NaN or infinite values".into()));
+        }
+        Ok(())
+    }
+
+    /// x (N, C, S, S) in [-1, 1] → z, with every block's output and log-det.
+    pub fn forward(&self, x: &Tensor, cond: Cond) -> Result<FlowOutput> {
+        self.check_images(x)?;
+        self.check_labels(cond, x.dim(0)?)?;
+        let mut s = patchify(&x.to_dtype(self.dtype)?, self.cfg.patch_size)?; // (N, T, D)
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        let mut logdets: Option<Tensor> = None;
+        for block in &self.blocks {
+            let o = block.forward(&s, cond)?;
+            s = o.out.clone();
+            logdets = Some(match logdets {
+                Some(l) => (l + &o.logdet)?,
+                None => o.logdet.clone(),
+            });
+            blocks.push(o);
+        }
+        let logdets = logdets.ok_or_else(|| FlowError::Config("model has no blocks".into()))?;
+        Ok(FlowOutput { z: s, logdets, blocks })
+    }
+
+    /// ml-tarflow's training loss `0.5·mean(z²) − mean(logdets)` (per-dimension nats, no constant).
+    pub fn loss(out: &FlowOutput) -> Result<Tensor> {
+        let mse = (out.z.sqr()?.mean_all()? * 0.5)?;
+        Ok((mse - out.logdets.mean_all()?)?)
+    }
+
+    /// Per-sample training loss `0.5·mean_{t,d}(z²) − logdets` (N).
+    pub fn loss_per_sample(out: &FlowOutput) -> Result<Tensor> {
+        let mse = (out.z.sqr()?.flatten_from(1)?.mean(1)? * 0.5)?;
+        Ok((mse - &out.logdets)?)
+    }
+
+    /// Exact negative log-likelihood per image in nats (N):
+    /// `½Σz² + ½n·ln 2π − n·Σ_k logdet_k`, plus `n·ln 128` when `discrete` (8-bit bins of width 2/256).
+    pub fn nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
+        let n = self.cfg.dims_per_image() as f64;
+        let constant = 0.5 * n * LN_2PI + if discrete { n * LN_128 } else { 0.0 };
+        let prior = ((out.z.to_dtype(DType::F32)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + constant)?;
+        Ok((prior - (out.logdets.to_dtype(DType::F32)? * n)?)?)
+    }
+
+    /// Bits per dimension of 8-bit images (N): discrete NLL / (n·ln 2).
+    pub fn bits_per_dim(&self, out: &FlowOutput, convention: BpdConvention) -> Result<Tensor> {
+        let n_true = self.cfg.dims_per_image() as f64;
+        let n = match convention {
+            BpdConvention::TrueDims => n_true,
+            BpdConvention::Reference => (3 * self.cfg.img_size * self.cfg.img_size) as f64,
+        };
+        // evaluate_bpd.py: (−log p_prior)/n − logdets, where log p_prior uses the true T·D.
+        let z = out.z.to_dtype(DType::F32)?;
+        let prior = ((z.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + n_true * (0.5 * LN_2PI + LN_128))?;
+        let nll = ((prior / n)? - out.logdets.to_dtype(DType::F32)?)?;
+        Ok((nll / std::f64::consts::LN_2)?)
+    }
+
+    /// Per-token NLL in nats (N, T), canonical token order: `½Σ_d z² + const + Σ_k Σ_d α_k`;
+    /// sums over T to [`Self::nll`].
+    pub fn nll_per_token(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
+        let d = self.cfg.patch_dim() as f64;
+        let constant = 0.5 * d * LN_2PI + if discrete { d * LN_128 } else { 0.0 };
+        let mut tok = ((out.z.to_dtype(DType::F32)?.sqr()?.sum(2)? * 0.5)? + constant)?;
+        for (block, o) in self.blocks.iter().zip(&out.blocks) {
+            let a = block.permute(&o.alpha.to_dtype(DType::F32)?.sum(2)?, 1)?; // (N, T)
+            tok = (tok + a)?; // −log|det| of the block is +Σα
+        }
+        Ok(tok)
+    }
+
+    /// z (N, T, D) → images (N, C, S, S), inverting the blocks last to first with KV caches.
+    pub fn reverse(&self, z: &Tensor, cond: Cond, opts: &ReverseOptions) -> Result<Tensor> {
+        let seq = self.reverse_inner(z, cond, opts, false)?;
+        seq.into_iter()
+            .last()
+            .ok_or_else(|| FlowError::Config("model has no blocks".into()))
+    }
+
+    /// Like [`Self::reverse`] but returns the image after undoing each block: entry 0 is
+    /// `unpatchify(z)`, entry k after undoing k blocks, the last is the sample.
+    pub fn reverse_sequence(&self, z: &Tensor, cond: Cond, opts: &ReverseOptions) -> Result<Vec<Tensor>> {
+        self.reverse_inner(z, cond, opts, true)
+    }
+
+    fn reverse_inner(&self, z: &Tensor, cond: Cond, opts: &ReverseOptions, all: bool) -> Result<Vec<Tensor>> {
+        let (t, d) = (self.cfg.num_tokens(), self.cfg.patch_dim());
+        let dims = z.dims();
+        if dims.len() != 3 || dims[1..] != [t, d] {
+            return Err(FlowError::Input(format!(
+                "latent of shape {dims:?}, expected (N, {t}, {d})"
+            )));
+        }
+        self.check_labels(cond, dims[0])?;
+        let (c, p) = (self.cfg.in_channels, self.cfg.patch_size);
+        let mut s = z.to_dtype(self.dtype)?.broadcast_mul(&self.var.sqrt()?)?;
+        let mut seq = Vec::new();
+        if all {
+            seq.push(unpatchify(&s, c, p)?);
+        }
+        for block in self.blocks.iter().rev() {
+            s = self.reverse_block(block, &s, cond, opts)?;
+            if all {
+                seq.push(unpatchify(&s, c, p)?);
+            }
+        }
+        if !all {
+            seq.push(unpatchify(&s, c, p)?);
+        }
+        Ok(seq)
+    }
+
+    fn reverse_block(&self, block: &MetaBlock, s: &Tensor, cond: Cond, opts: &ReverseOptions) -> Result<Tensor> {
+        let t = s.dim(1)?;
+        let x = block.permute(s, 1)?;
+        let mut tokens = (0..t).map(|i| x.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?;
+        let guided = opts.guidance > 0.0;
+        let cls = block.reverse_cond(cond, &self.device)?;
+        let cls_u = if guided {
+            block.reverse_cond(Cond::Null, &self.device)?
+        } else {
+            None
+        };
+        let mut cache = block.new_caches();
+        let mut cache_u = block.new_caches();
+        for i in 0..t - 1 {
+            let (mut a, mut b) = block.step(&tokens[i], i, cls.as_ref(), &mut cache, 1.0)?;
+            if guided {
+                let (au, bu) = block.step(&tokens[i], i, cls_u.as_ref(), &mut cache_u, opts.attn_temp)?;
+                let g = if opts.annealed {
+                    (i + 1) as f64 / (t - 1) as f64 * opts.guidance
+                } else {
+                    opts.guidance
+                };
+                if opts.guide_what != GuideWhat::Mu {
+                    a = (&a + ((&a - au)? * g)?)?;
+                }
+                if opts.guide_what != GuideWhat::Alpha {
+                    b = (&b + ((&b - bu)? * g)?)?;
+                }
+            }
+            tokens[i + 1] = tokens[i + 1].mul(&exp_f32(&a)?)?.add(&b)?;
+        }
+        block.permute(&Tensor::cat(&tokens, 1)?, 1)
+    }
+
+    /// Gradient of the training loss (batch mean) with respect to the input images.
+    pub fn loss_input_grad(&self, x: &Tensor, cond: Cond) -> Result<(Tensor, Tensor)> {
+        let xv = Var::from_tensor(&x.detach().to_dtype(self.dtype)?)?;
+        let out = self.forward(xv.as_tensor(), cond)?;
+        let loss = Self::loss(&out)?;
+        let grads = loss.backward()?;
+        let g = grads
+            .get(xv.as_tensor())
+            .ok_or_else(|| FlowError::Input("no gradient reached the input".into()))?
+            .clone();
+        Ok((loss, g))
+    }
+
+    /// Score-based (Tweedie) denoising: `x − λσ²·∇ₓ NLL(x)` per sample.
+    pub fn denoise(&self, x: &Tensor, cond: Cond, sigma: f64, lambda: f64) -> Result<Tensor> {
+        let (_, g) = self.loss_input_grad(x, cond)?;
+        // The loss is a mean over N·n dims; rescale to the per-sample NLL's gradient.
+        let scale = lambda * sigma * sigma * x.elem_count() as f64;
+        Ok((x.to_dtype(self.dtype)? - (g * scale)?)?)
+    }
+}

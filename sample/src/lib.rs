@@ -1,0 +1,1 @@
+//! Sampling and scoring front-ends for tarflow (filled by the sampling issue).

@@ -1,0 +1,30 @@
+//! Subcommand definitions and dispatch.
+
+mod import;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+/// Transformer autoregressive normalizing flows (TarFlow / STARFlow).
+#[derive(Debug, Parser)]
+#[command(name = "tarflow", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a checkpoint's model config and parameter count.
+    Info(info::InfoArgs),
+    /// Convert an ml-tarflow state_dict (.pth or .safetensors) into a tarflow checkpoint.
+    Import(import::ImportArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Import(a) => import::run(a),
+    }
+}

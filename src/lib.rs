@@ -1,0 +1,10 @@
+//! tarflow: transformer autoregressive normalizing flows (TarFlow, STARFlow) on candle.
+//!
+//! One facade over the workspace crates, so a notebook needs a single `:dep`.
+
+pub use tarflow_datasets as datasets;
+pub use tarflow_flows as flows;
+pub use tarflow_sample as sample;
+pub use tarflow_train as train;
+
+pub use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions, TarFlow};

@@ -1,0 +1,52 @@
+//! Shared helpers of the integration tests: fixture paths and tensor comparisons.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Path of a file under `tests/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// All tensors of a fixture safetensors file, on the CPU.
+pub fn load(rel: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(rel), &Device::Cpu).expect("fixture readable")
+}
+
+/// Max |a − b| over all elements (both cast to f64).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, printing the worst offender.
+pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
+    assert_eq!(a.dims(), b.dims(), "{name}: shape mismatch");
+    let av = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let bv = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut worst = (0.0f64, 0usize);
+    for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
+        let excess = (x - y).abs() - (atol + rtol * y.abs());
+        assert!(x.is_finite(), "{name}: element {i} is {x}");
+        if excess > worst.0 {
+            worst = (excess, i);
+        }
+    }
+    assert!(
+        worst.0 <= 0.0,
+        "{name}: element {} is {} but expected {} (atol {atol}, rtol {rtol}; max abs diff {})",
+        worst.1,
+        av[worst.1],
+        bv[worst.1],
+        max_abs_diff(a, b)
+    );
+}
+
+/// Labels tensor (int64) as a Vec.
+pub fn labels(t: &Tensor) -> Vec<i64> {
+    t.to_vec1::<i64>().unwrap()
+}
