@@ -69,7 +69,13 @@ impl MetaBlock {
             None
         };
         let mask: Vec<f32> = (0..t * t)
-            .map(|i| if i % t <= i / t { 0.0 } else { f32::NEG_INFINITY })
+            .map(|i| {
+                if i % t <= i / t {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
             .collect();
         let out_dim = if cfg.nvp { 2 * d } else { d };
         Ok(Self {
@@ -147,13 +153,17 @@ impl MetaBlock {
             h = layer.forward(&h, &self.mask)?;
         }
         let proj_out = self.proj_out.forward(&h)?; // (N, T, 2D)
-        // Shift right by one so token t's (α, μ) depend only on tokens < t.
+                                                   // Shift right by one so token t's (α, μ) depend only on tokens < t.
         let width = proj_out.dim(2)?;
         let zero = Tensor::zeros((n, 1, width), proj_out.dtype(), proj_out.device())?;
         let shifted = Tensor::cat(&[&zero, &proj_out.narrow(1, 0, t - 1)?], 1)?;
         let (alpha, mu) = self.split(&shifted)?;
         let z = (x - mu)?.mul(&exp_f32(&alpha.neg()?)?)?;
-        let logdet = alpha.mean_keepdim(2)?.mean_keepdim(1)?.flatten_all()?.neg()?;
+        let logdet = alpha
+            .mean_keepdim(2)?
+            .mean_keepdim(1)?
+            .flatten_all()?
+            .neg()?;
         Ok(BlockOutput {
             out: self.permute(&z, 1)?,
             logdet,

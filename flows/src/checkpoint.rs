@@ -5,8 +5,8 @@ use crate::config::ModelConfig;
 use crate::error::{FlowError, Result};
 use crate::model::TarFlow;
 use crate::params::{buffers, count_params, init_params, is_buffer, param_specs};
-use candle_core::{DType, Device, Tensor};
 use candle_core::Var;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -38,8 +38,14 @@ impl Checkpoint {
     }
 
     /// Wraps `tensors` after checking them against `config`; `source` names them in errors.
-    pub fn from_tensors(config: ModelConfig, mut tensors: HashMap<String, Tensor>, source: &Path) -> Result<Self> {
-        config.validate().map_err(|e| FlowError::checkpoint(source, e.to_string()))?;
+    pub fn from_tensors(
+        config: ModelConfig,
+        mut tensors: HashMap<String, Tensor>,
+        source: &Path,
+    ) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|e| FlowError::checkpoint(source, e.to_string()))?;
         let var = tensors.remove("var");
         tensors.retain(|k, _| !is_buffer(k));
         validate(&config, &tensors, source)?;
@@ -53,18 +59,30 @@ impl Checkpoint {
                     ));
                 }
                 let v = v.to_dtype(DType::F32)?;
-                let all_ones = v.ne(1f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? == 0.0;
+                let all_ones = v
+                    .ne(1f32)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?
+                    == 0.0;
                 (!all_ones).then_some(v)
             }
             None => None,
         };
-        Ok(Self { config, tensors, var })
+        Ok(Self {
+            config,
+            tensors,
+            var,
+        })
     }
 
     /// Loads one of our checkpoints (`format = tarflow/1` metadata).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| FlowError::Io { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| FlowError::Io {
+            path: path.into(),
+            source,
+        })?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| FlowError::checkpoint(path, format!("not a safetensors file: {e}")))?;
         let info = meta.metadata().clone().unwrap_or_default();
@@ -111,7 +129,12 @@ impl Checkpoint {
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?.contiguous()?)))
             .collect::<Result<_>>()?;
-        let device = self.tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let device = self
+            .tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
         // Buffers are written too so that PyTorch's strict load_state_dict accepts the file.
         for (k, v) in buffers(&self.config, &device)? {
             all.insert(k, v);
@@ -121,9 +144,13 @@ impl Checkpoint {
         }
         let config = serde_json::to_string(&self.config)
             .map_err(|e| FlowError::checkpoint(path, format!("cannot encode config: {e}")))?;
-        let meta = HashMap::from([("format".to_string(), FORMAT.to_string()), ("config".to_string(), config)]);
-        let bytes = safetensors::tensor::serialize(all.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
-            .map_err(|e| FlowError::checkpoint(path, format!("cannot serialise: {e}")))?;
+        let meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("config".to_string(), config),
+        ]);
+        let bytes =
+            safetensors::tensor::serialize(all.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+                .map_err(|e| FlowError::checkpoint(path, format!("cannot serialise: {e}")))?;
         write_atomic(path, &bytes)
     }
 
@@ -141,7 +168,10 @@ impl Checkpoint {
                 .lock()
                 .map_err(|_| FlowError::Config("variable map lock poisoned".into()))?;
             for (k, v) in &self.tensors {
-                data.insert(k.clone(), Var::from_tensor(&v.to_device(device)?.to_dtype(dtype)?)?);
+                data.insert(
+                    k.clone(),
+                    Var::from_tensor(&v.to_device(device)?.to_dtype(dtype)?)?,
+                );
             }
         }
         let vb = VarBuilder::from_varmap(&varmap, dtype, device);
@@ -166,29 +196,50 @@ impl Checkpoint {
 
 /// Checks `tensors` against the parameter list of `config`: every missing, extra or
 /// mis-shaped key is named in the error.
-pub fn validate(config: &ModelConfig, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+pub fn validate(
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
     let specs = param_specs(config);
     let mut problems = Vec::new();
     for s in &specs {
         match tensors.get(&s.name) {
-            None => problems.push(format!("missing key `{}` (expected shape {:?})", s.name, s.shape)),
+            None => problems.push(format!(
+                "missing key `{}` (expected shape {:?})",
+                s.name, s.shape
+            )),
             Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
                 "key `{}` has shape {:?}, expected {:?}",
                 s.name,
                 t.dims(),
                 s.shape
             )),
-            Some(t) if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16 | DType::F64) => {
-                problems.push(format!("key `{}` has dtype {:?}, expected a float type", s.name, t.dtype()))
+            Some(t)
+                if !matches!(
+                    t.dtype(),
+                    DType::F32 | DType::F16 | DType::BF16 | DType::F64
+                ) =>
+            {
+                problems.push(format!(
+                    "key `{}` has dtype {:?}, expected a float type",
+                    s.name,
+                    t.dtype()
+                ))
             }
             _ => {}
         }
     }
     let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-    let mut extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k.as_str())).collect();
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .collect();
     extra.sort();
     for k in extra {
-        problems.push(format!("unexpected key `{k}` (not a parameter of this model config)"));
+        problems.push(format!(
+            "unexpected key `{k}` (not a parameter of this model config)"
+        ));
     }
     if problems.is_empty() {
         return Ok(());
@@ -210,16 +261,24 @@ pub fn validate(config: &ModelConfig, tensors: &HashMap<String, Tensor>, source:
 pub fn read_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
     let pairs: Vec<(String, Tensor)> = if is_safetensors {
-        let bytes = std::fs::read(path).map_err(|source| FlowError::Io { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| FlowError::Io {
+            path: path.into(),
+            source,
+        })?;
         candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| FlowError::checkpoint(path, format!("not a readable safetensors file: {e}")))?
+            .map_err(|e| {
+                FlowError::checkpoint(path, format!("not a readable safetensors file: {e}"))
+            })?
             .into_iter()
             .collect()
     } else {
         read_pth(path)?
     };
     if pairs.is_empty() {
-        return Err(FlowError::checkpoint(path, "holds no tensors: expected an ml-tarflow state_dict"));
+        return Err(FlowError::checkpoint(
+            path,
+            "holds no tensors: expected an ml-tarflow state_dict",
+        ));
     }
     let mut out = HashMap::new();
     for (k, v) in pairs {
@@ -241,7 +300,12 @@ fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
     }
     let mut last_err = String::from("no tensors found");
     // A plain state_dict, or one wrapped under a key as training scripts often save it.
-    for key in [None, Some("model"), Some("state_dict"), Some("model_state_dict")] {
+    for key in [
+        None,
+        Some("model"),
+        Some("state_dict"),
+        Some("model_state_dict"),
+    ] {
         // The pickle reader is third-party code on untrusted bytes: never let it take us down.
         let res = std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key));
         match res {
@@ -267,19 +331,28 @@ pub fn infer_config(
 ) -> Result<ModelConfig> {
     let err = |m: String| FlowError::checkpoint(source, m);
     let shape = |k: &str| t.get(k).map(|x| x.dims().to_vec());
-    let proj_in = shape("blocks.0.proj_in.weight")
-        .ok_or_else(|| err("missing key `blocks.0.proj_in.weight`: not an ml-tarflow TarFlow state_dict".into()))?;
+    let proj_in = shape("blocks.0.proj_in.weight").ok_or_else(|| {
+        err("missing key `blocks.0.proj_in.weight`: not an ml-tarflow TarFlow state_dict".into())
+    })?;
     let [channels, d] = proj_in[..] else {
-        return Err(err(format!("`blocks.0.proj_in.weight` has shape {proj_in:?}, expected (channels, patch_dim)")));
+        return Err(err(format!(
+            "`blocks.0.proj_in.weight` has shape {proj_in:?}, expected (channels, patch_dim)"
+        )));
     };
     if patch_size == 0 || img_size % patch_size != 0 {
-        return Err(err(format!("--img-size {img_size} must be a multiple of --patch-size {patch_size}")));
+        return Err(err(format!(
+            "--img-size {img_size} must be a multiple of --patch-size {patch_size}"
+        )));
     }
     let p2 = patch_size * patch_size;
     let in_channels = match in_channels {
         Some(c) => c,
         None if d % p2 == 0 => d / p2,
-        None => return Err(err(format!("patch dim {d} is not a multiple of patch_size² = {p2}"))),
+        None => {
+            return Err(err(format!(
+                "patch dim {d} is not a multiple of patch_size² = {p2}"
+            )))
+        }
     };
     if in_channels * p2 != d {
         return Err(err(format!(
@@ -305,17 +378,32 @@ pub fn infer_config(
         }
         layers.push(l);
     }
-    let num_classes = shape("blocks.0.class_embed").and_then(|s| s.first().copied()).unwrap_or(0);
+    let num_classes = shape("blocks.0.class_embed")
+        .and_then(|s| s.first().copied())
+        .unwrap_or(0);
     let out = shape("blocks.0.proj_out.weight")
         .and_then(|s| s.first().copied())
         .ok_or_else(|| err("missing key `blocks.0.proj_out.weight`".into()))?;
     let nvp = match out {
         o if o == 2 * d => true,
         o if o == d => false,
-        o => return Err(err(format!("`blocks.0.proj_out.weight` has {o} rows, expected {} (affine) or {d}", 2 * d))),
+        o => {
+            return Err(err(format!(
+                "`blocks.0.proj_out.weight` has {o} rows, expected {} (affine) or {d}",
+                2 * d
+            )))
+        }
     };
     let uniform = layers.windows(2).all(|w| w[0] == w[1]);
-    let mut cfg = ModelConfig::new(in_channels, img_size, patch_size, channels, layers.len(), layers[0], num_classes);
+    let mut cfg = ModelConfig::new(
+        in_channels,
+        img_size,
+        patch_size,
+        channels,
+        layers.len(),
+        layers[0],
+        num_classes,
+    );
     cfg.nvp = nvp;
     if !uniform {
         cfg.layers = Some(layers);
@@ -334,7 +422,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;

@@ -11,7 +11,9 @@ pub fn select(name: &str) -> Result<Device> {
             FlowError::Config(format!("--device cuda: {e} (build with `--features cuda`)"))
         }),
         "metal" => Device::new_metal(0).map_err(|e| {
-            FlowError::Config(format!("--device metal: {e} (build with `--features metal`)"))
+            FlowError::Config(format!(
+                "--device metal: {e} (build with `--features metal`)"
+            ))
         }),
         "auto" => Ok(Device::cuda_if_available(0)
             .ok()

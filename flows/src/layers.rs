@@ -70,7 +70,8 @@ impl LayerNorm {
             self.weight.to_dtype(x.dtype())?,
             self.bias.to_dtype(x.dtype())?,
         );
-        let y = if x.track_op() || w.track_op() {
+        // The fused kernel has no backward and no f64 path.
+        let y = if x.track_op() || w.track_op() || x.dtype() != DType::F32 {
             let mean = x.mean_keepdim(D::Minus1)?;
             let xc = x.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -85,7 +86,7 @@ impl LayerNorm {
 }
 
 fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    Ok(if x.track_op() {
+    Ok(if x.track_op() || x.dtype() != DType::F32 {
         candle_nn::ops::softmax(x, D::Minus1)?
     } else {
         candle_nn::ops::softmax_last_dim(x)?
@@ -130,7 +131,14 @@ impl Attention {
         ))
     }
 
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, temp: f64) -> Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        temp: f64,
+    ) -> Result<Tensor> {
         let (n, _, t, _) = q.dims4()?;
         let scale = 1.0 / ((self.head_dim as f64).sqrt() * temp);
         let mut att = (q.matmul(&k.t()?)? * scale)?; // (N, H, Tq, Tk)
@@ -138,7 +146,9 @@ impl Attention {
             att = att.broadcast_add(m)?;
         }
         let y = softmax_last(&att)?.matmul(v)?; // (N, H, Tq, dh)
-        let y = y.transpose(1, 2)?.reshape((n, t, self.num_heads * self.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((n, t, self.num_heads * self.head_dim))?;
         self.proj.forward(&y)
     }
 

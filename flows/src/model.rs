@@ -118,7 +118,10 @@ impl TarFlow {
     pub fn set_prior_var(&mut self, var: &Tensor) -> Result<()> {
         let want = [self.cfg.num_tokens(), self.cfg.patch_dim()];
         if var.dims() != want {
-            return Err(FlowError::Input(format!("prior variance of shape {:?}, expected {want:?}", var.dims())));
+            return Err(FlowError::Input(format!(
+                "prior variance of shape {:?}, expected {want:?}",
+                var.dims()
+            )));
         }
         self.var = var.to_device(&self.device)?.to_dtype(self.dtype)?;
         Ok(())
@@ -167,9 +170,14 @@ impl TarFlow {
             )));
         }
         // 0·x is NaN exactly where x is NaN or ±∞.
-        let probe = (x.detach() * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let probe = (x.detach() * 0.0)?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         if !probe.is_finite() {
-            return Err(FlowError::Input("images contain NaN or infinite values".into()));
+            return Err(FlowError::Input(
+                "images contain NaN or infinite values".into(),
+            ));
         }
         Ok(())
     }
@@ -191,7 +199,11 @@ impl TarFlow {
             blocks.push(o);
         }
         let logdets = logdets.ok_or_else(|| FlowError::Config("model has no blocks".into()))?;
-        Ok(FlowOutput { z: s, logdets, blocks })
+        Ok(FlowOutput {
+            z: s,
+            logdets,
+            blocks,
+        })
     }
 
     /// ml-tarflow's training loss `0.5·mean(z²) − mean(logdets)` (per-dimension nats, no constant).
@@ -211,7 +223,8 @@ impl TarFlow {
     pub fn nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let n = self.cfg.dims_per_image() as f64;
         let constant = 0.5 * n * LN_2PI + if discrete { n * LN_128 } else { 0.0 };
-        let prior = ((out.z.to_dtype(DType::F32)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + constant)?;
+        let prior =
+            ((out.z.to_dtype(DType::F32)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + constant)?;
         Ok((prior - (out.logdets.to_dtype(DType::F32)? * n)?)?)
     }
 
@@ -224,7 +237,8 @@ impl TarFlow {
         };
         // evaluate_bpd.py: (−log p_prior)/n − logdets, where log p_prior uses the true T·D.
         let z = out.z.to_dtype(DType::F32)?;
-        let prior = ((z.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + n_true * (0.5 * LN_2PI + LN_128))?;
+        let prior =
+            ((z.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + n_true * (0.5 * LN_2PI + LN_128))?;
         let nll = ((prior / n)? - out.logdets.to_dtype(DType::F32)?)?;
         Ok((nll / std::f64::consts::LN_2)?)
     }
@@ -252,11 +266,22 @@ impl TarFlow {
 
     /// Like [`Self::reverse`] but returns the image after undoing each block: entry 0 is
     /// `unpatchify(z)`, entry k after undoing k blocks, the last is the sample.
-    pub fn reverse_sequence(&self, z: &Tensor, cond: Cond, opts: &ReverseOptions) -> Result<Vec<Tensor>> {
+    pub fn reverse_sequence(
+        &self,
+        z: &Tensor,
+        cond: Cond,
+        opts: &ReverseOptions,
+    ) -> Result<Vec<Tensor>> {
         self.reverse_inner(z, cond, opts, true)
     }
 
-    fn reverse_inner(&self, z: &Tensor, cond: Cond, opts: &ReverseOptions, all: bool) -> Result<Vec<Tensor>> {
+    fn reverse_inner(
+        &self,
+        z: &Tensor,
+        cond: Cond,
+        opts: &ReverseOptions,
+        all: bool,
+    ) -> Result<Vec<Tensor>> {
         let (t, d) = (self.cfg.num_tokens(), self.cfg.patch_dim());
         let dims = z.dims();
         if dims.len() != 3 || dims[1..] != [t, d] {
@@ -283,10 +308,18 @@ impl TarFlow {
         Ok(seq)
     }
 
-    fn reverse_block(&self, block: &MetaBlock, s: &Tensor, cond: Cond, opts: &ReverseOptions) -> Result<Tensor> {
+    fn reverse_block(
+        &self,
+        block: &MetaBlock,
+        s: &Tensor,
+        cond: Cond,
+        opts: &ReverseOptions,
+    ) -> Result<Tensor> {
         let t = s.dim(1)?;
         let x = block.permute(s, 1)?;
-        let mut tokens = (0..t).map(|i| x.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut tokens = (0..t)
+            .map(|i| x.narrow(1, i, 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let guided = opts.guidance > 0.0;
         let cls = block.reverse_cond(cond, &self.device)?;
         let cls_u = if guided {
@@ -299,7 +332,8 @@ impl TarFlow {
         for i in 0..t - 1 {
             let (mut a, mut b) = block.step(&tokens[i], i, cls.as_ref(), &mut cache, 1.0)?;
             if guided {
-                let (au, bu) = block.step(&tokens[i], i, cls_u.as_ref(), &mut cache_u, opts.attn_temp)?;
+                let (au, bu) =
+                    block.step(&tokens[i], i, cls_u.as_ref(), &mut cache_u, opts.attn_temp)?;
                 let g = if opts.annealed {
                     (i + 1) as f64 / (t - 1) as f64 * opts.guidance
                 } else {

@@ -30,7 +30,6 @@ pub struct ParamSpec {
     pub init: Init,
 }
 
-
 /// Whether `name` is a regenerated buffer (`var`, `blocks.{k}.attn_mask`).
 pub fn is_buffer(name: &str) -> bool {
     name == "var" || name.ends_with(".attn_mask")
@@ -42,13 +41,18 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let hidden = c * cfg.mlp_ratio;
     let out = if cfg.nvp { 2 * d } else { d };
     let mut v = Vec::new();
-    let mut p = |name: String, shape: Vec<usize>, init: Init| v.push(ParamSpec { name, shape, init });
+    let mut p =
+        |name: String, shape: Vec<usize>, init: Init| v.push(ParamSpec { name, shape, init });
     let lin = |fan_in: usize| Init::Uniform(1.0 / (fan_in as f64).sqrt());
     for k in 0..cfg.num_blocks {
         let b = format!("blocks.{k}");
         p(format!("{b}.pos_embed"), vec![t, c], Init::Normal(0.01));
         if cfg.num_classes > 0 {
-            p(format!("{b}.class_embed"), vec![cfg.num_classes, 1, c], Init::Normal(0.01));
+            p(
+                format!("{b}.class_embed"),
+                vec![cfg.num_classes, 1, c],
+                Init::Normal(0.01),
+            );
         }
         p(format!("{b}.proj_in.weight"), vec![c, d], lin(d));
         p(format!("{b}.proj_in.bias"), vec![c], lin(d));
@@ -64,7 +68,11 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             p(format!("{a}.attention.proj.bias"), vec![c], lin(c));
             p(format!("{a}.mlp.main.0.weight"), vec![hidden, c], lin(c));
             p(format!("{a}.mlp.main.0.bias"), vec![hidden], lin(c));
-            p(format!("{a}.mlp.main.2.weight"), vec![c, hidden], lin(hidden));
+            p(
+                format!("{a}.mlp.main.2.weight"),
+                vec![c, hidden],
+                lin(hidden),
+            );
             p(format!("{a}.mlp.main.2.bias"), vec![c], lin(hidden));
         }
         // Zero weight: every block starts as an input-independent affine map (upstream init).
@@ -77,8 +85,13 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
 /// The regenerated buffers with their values: `var` (T, D) ones and causal `attn_mask`s.
 pub fn buffers(cfg: &ModelConfig, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let (t, d) = (cfg.num_tokens(), cfg.patch_dim());
-    let mut v = vec![("var".to_string(), Tensor::ones((t, d), candle_core::DType::F32, device)?)];
-    let tril: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 1.0 } else { 0.0 }).collect();
+    let mut v = vec![(
+        "var".to_string(),
+        Tensor::ones((t, d), candle_core::DType::F32, device)?,
+    )];
+    let tril: Vec<f32> = (0..t * t)
+        .map(|i| if i % t <= i / t { 1.0 } else { 0.0 })
+        .collect();
     let mask = Tensor::from_vec(tril, (t, t), device)?;
     for k in 0..cfg.num_blocks {
         v.push((format!("blocks.{k}.attn_mask"), mask.clone()));
@@ -87,7 +100,11 @@ pub fn buffers(cfg: &ModelConfig, device: &Device) -> Result<Vec<(String, Tensor
 }
 
 /// Fresh f32 parameters for `cfg`, drawn from a seeded RNG (reproducible on every device).
-pub fn init_params(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn init_params(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut rng = seeded(seed);
     let mut out = HashMap::new();
     for s in param_specs(cfg) {
@@ -104,5 +121,8 @@ pub fn init_params(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Hash
 
 /// Number of learned scalars of `cfg`.
 pub fn count_params(cfg: &ModelConfig) -> usize {
-    param_specs(cfg).iter().map(|s| s.shape.iter().product::<usize>()).sum()
+    param_specs(cfg)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum()
 }

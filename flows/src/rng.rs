@@ -16,7 +16,12 @@ pub fn seeded(seed: u64) -> FlowRng {
 }
 
 /// Standard-normal f32 values in `shape`, scaled by `std`.
-pub fn randn(rng: &mut FlowRng, shape: impl Into<Shape>, std: f64, device: &Device) -> Result<Tensor> {
+pub fn randn(
+    rng: &mut FlowRng,
+    shape: impl Into<Shape>,
+    std: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let shape = shape.into();
     let v: Vec<f32> = (0..shape.elem_count())
         .map(|_| {
@@ -28,7 +33,13 @@ pub fn randn(rng: &mut FlowRng, shape: impl Into<Shape>, std: f64, device: &Devi
 }
 
 /// Uniform f32 values in [lo, hi) in `shape`.
-pub fn uniform(rng: &mut FlowRng, shape: impl Into<Shape>, lo: f64, hi: f64, device: &Device) -> Result<Tensor> {
+pub fn uniform(
+    rng: &mut FlowRng,
+    shape: impl Into<Shape>,
+    lo: f64,
+    hi: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let shape = shape.into();
     let v: Vec<f32> = (0..shape.elem_count())
         .map(|_| rng.random_range(lo..hi) as f32)

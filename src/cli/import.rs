@@ -27,8 +27,14 @@ pub struct ImportArgs {
 
 /// Converts the state_dict and prints what was inferred.
 pub fn run(a: ImportArgs) -> Result<()> {
-    let ckpt = Checkpoint::import(&a.file, a.img_size, a.patch_size, a.in_channels, &Device::Cpu)
-        .with_context(|| format!("importing {}", a.file.display()))?;
+    let ckpt = Checkpoint::import(
+        &a.file,
+        a.img_size,
+        a.patch_size,
+        a.in_channels,
+        &Device::Cpu,
+    )
+    .with_context(|| format!("importing {}", a.file.display()))?;
     ckpt.save(&a.output)?;
     let c = &ckpt.config;
     println!(

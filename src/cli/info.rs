@@ -27,12 +27,45 @@ pub fn run(a: InfoArgs) -> Result<()> {
     }
     let layers: Vec<usize> = (0..c.num_blocks).map(|k| c.block_layers(k)).collect();
     println!("checkpoint   {}", a.checkpoint.display());
-    println!("image        {}×{}×{}", c.in_channels, c.img_size, c.img_size);
-    println!("patches      {}×{} → {} tokens of dim {}", c.patch_size, c.patch_size, c.num_tokens(), c.patch_dim());
-    println!("width        {} ({} heads of {}, MLP ×{})", c.channels, c.num_heads(), c.head_dim, c.mlp_ratio);
+    println!(
+        "image        {}×{}×{}",
+        c.in_channels, c.img_size, c.img_size
+    );
+    println!(
+        "patches      {}×{} → {} tokens of dim {}",
+        c.patch_size,
+        c.patch_size,
+        c.num_tokens(),
+        c.patch_dim()
+    );
+    println!(
+        "width        {} ({} heads of {}, MLP ×{})",
+        c.channels,
+        c.num_heads(),
+        c.head_dim,
+        c.mlp_ratio
+    );
     println!("blocks       {} with layers {:?}", c.num_blocks, layers);
-    println!("classes      {}", if c.num_classes == 0 { "unconditional".to_string() } else { c.num_classes.to_string() });
-    println!("coupling     {}", if c.nvp { "affine (nvp)" } else { "volume-preserving" });
-    println!("parameters   {} ({:.2} M)", ckpt.num_params(), ckpt.num_params() as f64 / 1e6);
+    println!(
+        "classes      {}",
+        if c.num_classes == 0 {
+            "unconditional".to_string()
+        } else {
+            c.num_classes.to_string()
+        }
+    );
+    println!(
+        "coupling     {}",
+        if c.nvp {
+            "affine (nvp)"
+        } else {
+            "volume-preserving"
+        }
+    );
+    println!(
+        "parameters   {} ({:.2} M)",
+        ckpt.num_params(),
+        ckpt.num_params() as f64 / 1e6
+    );
     Ok(())
 }

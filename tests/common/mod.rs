@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 /// Path of a file under `tests/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// All tensors of a fixture safetensors file, on the CPU.
@@ -20,14 +22,35 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, printing the worst offender.
 pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
     assert_eq!(a.dims(), b.dims(), "{name}: shape mismatch");
-    let av = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let bv = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let av = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let bv = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let mut worst = (0.0f64, 0usize);
     for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
         let excess = (x - y).abs() - (atol + rtol * y.abs());
@@ -49,4 +72,33 @@ pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
 /// Labels tensor (int64) as a Vec.
 pub fn labels(t: &Tensor) -> Vec<i64> {
     t.to_vec1::<i64>().unwrap()
+}
+
+/// A randomly initialised model whose `proj_out` weights are non-zero (the upstream init zeroes
+/// them, which would make every block input-independent), with perturbed norms and embeddings.
+pub fn random_checkpoint(cfg: &tarflow::ModelConfig, seed: u64) -> tarflow::Checkpoint {
+    use tarflow::flows::rng::{randn, seeded};
+    let mut ckpt = tarflow::Checkpoint::init(cfg, seed, &Device::Cpu).unwrap();
+    let mut rng = seeded(seed + 1000);
+    let mut names: Vec<String> = ckpt.tensors.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let t = ckpt.tensors[&name].clone();
+        let std = if name.ends_with("proj_out.weight") {
+            0.02
+        } else if name.contains("norm") || name.ends_with("embed") {
+            0.1
+        } else {
+            continue;
+        };
+        let noise = randn(&mut rng, t.dims().to_vec(), std, &Device::Cpu).unwrap();
+        ckpt.tensors.insert(name, (t + noise).unwrap());
+    }
+    ckpt
+}
+
+/// Random images in [-1, 1] of shape (n, c, s, s).
+pub fn random_images(n: usize, c: usize, s: usize, seed: u64) -> Tensor {
+    let mut rng = tarflow::flows::rng::seeded(seed);
+    tarflow::flows::rng::uniform(&mut rng, (n, c, s, s), -1.0, 1.0, &Device::Cpu).unwrap()
 }

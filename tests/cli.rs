@@ -1,0 +1,88 @@
+//! End-to-end tests of the `tarflow` binary.
+
+mod common;
+
+use common::fixture;
+use std::process::Command;
+
+fn tarflow(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tarflow"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn import_then_info_describes_the_reference_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("small.safetensors");
+    let src = fixture("tarflow-small/model.safetensors");
+    let (ok, stdout, stderr) = tarflow(&[
+        "import",
+        src.to_str().unwrap(),
+        "--img-size",
+        "16",
+        "--patch-size",
+        "4",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("1.67 M parameters"), "{stdout}");
+    let (ok, stdout, stderr) = tarflow(&["info", out.to_str().unwrap(), "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["num_params"], 1_674_112);
+    assert_eq!(v["config"]["channels"], 128);
+    assert_eq!(v["config"]["num_classes"], 10);
+    // The saved checkpoint reloads to the same numbers as the imported weights.
+    let a = tarflow::Checkpoint::load(&out, &candle_core::Device::Cpu).unwrap();
+    let b = tarflow::Checkpoint::import(&src, 16, 4, None, &candle_core::Device::Cpu).unwrap();
+    for (k, t) in &b.tensors {
+        assert_eq!(common::max_abs_diff(t, &a.tensors[k]), 0.0, "{k}");
+    }
+    // No temporary file is left behind by the atomic write.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn bad_files_fail_with_a_message_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.pth");
+    std::fs::write(&bad, b"not a checkpoint").unwrap();
+    let (ok, _, stderr) = tarflow(&[
+        "import",
+        bad.to_str().unwrap(),
+        "--img-size",
+        "16",
+        "--patch-size",
+        "4",
+        "-o",
+        "x.safetensors",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("bad.pth") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = tarflow(&["info", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("bad.pth") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = tarflow(&[
+        "info",
+        fixture("tarflow-small/model.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("tarflow import"), "{stderr}");
+}
