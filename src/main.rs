@@ -2,6 +2,10 @@
 
 mod cli;
 
+// candle allocates a fresh buffer per op; mimalloc reuses pages instead of zeroing new ones.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 fn main() {

@@ -1,5 +1,6 @@
 //! Subcommand definitions and dispatch.
 
+mod bench;
 mod import;
 mod info;
 
@@ -19,6 +20,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Convert an ml-tarflow state_dict (.pth or .safetensors) into a tarflow checkpoint.
     Import(import::ImportArgs),
+    /// Measure scoring or sampling throughput.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -26,5 +29,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Import(a) => import::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

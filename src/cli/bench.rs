@@ -1,0 +1,89 @@
+//! `tarflow bench`: throughput figures (never asserted in tests).
+
+use anyhow::Result;
+use candle_core::DType;
+use clap::{Args, ValueEnum};
+use std::time::Instant;
+use tarflow_flows::rng::{seeded, uniform};
+use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions};
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum What {
+    /// Forward pass + exact NLL (bits/dim) of a batch: scoring throughput.
+    Score,
+    /// KV-cached autoregressive sampling.
+    Sample,
+}
+
+/// Arguments of `tarflow bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum, default_value = "score")]
+    what: What,
+    /// Model config as JSON (defaults to the reference benchmark "small": 3×32×32, patch 4,
+    /// 256 channels, 4 blocks × 2 layers, 10 classes).
+    #[arg(long)]
+    model: Option<String>,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// cpu, cuda, metal or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Runs the benchmark and prints images/s.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let cfg: ModelConfig = match &a.model {
+        Some(j) => serde_json::from_str(j)?,
+        None => ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
+    };
+    let device = tarflow_flows::device::select(&a.device)?;
+    let model = Checkpoint::init(&cfg, 0, &device)?.model(&device, DType::F32)?;
+    let mut rng = seeded(0);
+    let s = cfg.img_size;
+    let x = uniform(&mut rng, (a.batch, cfg.in_channels, s, s), -1.0, 1.0, &device)?;
+    let labels: Vec<i64> = (0..a.batch as i64).map(|i| i % cfg.num_classes.max(1) as i64).collect();
+    let cond = if cfg.num_classes > 0 { Cond::Labels(&labels) } else { Cond::Null };
+    let step = || -> Result<()> {
+        match a.what {
+            What::Score => {
+                let out = model.forward(&x, cond)?;
+                model.nll(&out, true)?.to_vec1::<f32>()?;
+            }
+            What::Sample => {
+                let z = uniform(&mut seeded(1), (a.batch, cfg.num_tokens(), cfg.patch_dim()), -1.0, 1.0, &device)?;
+                model.reverse(&z, cond, &ReverseOptions::default())?.flatten_all()?.to_vec1::<f32>()?;
+            }
+        }
+        Ok(())
+    };
+    step()?;
+    let t0 = Instant::now();
+    for _ in 0..a.iters {
+        step()?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let ips = (a.iters * a.batch) as f64 / secs;
+    println!(
+        "{:?}: {:.1} images/s ({} iters × batch {}, {:.3} s/iter, model {}×{}×{} p{} C{} K{} L{})",
+        a.what,
+        ips,
+        a.iters,
+        a.batch,
+        secs / a.iters as f64,
+        cfg.in_channels,
+        s,
+        s,
+        cfg.patch_size,
+        cfg.channels,
+        cfg.num_blocks,
+        cfg.block_layers(0)
+    );
+    Ok(())
+}
