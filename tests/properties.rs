@@ -25,10 +25,11 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
         let p = a[col][col];
         assert!(p != 0.0, "singular Jacobian");
         acc += p.abs().ln();
-        for r in col + 1..n {
-            let f = a[r][col] / p;
-            for c in col..n {
-                a[r][c] -= f * a[col][c];
+        let pivot_row = a[col].clone();
+        for row in a.iter_mut().skip(col + 1) {
+            let f = row[col] / p;
+            for (v, pv) in row.iter_mut().zip(&pivot_row).skip(col) {
+                *v -= f * pv;
             }
         }
     }

@@ -339,7 +339,7 @@ pub fn infer_config(
             "`blocks.0.proj_in.weight` has shape {proj_in:?}, expected (channels, patch_dim)"
         )));
     };
-    if patch_size == 0 || img_size % patch_size != 0 {
+    if patch_size == 0 || !img_size.is_multiple_of(patch_size) {
         return Err(err(format!(
             "--img-size {img_size} must be a multiple of --patch-size {patch_size}"
         )));

@@ -79,7 +79,10 @@ impl ModelConfig {
         if self.in_channels == 0 {
             return bad("in_channels must be ≥ 1".into());
         }
-        if self.patch_size == 0 || self.img_size == 0 || self.img_size % self.patch_size != 0 {
+        if self.patch_size == 0
+            || self.img_size == 0
+            || !self.img_size.is_multiple_of(self.patch_size)
+        {
             return bad(format!(
                 "img_size ({}) must be a positive multiple of patch_size ({})",
                 self.img_size, self.patch_size
@@ -88,7 +91,8 @@ impl ModelConfig {
         if self.num_tokens() < 2 {
             return bad("img_size/patch_size must give at least 2 patches".into());
         }
-        if self.head_dim == 0 || self.channels == 0 || self.channels % self.head_dim != 0 {
+        if self.head_dim == 0 || self.channels == 0 || !self.channels.is_multiple_of(self.head_dim)
+        {
             return bad(format!(
                 "channels ({}) must be a positive multiple of head_dim ({})",
                 self.channels, self.head_dim

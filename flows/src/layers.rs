@@ -186,7 +186,7 @@ impl Mlp {
 
     /// (…, C) → (…, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(&self.norm.forward(x)?)?.gelu_erf()?;
+        let h = crate::gelu::gelu_erf(&self.fc1.forward(&self.norm.forward(x)?)?)?;
         self.fc2.forward(&h)
     }
 }

@@ -47,9 +47,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let model = Checkpoint::init(&cfg, 0, &device)?.model(&device, DType::F32)?;
     let mut rng = seeded(0);
     let s = cfg.img_size;
-    let x = uniform(&mut rng, (a.batch, cfg.in_channels, s, s), -1.0, 1.0, &device)?;
-    let labels: Vec<i64> = (0..a.batch as i64).map(|i| i % cfg.num_classes.max(1) as i64).collect();
-    let cond = if cfg.num_classes > 0 { Cond::Labels(&labels) } else { Cond::Null };
+    let x = uniform(
+        &mut rng,
+        (a.batch, cfg.in_channels, s, s),
+        -1.0,
+        1.0,
+        &device,
+    )?;
+    let labels: Vec<i64> = (0..a.batch as i64)
+        .map(|i| i % cfg.num_classes.max(1) as i64)
+        .collect();
+    let cond = if cfg.num_classes > 0 {
+        Cond::Labels(&labels)
+    } else {
+        Cond::Null
+    };
     let step = || -> Result<()> {
         match a.what {
             What::Score => {
@@ -57,8 +69,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 model.nll(&out, true)?.to_vec1::<f32>()?;
             }
             What::Sample => {
-                let z = uniform(&mut seeded(1), (a.batch, cfg.num_tokens(), cfg.patch_dim()), -1.0, 1.0, &device)?;
-                model.reverse(&z, cond, &ReverseOptions::default())?.flatten_all()?.to_vec1::<f32>()?;
+                let z = uniform(
+                    &mut seeded(1),
+                    (a.batch, cfg.num_tokens(), cfg.patch_dim()),
+                    -1.0,
+                    1.0,
+                    &device,
+                )?;
+                model
+                    .reverse(&z, cond, &ReverseOptions::default())?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
             }
         }
         Ok(())
