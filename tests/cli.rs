@@ -86,3 +86,62 @@ fn bad_files_fail_with_a_message_not_a_panic() {
     ]);
     assert!(!ok && stderr.contains("tarflow import"), "{stderr}");
 }
+
+#[test]
+fn pth_and_safetensors_state_dicts_import_to_the_same_model() {
+    // tests/fixtures/tiny-pth/make.py writes one state_dict in both formats; the .pth is a
+    // PyTorch zip pickle (OrderedDict of _rebuild_tensor_v2 with persistent storages).
+    use candle_core::{DType, Device};
+    let pth = fixture("tiny-pth/tiny.pth");
+    let st = fixture("tiny-pth/tiny.safetensors");
+    let a = tarflow::Checkpoint::import(&pth, 8, 2, None, &Device::Cpu).unwrap();
+    let b = tarflow::Checkpoint::import(&st, 8, 2, None, &Device::Cpu).unwrap();
+    let c = &a.config;
+    assert_eq!(
+        (
+            c.in_channels,
+            c.img_size,
+            c.patch_size,
+            c.channels,
+            c.num_classes
+        ),
+        (1, 8, 2, 64, 3)
+    );
+    assert_eq!(c.layers, Some(vec![1, 2]), "per-block depths inferred");
+    assert_eq!(a.config, b.config);
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (k, t) in &b.tensors {
+        assert_eq!(common::max_abs_diff(t, &a.tensors[k]), 0.0, "{k}");
+    }
+    let x = common::random_images(2, 1, 8, 4);
+    let za = a
+        .model(&Device::Cpu, DType::F32)
+        .unwrap()
+        .forward(&x, tarflow::Cond::Labels(&[0, 2]))
+        .unwrap();
+    let m = b.model(&Device::Cpu, DType::F32).unwrap();
+    let zb = m.forward(&x, tarflow::Cond::Labels(&[0, 2])).unwrap();
+    assert_eq!(common::max_abs_diff(&za.z, &zb.z), 0.0);
+    assert!(common::max_abs_diff(&za.z, &tarflow::flows::patch::patchify(&x, 2).unwrap()) > 1e-3);
+
+    // And through the CLI, with the wrapped-state_dict and info paths.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny.safetensors");
+    let (ok, stdout, stderr) = tarflow(&[
+        "import",
+        pth.to_str().unwrap(),
+        "--img-size",
+        "8",
+        "--patch-size",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("1×8×8") && stdout.contains("2 blocks"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = tarflow(&["info", out.to_str().unwrap()]);
+    assert!(ok && stdout.contains("[1, 2]"), "{stdout}");
+}
