@@ -82,14 +82,7 @@ fn checkpoint_with_missing_extra_or_misshaped_keys_is_named() {
     assert!(e.contains("patch dim"), "{e}");
 
     // A tarflow checkpoint whose config does not match its tensors.
-    let ckpt = Checkpoint::import(
-        fixture("tarflow-small/model.safetensors"),
-        16,
-        4,
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ckpt = common::reference_checkpoint();
     let mut cfg = ckpt.config.clone();
     cfg.num_blocks = 5;
     let e = Checkpoint::from_tensors(
@@ -132,14 +125,7 @@ fn files_that_are_not_state_dicts_are_rejected_with_their_path() {
 
 #[test]
 fn wrong_images_labels_and_latents_are_explained() {
-    let ckpt = Checkpoint::import(
-        fixture("tarflow-small/model.safetensors"),
-        16,
-        4,
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ckpt = common::reference_checkpoint();
     let m = ckpt.model(&Device::Cpu, DType::F32).unwrap();
     let x = Tensor::zeros((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
     let e = m.forward(&x, Cond::Null).unwrap_err().to_string();

@@ -3,19 +3,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixture, labels, load};
+use common::{assert_close, labels, load};
 use tarflow::flows::model::{BpdConvention, GuideWhat};
-use tarflow::{Checkpoint, Cond, ReverseOptions, TarFlow};
+use tarflow::{Cond, ReverseOptions, TarFlow};
 
 fn model() -> TarFlow {
-    let ckpt = Checkpoint::import(
-        fixture("tarflow-small/model.safetensors"),
-        16,
-        4,
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ckpt = common::reference_checkpoint();
     ckpt.model(&Device::Cpu, DType::F32).unwrap()
 }
 
@@ -23,14 +16,7 @@ const FWD: f64 = 1e-4;
 
 #[test]
 fn import_infers_the_reference_config() {
-    let ckpt = Checkpoint::import(
-        fixture("tarflow-small/model.safetensors"),
-        16,
-        4,
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ckpt = common::reference_checkpoint();
     let c = &ckpt.config;
     assert_eq!(
         (c.in_channels, c.img_size, c.patch_size, c.channels),
@@ -317,14 +303,7 @@ fn denoising_gradient_and_step_match_reference() {
 
 #[test]
 fn parameter_gradients_match_reference() {
-    let ckpt = Checkpoint::import(
-        fixture("tarflow-small/model.safetensors"),
-        16,
-        4,
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ckpt = common::reference_checkpoint();
     let (m, vars) = ckpt.trainable_model(&Device::Cpu, DType::F32).unwrap();
     let inp = load("tarflow-small/inputs.safetensors");
     let grads_ref = load("tarflow-small/grads.safetensors");

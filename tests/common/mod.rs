@@ -102,3 +102,15 @@ pub fn random_images(n: usize, c: usize, s: usize, seed: u64) -> Tensor {
     let mut rng = tarflow::flows::rng::seeded(seed);
     tarflow::flows::rng::uniform(&mut rng, (n, c, s, s), -1.0, 1.0, &Device::Cpu).unwrap()
 }
+
+/// The ml-tarflow reference checkpoint of the golden vectors, imported from its raw state_dict.
+pub fn reference_checkpoint() -> tarflow::Checkpoint {
+    tarflow::Checkpoint::import(
+        fixture("tarflow-small/model.safetensors"),
+        16,
+        4,
+        None,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
