@@ -5,6 +5,7 @@ use crate::block::{exp_f32, BlockOutput, Cond, MetaBlock};
 use crate::config::ModelConfig;
 use crate::error::{FlowError, Result};
 use crate::patch::{patchify, unpatchify};
+use crate::rng::{randn, FlowRng};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
@@ -349,6 +350,25 @@ impl TarFlow {
             tokens[i + 1] = tokens[i + 1].mul(&exp_f32(&a)?)?.add(&b)?;
         }
         block.permute(&Tensor::cat(&tokens, 1)?, 1)
+    }
+
+    /// Draws `n` images: z ~ N(0, temperature²) from the seeded `rng`, then [`Self::reverse`].
+    pub fn sample(
+        &self,
+        n: usize,
+        cond: Cond,
+        temperature: f64,
+        rng: &mut FlowRng,
+        opts: &ReverseOptions,
+    ) -> Result<Tensor> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(FlowError::Input(format!(
+                "temperature must be finite and ≥ 0, got {temperature}"
+            )));
+        }
+        let shape = (n, self.cfg.num_tokens(), self.cfg.patch_dim());
+        let z = randn(rng, shape, temperature, &self.device)?;
+        self.reverse(&z, cond, opts)
     }
 
     /// Gradient of the training loss (batch mean) with respect to the input images.

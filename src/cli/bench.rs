@@ -69,17 +69,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 model.nll(&out, true)?.to_vec1::<f32>()?;
             }
             What::Sample => {
-                let z = uniform(
-                    &mut seeded(1),
-                    (a.batch, cfg.num_tokens(), cfg.patch_dim()),
-                    -1.0,
-                    1.0,
-                    &device,
-                )?;
-                model
-                    .reverse(&z, cond, &ReverseOptions::default())?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
+                let opts = ReverseOptions::default();
+                let x = model.sample(a.batch, cond, 1.0, &mut seeded(1), &opts)?;
+                x.flatten_all()?.to_vec1::<f32>()?;
             }
         }
         Ok(())
