@@ -1,1 +1,69 @@
-//! Image datasets for tarflow: sources, transforms and the batch loader (filled by the datasets issue).
+//! Image datasets for tarflow: sources yielding 8-bit C×H×W images with optional labels.
+//!
+//! Implemented so far: MNIST/Fashion-MNIST IDX files (gz or raw) and the embedded default
+//! dataset (10,000 real MNIST digits shipped in the crate, see `data/mnist10k/SOURCE.md`).
+
+pub mod embedded;
+pub mod error;
+pub mod idx;
+
+pub use error::{DataError, Result};
+
+/// An in-memory set of same-sized 8-bit images (channel-planar C×H×W) with optional labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSet {
+    /// Channels C.
+    pub channels: usize,
+    /// Height H in pixels.
+    pub height: usize,
+    /// Width W in pixels.
+    pub width: usize,
+    /// All pixels, image after image, each C·H·W bytes.
+    pub pixels: Vec<u8>,
+    /// One label per image (0-based), when the source has them.
+    pub labels: Option<Vec<i64>>,
+}
+
+impl ImageSet {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.pixels.len() / self.image_len().max(1)
+    }
+
+    /// Whether the set holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes per image, C·H·W.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Pixels of image `i`, or `None` past the end.
+    pub fn image(&self, i: usize) -> Option<&[u8]> {
+        let n = self.image_len();
+        self.pixels.get(i * n..(i + 1) * n)
+    }
+
+    /// Label of image `i`, if the set has labels.
+    pub fn label(&self, i: usize) -> Option<i64> {
+        self.labels.as_ref().and_then(|l| l.get(i).copied())
+    }
+
+    /// Number of classes: one more than the largest label (0 without labels).
+    pub fn num_classes(&self) -> usize {
+        self.labels
+            .as_ref()
+            .and_then(|l| l.iter().max())
+            .map_or(0, |&m| (m + 1).max(0) as usize)
+    }
+
+    /// Mean pixel value on the 0–255 scale.
+    pub fn mean_pixel(&self) -> f64 {
+        if self.pixels.is_empty() {
+            return 0.0;
+        }
+        self.pixels.iter().map(|&p| p as u64).sum::<u64>() as f64 / self.pixels.len() as f64
+    }
+}
