@@ -6,6 +6,7 @@
 pub mod embedded;
 pub mod error;
 pub mod idx;
+pub mod npz;
 
 pub use error::{DataError, Result};
 
