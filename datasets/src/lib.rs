@@ -3,6 +3,7 @@
 //! Implemented so far: MNIST/Fashion-MNIST IDX files (gz or raw) and the embedded default
 //! dataset (10,000 real MNIST digits shipped in the crate, see `data/mnist10k/SOURCE.md`).
 
+pub mod cifar;
 pub mod embedded;
 pub mod error;
 pub mod idx;
@@ -58,6 +59,43 @@ impl ImageSet {
             .as_ref()
             .and_then(|l| l.iter().max())
             .map_or(0, |&m| (m + 1).max(0) as usize)
+    }
+
+    /// Appends `other` (read from `source`), which must have the same image shape and the
+    /// same presence of labels.
+    pub fn append(&mut self, other: ImageSet, source: &std::path::Path) -> Result<()> {
+        let same = (
+            self.channels,
+            self.height,
+            self.width,
+            self.labels.is_some(),
+        ) == (
+            other.channels,
+            other.height,
+            other.width,
+            other.labels.is_some(),
+        );
+        if !same {
+            return Err(DataError::format(
+                source,
+                format!(
+                    "{}×{}×{} images (labels: {}) do not match the earlier {}×{}×{} (labels: {})",
+                    other.channels,
+                    other.height,
+                    other.width,
+                    other.labels.is_some(),
+                    self.channels,
+                    self.height,
+                    self.width,
+                    self.labels.is_some()
+                ),
+            ));
+        }
+        self.pixels.extend_from_slice(&other.pixels);
+        if let (Some(l), Some(m)) = (self.labels.as_mut(), other.labels) {
+            l.extend(m);
+        }
+        Ok(())
     }
 
     /// Mean pixel value on the 0–255 scale.

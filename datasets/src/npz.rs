@@ -248,25 +248,10 @@ pub fn read_imagenet(dir: &Path) -> Result<ImageSet> {
     let mut all: Option<ImageSet> = None;
     for f in batch_files(dir)? {
         let b = read_imagenet_batch(&f)?;
-        all = Some(match all {
-            None => b,
-            Some(mut a) => {
-                if (a.height, a.labels.is_some()) != (b.height, b.labels.is_some()) {
-                    return Err(DataError::format(
-                        &f,
-                        format!(
-                            "{}×{} batch does not match earlier {}×{} batches",
-                            b.height, b.width, a.height, a.width
-                        ),
-                    ));
-                }
-                a.pixels.extend_from_slice(&b.pixels);
-                if let (Some(l), Some(m)) = (a.labels.as_mut(), b.labels) {
-                    l.extend(m);
-                }
-                a
-            }
-        });
+        match all.as_mut() {
+            None => all = Some(b),
+            Some(a) => a.append(b, &f)?,
+        }
     }
     all.ok_or_else(|| DataError::format(dir, "no .npz batches found"))
 }
