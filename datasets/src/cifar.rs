@@ -9,7 +9,7 @@ const RECORD: usize = 1 + 3 * 32 * 32;
 
 /// Parses one CIFAR-10 binary batch held in memory.
 pub fn parse_cifar10(bytes: &[u8], path: &Path) -> Result<ImageSet> {
-    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
         return Err(DataError::format(
             path,
             format!(
