@@ -7,7 +7,9 @@ pub mod cifar;
 pub mod embedded;
 pub mod error;
 pub mod idx;
+pub mod loader;
 pub mod npz;
+pub mod transform;
 
 pub use error::{DataError, Result};
 

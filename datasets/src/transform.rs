@@ -1,0 +1,70 @@
+//! Per-image transforms with the reference semantics: 8-bit → [-1, 1] (ToTensor + Normalize
+//! 0.5/0.5), random horizontal flip, Gaussian noise σ or uniform dequantisation, label drop (→ −1).
+
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// Noise added to the [-1, 1] image.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Noise {
+    /// None (evaluation of clean images).
+    #[default]
+    None,
+    /// `x + σ·ε`, ε ~ N(0, 1) (TarFlow's "gaussian", σ = 0.05 for ImageNet64).
+    Gaussian(f64),
+    /// `(k + u)/128 − 1`, u ~ U[0, 1): uniform dequantisation for likelihood training/eval.
+    Uniform,
+}
+
+/// The augmentation and noise applied to every training image.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Transform {
+    /// Flip horizontally with probability ½.
+    pub flip: bool,
+    /// Noise model.
+    pub noise: Noise,
+    /// Probability that a label is replaced by −1 (classifier-free guidance training).
+    pub label_drop: f64,
+}
+
+impl Transform {
+    /// Writes image `src` (C×H×W u8) into `dst` as f32 in [-1, 1] with flip and noise.
+    pub fn apply(
+        &self,
+        src: &[u8],
+        c: usize,
+        h: usize,
+        w: usize,
+        dst: &mut [f32],
+        rng: &mut impl Rng,
+    ) {
+        let flip = self.flip && rng.random_bool(0.5);
+        for ch in 0..c {
+            for y in 0..h {
+                let row = (ch * h + y) * w;
+                for x in 0..w {
+                    let sx = if flip { w - 1 - x } else { x };
+                    let k = src[row + sx] as f64;
+                    let v = match self.noise {
+                        Noise::None => k / 127.5 - 1.0,
+                        Noise::Gaussian(s) => {
+                            let e: f64 = StandardNormal.sample(rng);
+                            k / 127.5 - 1.0 + s * e
+                        }
+                        Noise::Uniform => (k + rng.random::<f64>()) / 128.0 - 1.0,
+                    };
+                    dst[row + x] = v as f32;
+                }
+            }
+        }
+    }
+
+    /// The label after label drop: −1 with probability `label_drop`.
+    pub fn label(&self, label: i64, rng: &mut impl Rng) -> i64 {
+        if self.label_drop > 0.0 && rng.random_bool(self.label_drop.clamp(0.0, 1.0)) {
+            -1
+        } else {
+            label
+        }
+    }
+}
