@@ -145,3 +145,72 @@ fn pth_and_safetensors_state_dicts_import_to_the_same_model() {
     let (ok, stdout, _) = tarflow(&["info", out.to_str().unwrap()]);
     assert!(ok && stdout.contains("[1, 2]"), "{stdout}");
 }
+
+#[test]
+fn data_inspect_reports_the_embedded_default_and_writes_a_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = dir.path().join("grid.png");
+    let (ok, stdout, stderr) = tarflow(&[
+        "data",
+        "inspect",
+        "--source",
+        "embedded",
+        "--json",
+        "--grid",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            v["count"].as_u64(),
+            v["channels"].as_u64(),
+            v["height"].as_u64()
+        ),
+        (Some(10_000), Some(1), Some(28))
+    );
+    assert_eq!(
+        (
+            v["num_classes"].as_u64(),
+            v["label_min"].as_i64(),
+            v["label_max"].as_i64()
+        ),
+        (Some(10), Some(0), Some(9))
+    );
+    assert!((v["mean"].as_f64().unwrap() - 33.44).abs() < 0.01);
+    let png = std::fs::read(&grid).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let npz = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("datasets/tests/fixtures/val_data.npz");
+    let (ok, stdout, stderr) = tarflow(&[
+        "data",
+        "inspect",
+        "--source",
+        "imagenet-npz",
+        "--path",
+        npz.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("\"count\":4") && stdout.contains("\"height\":64"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = tarflow(&["data", "inspect", "--source", "pictures"]);
+    assert!(
+        !ok && stderr.contains("expected one of imagenet-npz"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = tarflow(&[
+        "data",
+        "inspect",
+        "--source",
+        "cifar10",
+        "--path",
+        "/nonexistent/cifar",
+    ]);
+    assert!(
+        !ok && stderr.contains("/nonexistent/cifar") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

@@ -9,6 +9,7 @@ pub mod error;
 pub mod idx;
 pub mod loader;
 pub mod npz;
+pub mod source;
 pub mod transform;
 
 pub use error::{DataError, Result};

@@ -1,1 +1,3 @@
-//! Sampling and scoring front-ends for tarflow (filled by the sampling issue).
+//! Sampling and scoring front-ends for tarflow; so far the image grid writer.
+
+pub mod grid;

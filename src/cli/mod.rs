@@ -1,6 +1,7 @@
 //! Subcommand definitions and dispatch.
 
 mod bench;
+mod data;
 mod import;
 mod info;
 
@@ -20,6 +21,9 @@ enum Command {
     Info(info::InfoArgs),
     /// Convert an ml-tarflow state_dict (.pth or .safetensors) into a tarflow checkpoint.
     Import(import::ImportArgs),
+    /// Inspect datasets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Measure scoring or sampling throughput.
     Bench(bench::BenchArgs),
 }
@@ -30,5 +34,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Data(c) => data::run(c),
     }
 }

@@ -1,0 +1,108 @@
+//! Source kinds as named in configs and on the command line.
+
+use crate::error::{DataError, Result};
+use crate::ImageSet;
+use std::path::{Path, PathBuf};
+
+/// Where images come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Downsampled ImageNet npz batches (`imagenet-npz`).
+    ImagenetNpz,
+    /// HDF5 file (`hdf5`).
+    Hdf5,
+    /// Folder of image files (`folder`).
+    Folder,
+    /// MNIST / Fashion-MNIST IDX files (`mnist-idx`).
+    MnistIdx,
+    /// CIFAR-10 binary batches (`cifar10`).
+    Cifar10,
+    /// The embedded MNIST-10k default (`embedded`).
+    Embedded,
+}
+
+/// Every accepted name, for error messages.
+pub const KIND_NAMES: &str = "imagenet-npz, hdf5, folder, mnist-idx, cifar10, embedded";
+
+impl std::str::FromStr for SourceKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "imagenet-npz" => SourceKind::ImagenetNpz,
+            "hdf5" => SourceKind::Hdf5,
+            "folder" => SourceKind::Folder,
+            "mnist-idx" => SourceKind::MnistIdx,
+            "cifar10" => SourceKind::Cifar10,
+            "embedded" => SourceKind::Embedded,
+            other => {
+                return Err(format!(
+                    "unknown source kind {other:?}: expected one of {KIND_NAMES}"
+                ))
+            }
+        })
+    }
+}
+
+/// Finds the image and label IDX files of an MNIST-style folder, or pairs a given image file
+/// with its `labels-idx1` sibling when there is one.
+fn mnist_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    let pick = |dir: &Path, needle: &str| -> Result<Option<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| DataError::Io {
+                path: dir.into(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(needle))
+            })
+            .collect();
+        v.sort();
+        // Prefer the training split when a folder holds both (train-… sorts after t10k-…).
+        Ok(v.iter()
+            .find(|p| p.to_string_lossy().contains("train"))
+            .cloned()
+            .or(v.first().cloned()))
+    };
+    if path.is_dir() {
+        let images = pick(path, "images-idx3")?.ok_or_else(|| {
+            DataError::format(path, "no `*images-idx3-ubyte[.gz]` file in this folder")
+        })?;
+        let prefix = images
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let label_name = prefix.replace("images-idx3", "labels-idx1");
+        let labels = path.join(label_name);
+        return Ok((images, labels.exists().then_some(labels)));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let labels = path.with_file_name(name.replace("images-idx3", "labels-idx1"));
+    Ok((
+        path.to_path_buf(),
+        (labels != path && labels.exists()).then_some(labels),
+    ))
+}
+
+/// Loads a whole source into memory.
+pub fn load(kind: SourceKind, path: Option<&Path>) -> Result<ImageSet> {
+    let need =
+        || path.ok_or_else(|| DataError::format("<command line>", "this source kind needs a path"));
+    match kind {
+        SourceKind::Embedded => crate::embedded::mnist10k(),
+        SourceKind::ImagenetNpz => crate::npz::read_imagenet(need()?),
+        SourceKind::Cifar10 => crate::cifar::read_cifar10(need()?),
+        SourceKind::MnistIdx => {
+            let (images, labels) = mnist_files(need()?)?;
+            crate::idx::read_mnist(&images, labels.as_deref())
+        }
+        SourceKind::Hdf5 | SourceKind::Folder => Err(DataError::format(
+            path.unwrap_or(Path::new("<none>")),
+            "the hdf5 and folder sources are not implemented yet in this version",
+        )),
+    }
+}

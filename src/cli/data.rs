@@ -1,0 +1,85 @@
+//! `tarflow data inspect --source KIND [--path P] [--json] [--grid out.png]`.
+
+use anyhow::{anyhow, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use tarflow_datasets::source::{self, SourceKind};
+
+/// Data subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Print what a source holds and optionally write a grid of its first 64 images.
+    Inspect(InspectArgs),
+}
+
+/// Arguments of `tarflow data inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Source kind: imagenet-npz, hdf5, folder, mnist-idx, cifar10 or embedded.
+    #[arg(long, default_value = "embedded")]
+    source: String,
+    /// File or folder of the source (not needed for `embedded`).
+    #[arg(long)]
+    path: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Write the first 64 images as an 8×8 PNG grid here.
+    #[arg(long)]
+    grid: Option<PathBuf>,
+}
+
+/// Runs a data subcommand.
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Inspect(a) => inspect(a),
+    }
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let kind: SourceKind = a.source.parse().map_err(|e: String| anyhow!(e))?;
+    let set = source::load(kind, a.path.as_deref())?;
+    let labels = set.labels.as_deref().unwrap_or(&[]);
+    let (lmin, lmax) = (labels.iter().min().copied(), labels.iter().max().copied());
+    if a.json {
+        let v = serde_json::json!({
+            "count": set.len(), "channels": set.channels, "height": set.height, "width": set.width,
+            "num_classes": set.num_classes(), "label_min": lmin, "label_max": lmax, "mean": set.mean_pixel(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "source       {} {}",
+            a.source,
+            a.path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        println!(
+            "images       {} of {}×{}×{}",
+            set.len(),
+            set.channels,
+            set.height,
+            set.width
+        );
+        match (lmin, lmax) {
+            (Some(lo), Some(hi)) => println!(
+                "labels       {} classes, range {lo}..={hi}",
+                set.num_classes()
+            ),
+            _ => println!("labels       none"),
+        }
+        println!("mean pixel   {:.2} (0–255)", set.mean_pixel());
+    }
+    if let Some(out) = a.grid {
+        let imgs: Vec<&[u8]> = (0..set.len().min(64))
+            .filter_map(|i| set.image(i))
+            .collect();
+        tarflow_sample::grid::save(&imgs, set.channels, set.height, set.width, 8, &out)?;
+        if !a.json {
+            println!("grid         {}", out.display());
+        }
+    }
+    Ok(())
+}
