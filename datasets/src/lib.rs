@@ -6,6 +6,7 @@
 pub mod cifar;
 pub mod embedded;
 pub mod error;
+pub mod folder;
 pub mod idx;
 pub mod loader;
 pub mod npz;

@@ -88,8 +88,13 @@ fn mnist_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     ))
 }
 
-/// Loads a whole source into memory.
-pub fn load(kind: SourceKind, path: Option<&Path>) -> Result<ImageSet> {
+/// Loads a whole source into memory; `folder` reads with `folder_opts` and reports skipped
+/// files on stderr.
+pub fn load(
+    kind: SourceKind,
+    path: Option<&Path>,
+    folder_opts: &crate::folder::FolderOptions,
+) -> Result<ImageSet> {
     let need =
         || path.ok_or_else(|| DataError::format("<command line>", "this source kind needs a path"));
     match kind {
@@ -100,9 +105,21 @@ pub fn load(kind: SourceKind, path: Option<&Path>) -> Result<ImageSet> {
             let (images, labels) = mnist_files(need()?)?;
             crate::idx::read_mnist(&images, labels.as_deref())
         }
-        SourceKind::Hdf5 | SourceKind::Folder => Err(DataError::format(
+        SourceKind::Folder => {
+            let f = crate::folder::read_folder(need()?, folder_opts)?;
+            if !f.skipped.is_empty() {
+                eprintln!(
+                    "warning: skipped {} unreadable image(s), first: {} ({})",
+                    f.skipped.len(),
+                    f.skipped[0].0.display(),
+                    f.skipped[0].1
+                );
+            }
+            Ok(f.set)
+        }
+        SourceKind::Hdf5 => Err(DataError::format(
             path.unwrap_or(Path::new("<none>")),
-            "the hdf5 and folder sources are not implemented yet in this version",
+            "the hdf5 source is not implemented yet in this version",
         )),
     }
 }

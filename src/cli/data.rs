@@ -3,6 +3,7 @@
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
+use tarflow_datasets::folder::FolderOptions;
 use tarflow_datasets::source::{self, SourceKind};
 
 /// Data subcommands.
@@ -24,6 +25,18 @@ pub struct InspectArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Folder source: output side S (shorter side resized to S, centre crop).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Folder source: 1 (grayscale) or 3 (RGB) channels.
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    /// Folder source: one class per top-level sub-folder.
+    #[arg(long)]
+    classes: bool,
+    /// Folder source: skip unreadable images (counted) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
     /// Write the first 64 images as an 8×8 PNG grid here.
     #[arg(long)]
     grid: Option<PathBuf>,
@@ -38,7 +51,13 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 
 fn inspect(a: InspectArgs) -> Result<()> {
     let kind: SourceKind = a.source.parse().map_err(|e: String| anyhow!(e))?;
-    let set = source::load(kind, a.path.as_deref())?;
+    let folder = FolderOptions {
+        size: a.size,
+        channels: a.channels,
+        class_per_subdir: a.classes,
+        skip_bad: a.skip_bad,
+    };
+    let set = source::load(kind, a.path.as_deref(), &folder)?;
     let labels = set.labels.as_deref().unwrap_or(&[]);
     let (lmin, lmax) = (labels.iter().min().copied(), labels.iter().max().copied());
     if a.json {

@@ -1,0 +1,190 @@
+//! A folder of image files (png, jpeg, bmp, webp; recursive), resized so the shorter side is S
+//! and centre-cropped to S×S (torchvision's Resize + CenterCrop), optionally one class per
+//! top-level sub-folder (ImageFolder). A top-level `val`/`valid`/`test` folder inside the
+//! training root is never a class and is skipped.
+
+use crate::error::{DataError, Result};
+use crate::ImageSet;
+use image::imageops::FilterType;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "webp", "jfif"];
+const HELD_OUT: [&str; 3] = ["val", "valid", "test"];
+
+/// How to read a folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FolderOptions {
+    /// Output side S in pixels.
+    pub size: usize,
+    /// Output channels: 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// Label each image by its top-level sub-folder (sorted names → 0, 1, …).
+    pub class_per_subdir: bool,
+    /// Skip unreadable images (counted) instead of failing.
+    pub skip_bad: bool,
+}
+
+/// What was read, with the number of images skipped as unreadable and the class names.
+#[derive(Debug, Clone)]
+pub struct FolderSet {
+    /// The images.
+    pub set: ImageSet,
+    /// Unreadable images skipped (only with `skip_bad`).
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Class names by label.
+    pub classes: Vec<String>,
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+}
+
+/// Lists the image files under `root` once, sorted, with their top-level folder name.
+fn list(root: &Path) -> Result<Vec<(PathBuf, Option<String>)>> {
+    let mut out = Vec::new();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(true)
+        .sort_by_file_name();
+    let mut it = walker.into_iter();
+    while let Some(entry) = it.next() {
+        let e = entry.map_err(|e| DataError::format(root, format!("cannot list: {e}")))?;
+        if e.depth() == 1
+            && e.file_type().is_dir()
+            && HELD_OUT.contains(&e.file_name().to_string_lossy().as_ref())
+        {
+            it.skip_current_dir();
+            continue;
+        }
+        if e.file_type().is_file() && is_image(e.path()) {
+            let top = e
+                .path()
+                .strip_prefix(root)
+                .ok()
+                .and_then(|r| (r.components().count() > 1).then(|| r.components().next()))
+                .flatten()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned());
+            out.push((e.into_path(), top));
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes, resizes (shorter side → S) and centre-crops one image to planar C×S×S bytes.
+pub fn load_image(
+    path: &Path,
+    size: usize,
+    channels: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .decode()
+        .map_err(|e| e.to_string())?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err("empty image".into());
+    }
+    let scale = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size as u32),
+        ((h as f64 * scale).round() as u32).max(size as u32),
+    );
+    let img = if (nw as usize, nh as usize) == (w, h) {
+        img
+    } else {
+        img.resize_exact(nw, nh, FilterType::Triangle)
+    };
+    let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
+    let img = img.crop_imm(x0, y0, size as u32, size as u32);
+    let n = size * size;
+    Ok(if channels == 1 {
+        img.to_luma8().into_raw()
+    } else {
+        let rgb = img.to_rgb8().into_raw();
+        let mut planar = vec![0u8; 3 * n];
+        for (i, px) in rgb.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                planar[c * n + i] = px[c];
+            }
+        }
+        planar
+    })
+}
+
+/// Reads every image under `root`.
+pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
+    if !(opts.channels == 1 || opts.channels == 3) || opts.size == 0 {
+        return Err(DataError::format(
+            root,
+            format!(
+                "folder source: channels must be 1 or 3 and size ≥ 1 (got {}, {})",
+                opts.channels, opts.size
+            ),
+        ));
+    }
+    if !root.is_dir() {
+        return Err(DataError::format(root, "not a folder"));
+    }
+    let files = list(root)?;
+    if files.is_empty() {
+        return Err(DataError::format(
+            root,
+            format!("no image files ({}) in this folder", EXTENSIONS.join(", ")),
+        ));
+    }
+    let mut classes: Vec<String> = Vec::new();
+    if opts.class_per_subdir {
+        if let Some((p, _)) = files.iter().find(|(_, top)| top.is_none()) {
+            return Err(DataError::format(
+                p,
+                "image outside a class sub-folder (class_per_subdir is on)",
+            ));
+        }
+        classes = files.iter().filter_map(|(_, t)| t.clone()).collect();
+        classes.dedup();
+    }
+    let decoded: Vec<(usize, std::result::Result<Vec<u8>, String>)> = files
+        .par_iter()
+        .enumerate()
+        .map(|(i, (p, _))| (i, load_image(p, opts.size, opts.channels)))
+        .collect();
+    let mut pixels = Vec::with_capacity(files.len() * opts.channels * opts.size * opts.size);
+    let mut labels = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, res) in decoded {
+        let (path, top) = &files[i];
+        match res {
+            Ok(px) => {
+                pixels.extend_from_slice(&px);
+                if let Some(t) = top.as_ref().filter(|_| opts.class_per_subdir) {
+                    labels.push(classes.binary_search(t).unwrap_or(0) as i64);
+                }
+            }
+            Err(e) if opts.skip_bad => skipped.push((path.clone(), e)),
+            Err(e) => {
+                return Err(DataError::format(path, format!("image {i} of the folder is unreadable: {e} (set skip_bad = true to skip such files)")))
+            }
+        }
+    }
+    if pixels.is_empty() {
+        return Err(DataError::format(
+            root,
+            format!("all {} images were unreadable", files.len()),
+        ));
+    }
+    let set = ImageSet {
+        channels: opts.channels,
+        height: opts.size,
+        width: opts.size,
+        pixels,
+        labels: opts.class_per_subdir.then_some(labels),
+    };
+    Ok(FolderSet {
+        set,
+        skipped,
+        classes,
+    })
+}
