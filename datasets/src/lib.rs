@@ -7,6 +7,8 @@ pub mod cifar;
 pub mod embedded;
 pub mod error;
 pub mod folder;
+#[cfg(feature = "hdf5")]
+pub mod hdf5;
 pub mod idx;
 pub mod loader;
 pub mod npz;

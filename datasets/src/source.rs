@@ -117,9 +117,12 @@ pub fn load(
             }
             Ok(f.set)
         }
+        #[cfg(feature = "hdf5")]
+        SourceKind::Hdf5 => crate::hdf5::read_hdf5(need()?, &Default::default()),
+        #[cfg(not(feature = "hdf5"))]
         SourceKind::Hdf5 => Err(DataError::format(
             path.unwrap_or(Path::new("<none>")),
-            "the hdf5 source is not implemented yet in this version",
+            "this build has no HDF5 support: rebuild with `--features hdf5` (needs libhdf5-dev)",
         )),
     }
 }
