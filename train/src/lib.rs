@@ -1,1 +1,5 @@
-//! Training for tarflow: config, trainer loop, optimizer, checkpoints (filled by the training issue).
+//! Training for tarflow. So far: the AdamW optimizer with saveable state and the learning-rate
+//! schedule; the trainer loop, config and run directories arrive with the training issue.
+
+pub mod optim;
+pub mod schedule;
