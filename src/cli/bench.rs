@@ -14,6 +14,8 @@ enum What {
     Score,
     /// KV-cached autoregressive sampling.
     Sample,
+    /// One training step: forward, backward and AdamW (batch from --batch, e.g. 32).
+    Train,
     /// The data loader alone: 64×64 RGB images, flip + Gaussian noise, 2 workers.
     Loader,
 }
@@ -41,8 +43,10 @@ pub struct BenchArgs {
 
 /// Runs the benchmark and prints images/s.
 pub fn run(a: BenchArgs) -> Result<()> {
-    if let What::Loader = a.what {
-        return loader(&a);
+    match a.what {
+        What::Loader => return loader(&a),
+        What::Train => return train_step(&a),
+        _ => {}
     }
     let cfg: ModelConfig = match &a.model {
         Some(j) => serde_json::from_str(j)?,
@@ -73,7 +77,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let out = model.forward(&x, cond)?;
                 model.nll(&out, true)?.to_vec1::<f32>()?;
             }
-            What::Sample | What::Loader => {
+            What::Sample | What::Loader | What::Train => {
                 let opts = ReverseOptions::default();
                 let x = model.sample(a.batch, cond, 1.0, &mut seeded(1), &opts)?;
                 x.flatten_all()?.to_vec1::<f32>()?;
@@ -139,5 +143,60 @@ fn loader(a: &BenchArgs) -> Result<()> {
     let count: usize = l.epoch_from(0, 0, 2).iter().map(|b| b.shape[0]).sum();
     let secs = t0.elapsed().as_secs_f64();
     println!("Loader: {:.0} images/s ({count} images of 3×64×64 in batches of {}, flip + gaussian noise, 2 workers)", count as f64 / secs, a.batch);
+    Ok(())
+}
+
+/// Training-step time of forward + backward + AdamW on random images.
+fn train_step(a: &BenchArgs) -> Result<()> {
+    use tarflow_train::optim::{AdamW, AdamWConfig};
+    let cfg: ModelConfig = match &a.model {
+        Some(j) => serde_json::from_str(j)?,
+        None => ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
+    };
+    let device = tarflow_flows::device::select(&a.device)?;
+    let (model, varmap) =
+        Checkpoint::init(&cfg, 0, &device)?.trainable_model(&device, DType::F32)?;
+    let vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+    let s = cfg.img_size;
+    let x = uniform(
+        &mut seeded(0),
+        (a.batch, cfg.in_channels, s, s),
+        -1.0,
+        1.0,
+        &device,
+    )?;
+    let labels: Vec<i64> = (0..a.batch as i64)
+        .map(|i| i % cfg.num_classes.max(1) as i64)
+        .collect();
+    let cond = if cfg.num_classes > 0 {
+        Cond::Labels(&labels)
+    } else {
+        Cond::Null
+    };
+    let mut step = || -> Result<f32> {
+        let loss = tarflow_flows::TarFlow::loss(&model.forward(&x, cond)?)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-4)?;
+        Ok(loss.to_scalar::<f32>()?)
+    };
+    step()?;
+    let t0 = Instant::now();
+    for _ in 0..a.iters {
+        step()?;
+    }
+    let per = t0.elapsed().as_secs_f64() / a.iters as f64;
+    println!(
+        "Train: {per:.3} s/step ({:.1} images/s, batch {}, {} iters)",
+        a.batch as f64 / per,
+        a.batch,
+        a.iters
+    );
     Ok(())
 }

@@ -1,0 +1,61 @@
+//! Exponential moving average of the weights, kept in f32 beside the trained variables.
+
+use candle_core::{DType, Result, Tensor, Var};
+use std::collections::HashMap;
+
+/// EMA of named variables: `ema ← decay·ema + (1 − decay)·w` after every optimizer step.
+#[derive(Debug)]
+pub struct Ema {
+    decay: f64,
+    shadow: HashMap<String, Tensor>,
+}
+
+impl Ema {
+    /// Starts the average at the current values of `vars`.
+    pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
+        let shadow = vars
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { decay, shadow })
+    }
+
+    /// Folds the current values of `vars` into the average.
+    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        for (k, v) in vars {
+            if let Some(s) = self.shadow.get_mut(k) {
+                let w = v.as_tensor().detach().to_dtype(DType::F32)?;
+                *s = ((&*s * self.decay)? + (w * (1.0 - self.decay))?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The averaged weights by name (a checkpoint's tensors).
+    pub fn weights(&self) -> &HashMap<String, Tensor> {
+        &self.shadow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn averages_with_the_given_decay() {
+        let v = Var::from_tensor(&Tensor::new(&[0f32, 10.0], &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), v.clone())];
+        let mut ema = Ema::new(&vars, 0.9).unwrap();
+        v.set(&Tensor::new(&[10f32, 10.0], &Device::Cpu).unwrap())
+            .unwrap();
+        ema.update(&vars).unwrap();
+        ema.update(&vars).unwrap();
+        let got = ema.weights()["w"].to_vec1::<f32>().unwrap();
+        // 0 → 1 → 1.9 ; 10 stays 10.
+        assert!(
+            (got[0] - 1.9).abs() < 1e-6 && (got[1] - 10.0).abs() < 1e-6,
+            "{got:?}"
+        );
+    }
+}
