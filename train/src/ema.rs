@@ -15,7 +15,8 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
         let shadow = vars
             .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(DType::F32)?)))
+            // A deep copy: `detach` would share storage that `Var::set` overwrites in place.
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F32)?.copy()?)))
             .collect::<Result<_>>()?;
         Ok(Self { decay, shadow })
     }
