@@ -214,3 +214,46 @@ fn data_inspect_reports_the_embedded_default_and_writes_a_grid() {
         "{stderr}"
     );
 }
+
+#[test]
+fn data_inspect_reports_skipped_images_of_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = dir.path().join("g.png");
+    std::fs::create_dir(dir.path().join("imgs")).unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::copy(
+        fixture("../../datasets/tests/fixtures/val_data.npz"),
+        imgs.join("not-an-image.png"),
+    )
+    .unwrap();
+    // A real PNG: the grid the first command writes.
+    let (ok, _, stderr) = tarflow(&["data", "inspect", "--grid", grid.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    std::fs::copy(&grid, imgs.join("digits.png")).unwrap();
+    let p = imgs.to_str().unwrap();
+    let (ok, _, stderr) = tarflow(&[
+        "data", "inspect", "--source", "folder", "--path", p, "--size", "16",
+    ]);
+    assert!(
+        !ok && stderr.contains("not-an-image.png") && stderr.contains("skip_bad"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = tarflow(&[
+        "data",
+        "inspect",
+        "--source",
+        "folder",
+        "--path",
+        p,
+        "--size",
+        "16",
+        "--skip-bad",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("skipped 1 unreadable image(s)") && stderr.contains("not-an-image.png"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("\"count\":1"), "{stdout}");
+}

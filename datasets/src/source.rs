@@ -88,41 +88,37 @@ fn mnist_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     ))
 }
 
-/// Loads a whole source into memory; `folder` reads with `folder_opts` and reports skipped
-/// files on stderr.
+/// Unreadable files skipped while loading (only with `skip_bad`): path and reason.
+pub type Skipped = Vec<(PathBuf, String)>;
+
+/// Loads a whole source into memory; `folder` reads with `folder_opts`. Returns the images and
+/// the files skipped as unreadable, for the caller to report.
 pub fn load(
     kind: SourceKind,
     path: Option<&Path>,
     folder_opts: &crate::folder::FolderOptions,
-) -> Result<ImageSet> {
+) -> Result<(ImageSet, Skipped)> {
     let need =
         || path.ok_or_else(|| DataError::format("<command line>", "this source kind needs a path"));
-    match kind {
-        SourceKind::Embedded => crate::embedded::mnist10k(),
-        SourceKind::ImagenetNpz => crate::npz::read_imagenet(need()?),
-        SourceKind::Cifar10 => crate::cifar::read_cifar10(need()?),
+    let set = match kind {
+        SourceKind::Embedded => crate::embedded::mnist10k()?,
+        SourceKind::ImagenetNpz => crate::npz::read_imagenet(need()?)?,
+        SourceKind::Cifar10 => crate::cifar::read_cifar10(need()?)?,
         SourceKind::MnistIdx => {
             let (images, labels) = mnist_files(need()?)?;
-            crate::idx::read_mnist(&images, labels.as_deref())
+            crate::idx::read_mnist(&images, labels.as_deref())?
         }
         SourceKind::Folder => {
             let f = crate::folder::read_folder(need()?, folder_opts)?;
-            if !f.skipped.is_empty() {
-                eprintln!(
-                    "warning: skipped {} unreadable image(s), first: {} ({})",
-                    f.skipped.len(),
-                    f.skipped[0].0.display(),
-                    f.skipped[0].1
-                );
-            }
-            Ok(f.set)
+            return Ok((f.set, f.skipped));
         }
         #[cfg(feature = "hdf5")]
-        SourceKind::Hdf5 => crate::hdf5::read_hdf5(need()?, &Default::default()),
+        SourceKind::Hdf5 => crate::hdf5::read_hdf5(need()?, &Default::default())?,
         #[cfg(not(feature = "hdf5"))]
-        SourceKind::Hdf5 => Err(DataError::format(
+        SourceKind::Hdf5 => return Err(DataError::format(
             path.unwrap_or(Path::new("<none>")),
             "this build has no HDF5 support: rebuild with `--features hdf5` (needs libhdf5-dev)",
         )),
-    }
+    };
+    Ok((set, Vec::new()))
 }

@@ -105,7 +105,7 @@ impl MetaBlock {
     }
 
     /// Class embedding to add to every token: (N, 1, C), (1, 1, C) or none.
-    fn class_cond(&self, cond: Cond, device: &Device) -> Result<Option<Tensor>> {
+    pub fn class_cond(&self, cond: Cond, device: &Device) -> Result<Option<Tensor>> {
         let Some(table) = &self.class_embed else {
             return Ok(None);
         };
@@ -203,11 +203,6 @@ impl MetaBlock {
             h = layer.step(&h, cache, attn_temp)?;
         }
         self.split(&self.proj_out.forward(&h)?)
-    }
-
-    /// Class embedding used by the inverse pass (see [`Cond`]).
-    pub fn reverse_cond(&self, cond: Cond, device: &Device) -> Result<Option<Tensor>> {
-        self.class_cond(cond, device)
     }
 }
 

@@ -219,28 +219,29 @@ impl TarFlow {
         Ok((mse - &out.logdets)?)
     }
 
+    /// `−log N(z; 0, I)` per image (N) in nats, plus `n·ln 128` when `discrete`.
+    fn prior_nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
+        let n = self.cfg.dims_per_image() as f64;
+        let constant = n * (0.5 * LN_2PI + if discrete { LN_128 } else { 0.0 });
+        let half_sq = (out.z.to_dtype(DType::F32)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?;
+        Ok((half_sq + constant)?)
+    }
+
     /// Exact negative log-likelihood per image in nats (N):
     /// `½Σz² + ½n·ln 2π − n·Σ_k logdet_k`, plus `n·ln 128` when `discrete` (8-bit bins of width 2/256).
     pub fn nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let n = self.cfg.dims_per_image() as f64;
-        let constant = 0.5 * n * LN_2PI + if discrete { n * LN_128 } else { 0.0 };
-        let prior =
-            ((out.z.to_dtype(DType::F32)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + constant)?;
-        Ok((prior - (out.logdets.to_dtype(DType::F32)? * n)?)?)
+        Ok((self.prior_nll(out, discrete)? - (out.logdets.to_dtype(DType::F32)? * n)?)?)
     }
 
     /// Bits per dimension of 8-bit images (N): discrete NLL / (n·ln 2).
     pub fn bits_per_dim(&self, out: &FlowOutput, convention: BpdConvention) -> Result<Tensor> {
-        let n_true = self.cfg.dims_per_image() as f64;
         let n = match convention {
-            BpdConvention::TrueDims => n_true,
-            BpdConvention::Reference => (3 * self.cfg.img_size * self.cfg.img_size) as f64,
-        };
-        // evaluate_bpd.py: (−log p_prior)/n − logdets, where log p_prior uses the true T·D.
-        let z = out.z.to_dtype(DType::F32)?;
-        let prior =
-            ((z.sqr()?.flatten_from(1)?.sum(1)? * 0.5)? + n_true * (0.5 * LN_2PI + LN_128))?;
-        let nll = ((prior / n)? - out.logdets.to_dtype(DType::F32)?)?;
+            BpdConvention::TrueDims => self.cfg.dims_per_image(),
+            BpdConvention::Reference => 3 * self.cfg.img_size * self.cfg.img_size,
+        } as f64;
+        // evaluate_bpd.py: (−log p_prior)/n − logdets, where log p_prior uses the true C·H·W.
+        let nll = ((self.prior_nll(out, true)? / n)? - out.logdets.to_dtype(DType::F32)?)?;
         Ok((nll / std::f64::consts::LN_2)?)
     }
 
@@ -322,9 +323,9 @@ impl TarFlow {
             .map(|i| x.narrow(1, i, 1))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let guided = opts.guidance > 0.0;
-        let cls = block.reverse_cond(cond, &self.device)?;
+        let cls = block.class_cond(cond, &self.device)?;
         let cls_u = if guided {
-            block.reverse_cond(Cond::Null, &self.device)?
+            block.class_cond(Cond::Null, &self.device)?
         } else {
             None
         };

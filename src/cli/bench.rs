@@ -1,11 +1,15 @@
 //! `tarflow bench`: throughput figures (never asserted in tests).
 
-use anyhow::Result;
-use candle_core::DType;
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
+use std::sync::Arc;
 use std::time::Instant;
+use tarflow_datasets::loader::Loader;
+use tarflow_datasets::transform::{Noise, Transform};
 use tarflow_flows::rng::{seeded, uniform};
-use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions};
+use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions, TarFlow};
+use tarflow_train::optim::{AdamW, AdamWConfig};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -41,91 +45,126 @@ pub struct BenchArgs {
     device: String,
 }
 
-/// Runs the benchmark and prints images/s.
-pub fn run(a: BenchArgs) -> Result<()> {
-    match a.what {
-        What::Loader => return loader(&a),
-        What::Train => return train_step(&a),
-        _ => {}
+/// The model config, device, a batch of random images and labels cycling through the classes.
+struct Setup {
+    cfg: ModelConfig,
+    device: Device,
+    x: Tensor,
+    labels: Vec<i64>,
+}
+
+impl Setup {
+    fn new(a: &BenchArgs) -> Result<Self> {
+        let cfg: ModelConfig = match &a.model {
+            Some(j) => serde_json::from_str(j)?,
+            None => ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
+        };
+        let device = tarflow_flows::device::select(&a.device)?;
+        let s = cfg.img_size;
+        let x = uniform(
+            &mut seeded(0),
+            (a.batch, cfg.in_channels, s, s),
+            -1.0,
+            1.0,
+            &device,
+        )?;
+        let labels = (0..a.batch as i64)
+            .map(|i| i % cfg.num_classes.max(1) as i64)
+            .collect();
+        Ok(Self {
+            cfg,
+            device,
+            x,
+            labels,
+        })
     }
-    let cfg: ModelConfig = match &a.model {
-        Some(j) => serde_json::from_str(j)?,
-        None => ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
-    };
-    let device = tarflow_flows::device::select(&a.device)?;
-    let model = Checkpoint::init(&cfg, 0, &device)?.model(&device, DType::F32)?;
-    let mut rng = seeded(0);
-    let s = cfg.img_size;
-    let x = uniform(
-        &mut rng,
-        (a.batch, cfg.in_channels, s, s),
-        -1.0,
-        1.0,
-        &device,
-    )?;
-    let labels: Vec<i64> = (0..a.batch as i64)
-        .map(|i| i % cfg.num_classes.max(1) as i64)
-        .collect();
-    let cond = if cfg.num_classes > 0 {
-        Cond::Labels(&labels)
-    } else {
-        Cond::Null
-    };
-    let step = || -> Result<()> {
-        match a.what {
-            What::Score => {
-                let out = model.forward(&x, cond)?;
-                model.nll(&out, true)?.to_vec1::<f32>()?;
-            }
-            What::Sample | What::Loader | What::Train => {
-                let opts = ReverseOptions::default();
-                let x = model.sample(a.batch, cond, 1.0, &mut seeded(1), &opts)?;
-                x.flatten_all()?.to_vec1::<f32>()?;
-            }
+
+    fn cond(&self) -> Cond<'_> {
+        if self.cfg.num_classes > 0 {
+            Cond::Labels(&self.labels)
+        } else {
+            Cond::Null
         }
-        Ok(())
-    };
+    }
+}
+
+/// Runs `step` once to warm up, then `iters` times; returns seconds per iteration.
+fn time(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
     step()?;
     let t0 = Instant::now();
-    for _ in 0..a.iters {
+    for _ in 0..iters.max(1) {
         step()?;
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let ips = (a.iters * a.batch) as f64 / secs;
+    Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Runs the benchmark and prints images/s.
+pub fn run(a: BenchArgs) -> Result<()> {
+    if let What::Loader = a.what {
+        return loader(&a);
+    }
+    let su = Setup::new(&a)?;
+    let cond = su.cond();
+    let per = match a.what {
+        What::Score | What::Sample => {
+            let model = Checkpoint::init(&su.cfg, 0, &su.device)?.model(&su.device, DType::F32)?;
+            time(a.iters, || {
+                if let What::Score = a.what {
+                    model
+                        .nll(&model.forward(&su.x, cond)?, true)?
+                        .to_vec1::<f32>()?;
+                } else {
+                    let opts = ReverseOptions::default();
+                    let x = model.sample(a.batch, cond, 1.0, &mut seeded(1), &opts)?;
+                    x.flatten_all()?.to_vec1::<f32>()?;
+                }
+                Ok(())
+            })?
+        }
+        What::Train => {
+            let ckpt = Checkpoint::init(&su.cfg, 0, &su.device)?;
+            let (model, varmap) = ckpt.trainable_model(&su.device, DType::F32)?;
+            let vars: Vec<(String, Var)> = varmap
+                .data()
+                .lock()
+                .map_err(|_| anyhow!("variable map lock poisoned"))?
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+            time(a.iters, || {
+                let loss = TarFlow::loss(&model.forward(&su.x, cond)?)?;
+                opt.step(&loss.backward()?, 1e-4)?;
+                Ok(())
+            })?
+        }
+        What::Loader => unreachable!("handled above"),
+    };
+    let c = &su.cfg;
     println!(
-        "{:?}: {:.1} images/s ({} iters × batch {}, {:.3} s/iter, model {}×{}×{} p{} C{} K{} L{})",
+        "{:?}: {:.1} images/s ({:.3} s/iter, {} iters × batch {}, model {}×{}×{} p{} C{} K{} L{})",
         a.what,
-        ips,
+        a.batch as f64 / per,
+        per,
         a.iters,
         a.batch,
-        secs / a.iters as f64,
-        cfg.in_channels,
-        s,
-        s,
-        cfg.patch_size,
-        cfg.channels,
-        cfg.num_blocks,
-        cfg.block_layers(0)
+        c.in_channels,
+        c.img_size,
+        c.img_size,
+        c.patch_size,
+        c.channels,
+        c.num_blocks,
+        c.block_layers(0)
     );
     Ok(())
 }
 
 /// Loader throughput on synthetic 64×64 RGB images (the downsampled-ImageNet shape).
 fn loader(a: &BenchArgs) -> Result<()> {
-    use std::sync::Arc;
-    use tarflow_datasets::loader::Loader;
-    use tarflow_datasets::transform::{Noise, Transform};
     let n = a.batch * a.iters.max(1);
-    let mut rng = seeded(0);
-    let pixels = uniform(
-        &mut rng,
-        n * 3 * 64 * 64,
-        0.0,
-        255.0,
-        &candle_core::Device::Cpu,
-    )?
-    .to_dtype(DType::U8)?
-    .to_vec1::<u8>()?;
+    let pixels = uniform(&mut seeded(0), n * 3 * 64 * 64, 0.0, 255.0, &Device::Cpu)?
+        .to_dtype(DType::U8)?
+        .to_vec1::<u8>()?;
     let set = Arc::new(tarflow_datasets::ImageSet {
         channels: 3,
         height: 64,
@@ -142,61 +181,10 @@ fn loader(a: &BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let count: usize = l.epoch_from(0, 0, 2).iter().map(|b| b.shape[0]).sum();
     let secs = t0.elapsed().as_secs_f64();
-    println!("Loader: {:.0} images/s ({count} images of 3×64×64 in batches of {}, flip + gaussian noise, 2 workers)", count as f64 / secs, a.batch);
-    Ok(())
-}
-
-/// Training-step time of forward + backward + AdamW on random images.
-fn train_step(a: &BenchArgs) -> Result<()> {
-    use tarflow_train::optim::{AdamW, AdamWConfig};
-    let cfg: ModelConfig = match &a.model {
-        Some(j) => serde_json::from_str(j)?,
-        None => ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
-    };
-    let device = tarflow_flows::device::select(&a.device)?;
-    let (model, varmap) =
-        Checkpoint::init(&cfg, 0, &device)?.trainable_model(&device, DType::F32)?;
-    let vars: Vec<(String, candle_core::Var)> = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
-    let s = cfg.img_size;
-    let x = uniform(
-        &mut seeded(0),
-        (a.batch, cfg.in_channels, s, s),
-        -1.0,
-        1.0,
-        &device,
-    )?;
-    let labels: Vec<i64> = (0..a.batch as i64)
-        .map(|i| i % cfg.num_classes.max(1) as i64)
-        .collect();
-    let cond = if cfg.num_classes > 0 {
-        Cond::Labels(&labels)
-    } else {
-        Cond::Null
-    };
-    let mut step = || -> Result<f32> {
-        let loss = tarflow_flows::TarFlow::loss(&model.forward(&x, cond)?)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, 1e-4)?;
-        Ok(loss.to_scalar::<f32>()?)
-    };
-    step()?;
-    let t0 = Instant::now();
-    for _ in 0..a.iters {
-        step()?;
-    }
-    let per = t0.elapsed().as_secs_f64() / a.iters as f64;
     println!(
-        "Train: {per:.3} s/step ({:.1} images/s, batch {}, {} iters)",
-        a.batch as f64 / per,
-        a.batch,
-        a.iters
+        "Loader: {:.0} images/s ({count} images of 3×64×64 in batches of {}, flip + gaussian noise, 2 workers)",
+        count as f64 / secs,
+        a.batch
     );
     Ok(())
 }

@@ -57,7 +57,14 @@ fn inspect(a: InspectArgs) -> Result<()> {
         class_per_subdir: a.classes,
         skip_bad: a.skip_bad,
     };
-    let set = source::load(kind, a.path.as_deref(), &folder)?;
+    let (set, skipped) = source::load(kind, a.path.as_deref(), &folder)?;
+    if let Some((first, why)) = skipped.first() {
+        eprintln!(
+            "warning: skipped {} unreadable image(s); first: {} ({why})",
+            skipped.len(),
+            first.display()
+        );
+    }
     let labels = set.labels.as_deref().unwrap_or(&[]);
     let (lmin, lmax) = (labels.iter().min().copied(), labels.iter().max().copied());
     if a.json {
