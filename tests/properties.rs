@@ -180,7 +180,7 @@ fn every_parameter_receives_a_gradient() {
 }
 
 #[test]
-fn guidance_changes_the_sample_and_annealing_is_between() {
+fn guidance_changes_the_sample_and_attn_temp_alone_does_not() {
     let cfg = ModelConfig::new(3, 8, 4, 64, 2, 1, 4);
     let m = random_checkpoint(&cfg, 19)
         .model(&Device::Cpu, DType::F32)
