@@ -90,6 +90,12 @@ impl Loader {
         )
     }
 
+    /// The same images with another transform (validation: no flip, no label drop, dequantised).
+    pub fn with_transform(mut self, transform: Transform) -> Self {
+        self.transform = transform;
+        self
+    }
+
     /// Full batches per epoch (drop-last).
     pub fn batches_per_epoch(&self) -> usize {
         self.indices.len() / self.batch_size

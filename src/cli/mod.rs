@@ -4,6 +4,7 @@ mod bench;
 mod data;
 mod import;
 mod info;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ enum Command {
     /// Inspect datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train a model from a TOML config (or resume a run).
+    Train(train::TrainArgs),
     /// Measure scoring or sampling throughput.
     Bench(bench::BenchArgs),
 }
@@ -33,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Import(a) => import::run(a),
+        Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Data(c) => data::run(c),
     }

@@ -15,18 +15,44 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
         let shadow = vars
             .iter()
-            // A deep copy: `detach` would share storage that `Var::set` overwrites in place.
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F32)?.copy()?)))
+            // Detached (else every average links to the last through the autograd graph and
+            // nothing is ever freed) and copied (`detach` shares the storage `Var::set` overwrites).
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    v.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { decay, shadow })
     }
 
     /// Folds the current values of `vars` into the average.
     pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        self.update_with(vars, self.decay)
+    }
+
+    /// The configured decay.
+    pub fn decay(&self) -> f64 {
+        self.decay
+    }
+
+    /// Replaces the average by saved weights (resume).
+    pub fn load(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
+        for (k, s) in self.shadow.iter_mut() {
+            if let Some(w) = weights.get(k) {
+                *s = w.detach().to_dtype(DType::F32)?.copy()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds `vars` in with an explicit `decay` (a warm-up ramp early in training).
+    pub fn update_with(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
         for (k, v) in vars {
             if let Some(s) = self.shadow.get_mut(k) {
                 let w = v.as_tensor().detach().to_dtype(DType::F32)?;
-                *s = ((&*s * self.decay)? + (w * (1.0 - self.decay))?)?;
+                *s = ((&*s * decay)? + (w * (1.0 - decay))?)?.detach();
             }
         }
         Ok(())
@@ -58,5 +84,16 @@ mod tests {
             (got[0] - 1.9).abs() < 1e-6 && (got[1] - 10.0).abs() < 1e-6,
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn the_average_holds_no_autograd_history() {
+        // A tracked average links to every previous one: memory grew ~2 MB a step.
+        let v = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), v)];
+        let mut ema = Ema::new(&vars, 0.9).unwrap();
+        assert!(!ema.weights()["w"].track_op());
+        ema.update(&vars).unwrap();
+        assert!(!ema.weights()["w"].track_op());
     }
 }

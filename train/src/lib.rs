@@ -1,6 +1,19 @@
-//! Training for tarflow. So far: the AdamW optimizer with saveable state and the learning-rate
-//! schedule; the trainer loop, config and run directories arrive with the training issue.
+//! tarflow-train: the training loop and everything it keeps.
+//!
+//! Read in order: [`config`] (the TOML file) → [`trainer`] (the loop) → [`optim`], [`schedule`],
+//! [`ema`] (one update) → [`rundir`] (checkpoints and resume) → [`metrics`], [`plot`] (what a run
+//! shows).
 
+pub mod config;
 pub mod ema;
+pub mod error;
+pub mod metrics;
 pub mod optim;
+pub mod plot;
+pub mod rundir;
 pub mod schedule;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+pub use trainer::{Event, Outcome, Summary, Trainer};

@@ -35,6 +35,8 @@ pub struct AdamW {
     vars: Vec<(String, Var)>,
     m: HashMap<String, Tensor>,
     v: HashMap<String, Tensor>,
+    /// f32 master copies of variables held in a lower precision (bf16 training).
+    master: HashMap<String, Tensor>,
     step: u64,
 }
 
@@ -44,18 +46,51 @@ impl AdamW {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut m = HashMap::new();
         let mut v = HashMap::new();
+        let mut master = HashMap::new();
         for (name, var) in &vars {
             let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
             m.insert(name.clone(), z.clone());
             v.insert(name.clone(), z);
+            if var.dtype() != DType::F32 {
+                // Updates of size lr·1e-4 vanish when rounded to bf16: accumulate them in f32.
+                master.insert(
+                    name.clone(),
+                    var.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
+                );
+            }
         }
         Ok(Self {
             cfg,
             vars,
             m,
             v,
+            master,
             step: 0,
         })
+    }
+
+    /// Replaces the f32 master copies of low-precision variables by exact saved weights (resume).
+    pub fn set_master(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, w) in self.master.iter_mut() {
+            if let Some(t) = weights.get(name) {
+                *w = t.detach().to_dtype(DType::F32)?.copy()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The current weights in f32 by name (master copies where the variables are low-precision).
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        self.vars
+            .iter()
+            .map(|(k, v)| {
+                let t = match self.master.get(k) {
+                    Some(m) => m.clone(),
+                    None => v.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
+                };
+                Ok((k.clone(), t))
+            })
+            .collect()
     }
 
     /// Optimizer steps taken so far.
@@ -73,13 +108,21 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
+            // Detached: a gradient tensor links back to the whole forward graph, which the
+            // moments would otherwise keep alive step after step.
+            let g = g.detach().to_dtype(DType::F32)?;
             let m = ((&self.m[name] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let p = var.as_tensor().to_dtype(DType::F32)?;
+            let p = match self.master.get(name) {
+                Some(w) => w.clone(),
+                None => var.as_tensor().detach().to_dtype(DType::F32)?,
+            };
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let p = ((p * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
             var.set(&p.to_dtype(var.dtype())?)?;
+            if self.master.contains_key(name) {
+                self.master.insert(name.clone(), p);
+            }
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
         }

@@ -1,0 +1,166 @@
+//! `tarflow train`: runs or resumes a training run with a live progress bar.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tarflow_train::trainer::loss_to_bpd;
+use tarflow_train::{Event, Outcome, TrainConfig, Trainer};
+
+/// Arguments of `tarflow train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Config file, or a bare name looked up as `experiments/NAME.toml`.
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    config: Option<String>,
+    /// Continue the run in this directory from its `latest` checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.max_steps=2000` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
+    /// cpu, cuda, metal or auto (overrides train.device).
+    #[arg(long)]
+    device: Option<String>,
+    /// Only check the config and the data, then stop.
+    #[arg(long)]
+    check: bool,
+}
+
+/// Runs `tarflow train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut sets = a.sets.clone();
+    if let Some(d) = &a.device {
+        sets.push(format!("train.device={d}"));
+    }
+    let (mut trainer, warnings) = match (&a.config, &a.resume) {
+        (_, Some(dir)) => Trainer::resume(dir, &sets)?,
+        (Some(c), None) => {
+            let cfg = TrainConfig::load(c, &sets)?;
+            if a.check {
+                println!("config {c}: ok");
+                return Ok(());
+            }
+            Trainer::start(cfg)?
+        }
+        (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
+    };
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // First Ctrl-C: finish the step, write a checkpoint, exit. Second: exit at once.
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)"
+            );
+        })?;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::new(trainer.max_steps());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg} ETA {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    // A hidden bar (no terminal: CI, nohup) drops its println, so print straight to stderr.
+    let say = |m: String| {
+        if tty {
+            bar.println(m)
+        } else {
+            eprintln!("{m}")
+        }
+    };
+    let mut smooth: Option<f64> = None;
+    let mut last_ips = 0.0;
+    let mut on = |ev: Event| match ev {
+        Event::Start {
+            step,
+            max_steps,
+            train_images,
+            val_images,
+            params,
+        } => {
+            bar.set_position(step);
+            say(format!(
+                "training {params} parameters on {train_images} images ({val_images} held out), \
+                 steps {step}→{max_steps}"
+            ));
+        }
+        Event::Step {
+            step,
+            epoch,
+            loss,
+            lr,
+        } => {
+            let s = smooth.map_or(loss, |m| 0.9 * m + 0.1 * loss);
+            smooth = Some(s);
+            bar.set_position(step);
+            bar.set_message(format!(
+                "ep {epoch:.2} loss {s:.4} bpd {:.3} lr {lr:.2e} {last_ips:.0} img/s",
+                loss_to_bpd(s)
+            ));
+        }
+        Event::Log(r) => {
+            last_ips = r.images_per_s.unwrap_or(0.0);
+            if !tty {
+                eprintln!(
+                    "step {} epoch {:.2} loss {:.4} bpd {:.3} lr {:.2e} {:.0} img/s",
+                    r.step,
+                    r.epoch,
+                    r.loss.unwrap_or(f64::NAN),
+                    r.bpd.unwrap_or(f64::NAN),
+                    r.lr.unwrap_or(f64::NAN),
+                    last_ips
+                );
+            }
+        }
+        Event::Eval(r) => say(format!(
+            "step {}: validation {:.4} bits/dim{}",
+            r.step,
+            r.val_bpd.unwrap_or(f64::NAN),
+            r.val_bpd_ema
+                .map(|v| format!(" (EMA {v:.4})"))
+                .unwrap_or_default()
+        )),
+        Event::Samples(p) => say(format!("samples: {}", p.display())),
+        Event::Checkpoint(p) => say(format!("checkpoint: {}", p.display())),
+        Event::Warning(w) => say(format!("warning: {w}")),
+    };
+    let result = trainer.run(&stop, &mut on);
+    bar.finish_and_clear();
+    let s = result?;
+    let run = s.run_dir.display();
+    println!(
+        "{} at step {} after {:.1} s; last loss {}; validation bits/dim {}{}",
+        match s.outcome {
+            Outcome::Finished => "finished",
+            Outcome::Interrupted => "interrupted",
+        },
+        s.step,
+        s.elapsed_s,
+        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.val_bpd.map_or("-".into(), |v| format!("{v:.4}")),
+        s.val_bpd_ema
+            .map(|v| format!(" (EMA {v:.4})"))
+            .unwrap_or_default()
+    );
+    if let Some(c) = &s.checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    println!("run: {run} (metrics.jsonl, plots/, samples/)");
+    if s.outcome == Outcome::Interrupted {
+        println!("resume with: tarflow train --resume {run}");
+        std::process::exit(130);
+    }
+    Ok(())
+}

@@ -1,0 +1,380 @@
+//! `tarflow train` end to end: the loss goes down, resume is exact, kills never corrupt a
+//! checkpoint, Ctrl-C checkpoints, and bad configs name the key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tarflow::train::metrics::{read, Record};
+use tarflow::train::rundir::RunDir;
+
+/// A tiny conditional model on the embedded digits: a step takes milliseconds.
+const TINY: &str = r#"
+[model]
+in_channels = 1
+img_size = 28
+patch_size = 7
+channels = 64
+num_blocks = 2
+layers_per_block = 1
+num_classes = 10
+
+[data]
+source = "embedded"
+val_count = 64
+noise_std = 0.1
+label_drop = 0.1
+
+[optim]
+lr = 3e-3
+min_lr = 1e-5
+warmup_steps = 2
+ema_decay = 0.99
+grad_clip = 5.0
+
+[train]
+max_steps = 24
+batch_size = 16
+log_every = 1
+checkpoint_every = 8
+
+[eval]
+every = 12
+batches = 2
+sample_every = 12
+num_samples = 4
+"#;
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    write_named(dir, "tiny.toml", text)
+}
+
+fn write_named(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn tarflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tarflow"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn train(cfg: &Path, out: &Path, sets: &[&str]) -> Output {
+    let out_set = format!("output.dir={}", out.display());
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &out_set,
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    tarflow(&args)
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    read(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r: &Record| r.loss.map(|l| (r.step, l)))
+        .collect()
+}
+
+#[test]
+fn a_tiny_run_lowers_the_loss_and_writes_its_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let o = train(&cfg, dir.path(), &["train.keep_checkpoints=2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("tiny");
+    let l = losses(&run);
+    assert_eq!(l.len(), 24, "one log line per step");
+    let first: f64 = l[..4].iter().map(|x| x.1).sum::<f64>() / 4.0;
+    let last: f64 = l[20..].iter().map(|x| x.1).sum::<f64>() / 4.0;
+    assert!(last < first - 0.1, "loss {first} → {last}");
+    let val: Vec<f64> = read(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.val_bpd)
+        .collect();
+    assert_eq!(val.len(), 2, "validation at steps 12 and 24");
+    assert!(val[1] < val[0] && val[1] > 0.0 && val[1] < 9.0, "{val:?}");
+    for f in [
+        "config.toml",
+        "latest",
+        "plots/loss.png",
+        "plots/bpd.png",
+        "samples/step-0000012.png",
+        "samples/step-0000024.png",
+        "checkpoints/step-0000024/ema.safetensors",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    // Only the newest two checkpoints are kept; the last one is a usable model.
+    assert!(!run.join("checkpoints/step-0000008").exists());
+    let ck = tarflow::Checkpoint::load(
+        run.join("checkpoints/step-0000024/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ck.config.num_classes, 10);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("finished at step 24") && out.contains("validation bits/dim"),
+        "{out}"
+    );
+    // Starting again over the same run is refused instead of overwriting it.
+    let o = train(&cfg, dir.path(), &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("--resume"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    // Both runs share the schedule of a 16-step run (optim.decay_steps).
+    let common = [
+        "train.checkpoint_every=4",
+        "optim.decay_steps=16",
+        "eval.every=0",
+    ];
+    let mut full = common.to_vec();
+    full.extend(["train.max_steps=16", "output.name=full"]);
+    let o = train(&cfg, dir.path(), &full);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut half = common.to_vec();
+    half.extend(["train.max_steps=8", "output.name=half"]);
+    let o = train(&cfg, dir.path(), &half);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("half");
+    let o = tarflow(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--set",
+        "train.max_steps=16",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let a = losses(&dir.path().join("full"));
+    let b = losses(&run);
+    assert_eq!(a.len(), 16);
+    assert_eq!(a, b, "per-step losses differ after resume");
+    // The weights, EMA and optimizer moments end bit-identical too.
+    let dev = candle_core::Device::Cpu;
+    for f in ["model", "ema", "optimizer"] {
+        let p = format!("checkpoints/step-0000016/{f}.safetensors");
+        let x = candle_core::safetensors::load(dir.path().join("full").join(&p), &dev).unwrap();
+        let y = candle_core::safetensors::load(run.join(&p), &dev).unwrap();
+        assert_eq!(x.len(), y.len());
+        for (k, a) in &x {
+            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(a == b, "{f}: {k} differs");
+        }
+    }
+}
+
+#[test]
+fn a_kill_at_any_moment_leaves_a_loadable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let run = dir.path().join("tiny");
+    let out_set = format!("output.dir={}", dir.path().display());
+    // Checkpoint at every step so that most kills land inside a checkpoint write.
+    for (i, delay_ms) in [900u64, 1300, 1700, 2100, 2600].iter().enumerate() {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tarflow"));
+        cmd.env("RAYON_NUM_THREADS", "1");
+        if i == 0 || RunDir::new(&run).latest().unwrap().is_none() {
+            let _ = std::fs::remove_dir_all(&run);
+            cmd.args([
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--set",
+                &out_set,
+            ]);
+        } else {
+            cmd.args(["train", "--resume", run.to_str().unwrap()]);
+        }
+        cmd.args([
+            "--set",
+            "train.checkpoint_every=1",
+            "--set",
+            "train.max_steps=100000",
+        ]);
+        cmd.args(["--set", "eval.every=0", "--set", "eval.sample_every=0"]);
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let kills = i + 1;
+        if let Some(latest) = RunDir::new(&run).latest().unwrap() {
+            let r = RunDir::load_checkpoint(&latest, &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("after kill {kills}: {e}"));
+            assert!(r.state.step >= 1);
+        }
+    }
+    let latest = RunDir::new(&run)
+        .latest()
+        .unwrap()
+        .expect("some checkpoint was written");
+    assert!(RunDir::load_checkpoint(&latest, &candle_core::Device::Cpu).is_ok());
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let out_set = format!("output.dir={}", dir.path().display());
+    let child = Command::new(env!("CARGO_BIN_EXE_tarflow"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            &out_set,
+        ])
+        .args([
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.checkpoint_every=100000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(text(&o).contains("resume with"), "{}", text(&o));
+    let run = dir.path().join("tiny");
+    let latest = RunDir::new(&run).latest().unwrap().expect("a checkpoint");
+    let r = RunDir::load_checkpoint(&latest, &candle_core::Device::Cpu).unwrap();
+    assert!(r.state.step >= 1);
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let o = train(
+        &cfg,
+        dir.path(),
+        &[
+            "optim.lr=1e4",
+            "optim.grad_clip=0",
+            "optim.warmup_steps=0",
+            "train.checkpoint_every=1",
+        ],
+    );
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("error: step ") && t.contains("stopped"), "{t}");
+    let run = dir.path().join("tiny");
+    if let Some(latest) = RunDir::new(&run).latest().unwrap() {
+        assert!(t.contains("last good checkpoint"), "{t}");
+        RunDir::load_checkpoint(&latest, &candle_core::Device::Cpu).unwrap();
+    }
+}
+
+#[test]
+fn config_errors_name_the_key_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let o = train(&cfg, dir.path(), &["train.max_stepz=3"]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("max_stepz") && t.contains("max_steps"),
+        "{t}"
+    );
+    let o = train(&cfg, dir.path(), &["data.noise=salt"]);
+    let t = text(&o);
+    assert!(t.contains("salt") && t.contains("gaussian"), "{t}");
+    let bad = write_named(
+        dir.path(),
+        "bad.toml",
+        &TINY.replace("[optim]", "[optim]\nlearning_rate = 1"),
+    );
+    let o = train(&bad, dir.path(), &[]);
+    let t = text(&o);
+    assert!(t.contains("learning_rate") && t.contains("bad.toml"), "{t}");
+    assert!(t.contains("line 18") && t.contains("`lr`"), "{t}");
+    // The model must fit the data.
+    let o = train(
+        &cfg,
+        dir.path(),
+        &["model.img_size=32", "model.patch_size=8"],
+    );
+    let t = text(&o);
+    assert!(t.contains("img_size") && t.contains("1×28×28"), "{t}");
+    assert!(!dir.path().join("tiny/checkpoints").exists() || !o.status.success());
+    // An output directory that cannot be created is named.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let o = train(&cfg, &file, &[]);
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("a-file"), "{t}");
+    // A bare name is looked up in experiments/.
+    let o = tarflow(&["train", "--config", "quickstart", "--check"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn bf16_training_runs_with_f32_master_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let o = train(
+        &cfg,
+        dir.path(),
+        &["train.dtype=bf16", "train.max_steps=8", "eval.every=0"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let l = losses(&dir.path().join("tiny"));
+    assert_eq!(l.len(), 8);
+    assert!(
+        l.iter().all(|x| x.1.is_finite()) && l[7].1 < l[0].1,
+        "{l:?}"
+    );
+}
+
+#[test]
+fn every_shipped_experiment_config_is_valid() {
+    let mut n = 0;
+    for e in std::fs::read_dir("experiments").unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            tarflow::train::TrainConfig::load(p.to_str().unwrap(), &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "{n} configs");
+}

@@ -1,0 +1,75 @@
+//! Errors of the training crate: each names the file, key or step at fault.
+
+use std::path::PathBuf;
+
+/// Everything that can stop a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The config is invalid; the message names the key and the allowed values.
+    #[error("config {origin}: {msg}")]
+    Config {
+        /// The file (or `--set` override) at fault.
+        origin: String,
+        /// What was wrong and what was expected.
+        msg: String,
+    },
+    /// A file-system operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory at fault.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The loss became NaN or infinite.
+    #[error("step {step}: the loss is {loss}; stopped. {last_good}")]
+    NonFinite {
+        /// The optimizer step (1-based) whose loss was not finite.
+        step: u64,
+        /// The value seen.
+        loss: f64,
+        /// Where the last good checkpoint is.
+        last_good: String,
+    },
+    /// A run directory's content is missing or inconsistent.
+    #[error("run {}: {msg}", path.display())]
+    Run {
+        /// The run directory or file at fault.
+        path: PathBuf,
+        /// What was wrong.
+        msg: String,
+    },
+    /// The model or a checkpoint failed.
+    #[error(transparent)]
+    Flow(#[from] tarflow_flows::FlowError),
+    /// A data source failed.
+    #[error(transparent)]
+    Data(#[from] tarflow_datasets::DataError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A sample grid could not be written.
+    #[error(transparent)]
+    Grid(#[from] tarflow_sample::grid::GridError),
+}
+
+/// Result alias of the training crate.
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+impl TrainError {
+    /// A [`TrainError::Config`] from `origin` (file or override).
+    pub fn config(origin: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self::Config {
+            origin: origin.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A [`TrainError::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `metrics.jsonl`: one JSON object per log step (training) or evaluation (validation).
+
+use crate::error::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One line of `metrics.jsonl`; training lines carry the loss, evaluation lines `val_bpd`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Fractional epoch (images seen / training images).
+    pub epoch: f64,
+    /// Mean training loss (per-dimension nats, ml-tarflow's) over the log window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// The same loss as bits/dim of 8-bit data (noisy-input bound, not the validation figure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpd: Option<f64>,
+    /// Learning rate of the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Mean global gradient norm before clipping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// Training throughput over the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_per_s: Option<f64>,
+    /// Wall-clock training seconds so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_s: Option<f64>,
+    /// Held-out bits/dim (uniform dequantisation) of the trained weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_bpd: Option<f64>,
+    /// Held-out bits/dim of the EMA weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_bpd_ema: Option<f64>,
+}
+
+/// Appends records to a run's `metrics.jsonl`.
+#[derive(Debug)]
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+/// Reads every record of a `metrics.jsonl`; a bad line is an error naming its number.
+pub fn read(path: &Path) -> Result<Vec<Record>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io(path, e)),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(r) => out.push(r),
+            // A crash can cut the last line short; anything else is corruption.
+            Err(_) if i + 1 == text.lines().count() => break,
+            Err(e) => {
+                return Err(TrainError::Run {
+                    path: path.into(),
+                    msg: format!("line {}: {e}", i + 1),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl MetricsLog {
+    /// Opens `path` for appending, first dropping records after `keep_until` (the steps a
+    /// resumed run will redo) so the file never holds a step twice.
+    pub fn open(path: &Path, keep_until: Option<u64>) -> Result<(Self, Vec<Record>)> {
+        let mut records = read(path)?;
+        if let Some(s) = keep_until {
+            records.retain(|r| r.step <= s);
+        }
+        let mut text = String::new();
+        for r in &records {
+            text.push_str(&Self::line(path, r)?);
+        }
+        tarflow_flows::checkpoint::write_atomic(path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| TrainError::io(path, e))?;
+        Ok((
+            Self {
+                path: path.into(),
+                file,
+            },
+            records,
+        ))
+    }
+
+    fn line(path: &Path, r: &Record) -> Result<String> {
+        let mut s = serde_json::to_string(r).map_err(|e| TrainError::Run {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        s.push('\n');
+        Ok(s)
+    }
+
+    /// Appends one record.
+    pub fn push(&mut self, r: &Record) -> Result<()> {
+        let line = Self::line(&self.path, r)?;
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .map_err(|e| TrainError::io(&self.path, e))
+    }
+}

@@ -1,0 +1,793 @@
+//! The training loop: data → forward → loss → backward (accumulated, clipped) → AdamW → EMA,
+//! with logging, validation, sample grids, plots and atomic checkpoints in a run directory.
+//!
+//! Everything random derives from `train.seed` and the step count (initial weights, data order,
+//! augmentation and noise per (epoch, batch), sample noise), so a resumed run continues the
+//! uninterrupted one exactly on CPU.
+
+use crate::config::{NoiseKind, TrainConfig};
+use crate::ema::Ema;
+use crate::error::{Result, TrainError};
+use crate::metrics::{MetricsLog, Record};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::rundir::{RunDir, TrainState};
+use crate::schedule::WarmupCosine;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+use tarflow_datasets::folder::FolderOptions;
+use tarflow_datasets::loader::{Batch, Loader};
+use tarflow_datasets::transform::{Noise, Transform};
+use tarflow_datasets::ImageSet;
+use tarflow_flows::rng::seeded;
+use tarflow_flows::{BpdConvention, Checkpoint, Cond, ReverseOptions, TarFlow};
+
+/// What the loop reports as it goes (the CLI draws a progress bar from these).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Training is about to start at `step` of `max_steps`.
+    Start {
+        /// Steps already done (resumed runs).
+        step: u64,
+        /// Steps of the whole run.
+        max_steps: u64,
+        /// Training images.
+        train_images: usize,
+        /// Held-out images.
+        val_images: usize,
+        /// Learned scalars.
+        params: usize,
+    },
+    /// One optimizer step finished.
+    Step {
+        /// Steps done.
+        step: u64,
+        /// Fractional epoch.
+        epoch: f64,
+        /// This step's loss.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+    },
+    /// A log step: the record just appended to `metrics.jsonl`.
+    Log(&'a Record),
+    /// A validation result.
+    Eval(&'a Record),
+    /// A sample grid was written.
+    Samples(&'a Path),
+    /// A checkpoint was written.
+    Checkpoint(&'a Path),
+    /// Something the user should know (skipped files, …).
+    Warning(String),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `max_steps` reached.
+    Finished,
+    /// Stopped on request (Ctrl-C) after writing a checkpoint.
+    Interrupted,
+}
+
+/// The end-of-run summary.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Finished or interrupted.
+    pub outcome: Outcome,
+    /// Steps done.
+    pub step: u64,
+    /// Mean loss of the last log window.
+    pub last_loss: Option<f64>,
+    /// Last validation bits/dim (trained weights).
+    pub val_bpd: Option<f64>,
+    /// Last validation bits/dim of the EMA weights.
+    pub val_bpd_ema: Option<f64>,
+    /// Training seconds (all sessions of the run).
+    pub elapsed_s: f64,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// The last checkpoint folder.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Training batches in global order, across epoch boundaries.
+struct Feed {
+    loader: Loader,
+    workers: usize,
+    epoch: u64,
+    next: usize,
+    rx: Option<Receiver<Batch>>,
+}
+
+impl Feed {
+    fn at(loader: Loader, workers: usize, micro_index: u64) -> Self {
+        let bpe = loader.batches_per_epoch() as u64;
+        Self {
+            loader,
+            workers,
+            epoch: micro_index / bpe,
+            next: (micro_index % bpe) as usize,
+            rx: None,
+        }
+    }
+
+    fn next(&mut self) -> Result<Batch> {
+        if self.next >= self.loader.batches_per_epoch() {
+            self.epoch += 1;
+            self.next = 0;
+            self.rx = None;
+        }
+        let (epoch, start, workers) = (self.epoch, self.next, self.workers);
+        let rx = self
+            .rx
+            .get_or_insert_with(|| self.loader.epoch_from(epoch, start, workers));
+        let b = rx.recv().map_err(|_| TrainError::Run {
+            path: PathBuf::from("<loader>"),
+            msg: format!("the data loader stopped in epoch {epoch}"),
+        })?;
+        self.next += 1;
+        Ok(b)
+    }
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    cfg: TrainConfig,
+    run: RunDir,
+    device: Device,
+    dtype: DType,
+    model: TarFlow,
+    vars: Vec<(String, Var)>,
+    opt: AdamW,
+    ema: Option<Ema>,
+    sched: WarmupCosine,
+    feed: Feed,
+    val: Option<Loader>,
+    train_images: usize,
+    state: TrainState,
+    max_steps: u64,
+    metrics: MetricsLog,
+    history: Vec<Record>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// Loads the images of one source path named by `key`.
+fn load_images(cfg: &TrainConfig, path: Option<&Path>, key: &str) -> Result<(ImageSet, usize)> {
+    let m = &cfg.model;
+    let opts = FolderOptions {
+        size: m.img_size,
+        channels: m.in_channels,
+        class_per_subdir: true,
+        skip_bad: cfg.data.skip_bad,
+    };
+    let (set, skipped) = tarflow_datasets::source::load(cfg.data.source.into(), path, &opts)?;
+    let origin = path.map_or("the embedded dataset".into(), |p| p.display().to_string());
+    if (set.channels, set.height, set.width) != (m.in_channels, m.img_size, m.img_size) {
+        return Err(TrainError::config(
+            key,
+            format!(
+                "{origin} holds {}×{}×{} images but [model] expects in_channels × img_size × img_size = {}×{}×{}",
+                set.channels, set.height, set.width, m.in_channels, m.img_size, m.img_size
+            ),
+        ));
+    }
+    if m.num_classes > 0 {
+        if set.labels.is_none() {
+            return Err(TrainError::config(
+                key,
+                format!("{origin} has no labels but model.num_classes = {}; set it to 0 for an unconditional model", m.num_classes),
+            ));
+        }
+        if set.num_classes() > m.num_classes {
+            return Err(TrainError::config(
+                key,
+                format!(
+                    "{origin} has labels up to {} but model.num_classes = {}",
+                    set.num_classes() - 1,
+                    m.num_classes
+                ),
+            ));
+        }
+    }
+    if set.is_empty() {
+        return Err(TrainError::config(key, format!("{origin} holds no image")));
+    }
+    Ok((set, skipped.len()))
+}
+
+fn pick_dtype(name: &str, device: &Device) -> DType {
+    match name {
+        "bf16" => DType::BF16,
+        "auto" if !device.is_cpu() => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+impl Trainer {
+    /// Starts a new run in `output.dir/output.name`; refuses to overwrite a run that has
+    /// checkpoints.
+    pub fn start(cfg: TrainConfig) -> Result<(Self, Vec<String>)> {
+        let name = cfg.output.name.clone().unwrap_or_else(|| "run".into());
+        let run = RunDir::new(cfg.output.dir.join(&name));
+        if run.latest()?.is_some() {
+            return Err(TrainError::Run {
+                path: run.root.clone(),
+                msg: format!(
+                    "already holds a training run: resume it with `tarflow train --resume {}`, \
+                     or pick another name with `--set output.name=NAME`",
+                    run.root.display()
+                ),
+            });
+        }
+        Self::build(cfg, run, None)
+    }
+
+    /// Resumes the run in `root` from its `latest` checkpoint; `sets` override its config
+    /// (e.g. `train.max_steps`).
+    pub fn resume(root: &Path, sets: &[String]) -> Result<(Self, Vec<String>)> {
+        let run = RunDir::new(root);
+        let cp = run.config_path();
+        let text = std::fs::read_to_string(&cp).map_err(|e| TrainError::io(&cp, e))?;
+        let cfg = TrainConfig::from_toml(&text, &cp.display().to_string(), sets)?;
+        let device = tarflow_flows::device::select(&cfg.train.device)?;
+        let restored = run.load_latest(&device)?;
+        if restored.model.config != cfg.model {
+            return Err(TrainError::config(
+                cp.display().to_string(),
+                format!(
+                    "[model] differs from the checkpoint in {} (the model cannot change on resume)",
+                    restored.dir.display()
+                ),
+            ));
+        }
+        if !sets.is_empty() {
+            tarflow_flows::checkpoint::write_atomic(&cp, cfg.to_toml()?.as_bytes())?;
+        }
+        Self::build(cfg, run, Some(restored))
+    }
+
+    fn build(
+        cfg: TrainConfig,
+        run: RunDir,
+        restored: Option<crate::rundir::Restored>,
+    ) -> Result<(Self, Vec<String>)> {
+        let mut warnings = Vec::new();
+        let device = tarflow_flows::device::select(&cfg.train.device)?;
+        let dtype = pick_dtype(&cfg.train.dtype, &device);
+        let t = &cfg.train;
+        let micro = t.batch_size / t.grad_accum;
+
+        // Data: the training set, and a held-out split or a separate validation source.
+        let (set, skipped) = load_images(&cfg, cfg.data.path.as_deref(), "data.path")?;
+        if skipped > 0 {
+            warnings.push(format!(
+                "skipped {skipped} unreadable image files (data.skip_bad)"
+            ));
+        }
+        let set = Arc::new(set);
+        let transform = cfg.data.transform();
+        let eval_t = Transform {
+            flip: false,
+            noise: Noise::Uniform,
+            label_drop: 0.0,
+        };
+        let (train, val) = match &cfg.data.val_path {
+            Some(vp) => {
+                let (vset, vskipped) = load_images(&cfg, Some(vp), "data.val_path")?;
+                if vskipped > 0 {
+                    warnings.push(format!("skipped {vskipped} unreadable validation files"));
+                }
+                let vb = micro.min(vset.len());
+                (
+                    Loader::new(set, None, micro, t.seed, transform, true),
+                    Some(Loader::new(Arc::new(vset), None, vb, t.seed, eval_t, false)),
+                )
+            }
+            None => {
+                let vc = cfg.data.val_count.min(set.len().saturating_sub(micro));
+                let (tr, va) = Loader::split(set, vc, micro, t.seed, transform);
+                let va = (vc > 0).then(|| {
+                    let mut va = va.with_transform(eval_t);
+                    va.batch_size = micro.min(vc);
+                    va
+                });
+                (tr, va)
+            }
+        };
+        if train.batches_per_epoch() == 0 {
+            return Err(TrainError::config(
+                "train.batch_size",
+                format!(
+                    "{} training images cannot fill one micro-batch of {micro}",
+                    train.len()
+                ),
+            ));
+        }
+        let steps_per_epoch = train.batches_per_epoch() as f64 / t.grad_accum as f64;
+        let max_steps = match (t.max_steps, t.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => (e * steps_per_epoch).ceil().max(1.0) as u64,
+            (None, None) => {
+                return Err(TrainError::config(
+                    "train.max_steps",
+                    "missing: set train.max_steps or train.epochs",
+                ))
+            }
+        };
+        let o = &cfg.optim;
+        let warmup = o
+            .warmup_steps
+            .unwrap_or_else(|| (o.warmup_epochs.unwrap_or(0.0) * steps_per_epoch).round() as u64);
+        let sched = WarmupCosine {
+            lr: o.lr,
+            start_lr: o.min_lr,
+            min_lr: o.min_lr,
+            warmup_steps: warmup,
+            total_steps: o.decay_steps.unwrap_or(max_steps),
+        };
+
+        // Model, optimizer and EMA: fresh, or exactly as saved.
+        let weights = match &restored {
+            Some(r) => r.model.clone(),
+            None => Checkpoint::init(&cfg.model, t.seed, &device)?,
+        };
+        let (model, varmap) = weights.trainable_model(&device, dtype)?;
+        let mut vars: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .map_err(|_| TrainError::config("<model>", "variable map lock poisoned"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let adam = AdamWConfig {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        };
+        let mut opt = AdamW::new(vars.clone(), adam)?;
+        let mut ema = if o.ema_decay > 0.0 {
+            Some(Ema::new(&vars, o.ema_decay)?)
+        } else {
+            None
+        };
+        let state = match &restored {
+            Some(r) => {
+                opt.set_master(&weights.tensors)?;
+                opt.load_state(&r.optimizer, r.optimizer_step)
+                    .map_err(|e| TrainError::Run {
+                        path: r.dir.join("optimizer.safetensors"),
+                        msg: e.to_string(),
+                    })?;
+                if let Some(e) = ema.as_mut() {
+                    match &r.ema {
+                        Some(w) => e.load(w)?,
+                        None => warnings.push(format!(
+                            "{} has no EMA weights: the average restarts from the current weights",
+                            r.dir.display()
+                        )),
+                    }
+                }
+                r.state.clone()
+            }
+            None => TrainState {
+                step: 0,
+                epoch: 0,
+                batch_in_epoch: 0,
+                images_seen: 0,
+                elapsed_s: 0.0,
+                seed: t.seed,
+            },
+        };
+        if restored.is_none() {
+            // Only now that config, data and model are known good does the run directory appear.
+            run.create()?;
+            tarflow_flows::checkpoint::write_atomic(&run.config_path(), cfg.to_toml()?.as_bytes())?;
+        }
+        let last_checkpoint = restored.as_ref().map(|r| r.dir.clone());
+        let resumed_at = restored.as_ref().map(|r| r.state.step);
+        let (metrics, history) = MetricsLog::open(&run.metrics_path(), resumed_at.or(Some(0)))?;
+        let feed = Feed::at(
+            train.clone(),
+            cfg.data.workers,
+            state.step * t.grad_accum as u64,
+        );
+        let train_images = train.len();
+        Ok((
+            Self {
+                cfg,
+                run,
+                device,
+                dtype,
+                model,
+                vars,
+                opt,
+                ema,
+                sched,
+                feed,
+                val,
+                train_images,
+                state,
+                max_steps,
+                metrics,
+                history,
+                last_checkpoint,
+            },
+            warnings,
+        ))
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run.root
+    }
+
+    /// Steps of the whole run.
+    pub fn max_steps(&self) -> u64 {
+        self.max_steps
+    }
+
+    fn epoch_f(&self) -> f64 {
+        self.state.images_seen as f64 / self.train_images.max(1) as f64
+    }
+
+    fn cond<'a>(&self, labels: &'a [i64]) -> Cond<'a> {
+        if self.cfg.model.num_classes > 0 && !labels.is_empty() {
+            Cond::Labels(labels)
+        } else {
+            Cond::Null
+        }
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm, lr).
+    fn step(&mut self) -> Result<(f64, f64, f64)> {
+        let accum = self.cfg.train.grad_accum;
+        let next_step = self.state.step + 1;
+        let mut total: Option<GradStore> = None;
+        let mut loss_sum = 0.0;
+        for _ in 0..accum {
+            let b = self.feed.next()?;
+            let [n, c, h, w] = b.shape;
+            let x = Tensor::from_vec(b.images, (n, c, h, w), &self.device)?.to_dtype(self.dtype)?;
+            let out = self.model.forward(&x, self.cond(&b.labels))?;
+            let loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
+            let v = loss.to_scalar::<f32>()? as f64;
+            if !v.is_finite() {
+                return Err(self.non_finite(next_step, v));
+            }
+            loss_sum += v;
+            let grads = (loss / accum as f64)?.backward()?;
+            total = Some(match total {
+                None => grads,
+                Some(mut acc) => {
+                    for (_, var) in &self.vars {
+                        if let Some(g) = grads.get(var.as_tensor()) {
+                            let sum = match acc.get(var.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(var.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let mut grads =
+            total.ok_or_else(|| TrainError::config("train.grad_accum", "must be ≥ 1"))?;
+        let mut sq = 0.0;
+        for (_, var) in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                sq += g
+                    .to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()? as f64;
+            }
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Err(self.non_finite(next_step, norm));
+        }
+        let clip = self.cfg.optim.grad_clip;
+        if clip > 0.0 && norm > clip {
+            let scale = clip / (norm + 1e-6);
+            for (_, var) in &self.vars {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let g = (g * scale)?;
+                    grads.insert(var.as_tensor(), g);
+                }
+            }
+        }
+        let lr = self.sched.at(self.state.step);
+        self.opt.step(&grads, lr)?;
+        if let Some(e) = self.ema.as_mut() {
+            // Ramp the decay up so that short runs get a useful average (1+t)/(10+t).
+            let t = next_step as f64;
+            let d = e.decay().min((1.0 + t) / (10.0 + t));
+            e.update_with(&self.vars, d)?;
+        }
+        self.state.step = next_step;
+        self.state.images_seen += self.cfg.train.batch_size as u64;
+        self.state.epoch = self.feed.epoch;
+        self.state.batch_in_epoch = self.feed.next;
+        Ok((loss_sum / accum as f64, norm, lr))
+    }
+
+    fn non_finite(&self, step: u64, value: f64) -> TrainError {
+        let last_good = match &self.last_checkpoint {
+            Some(p) => format!(
+                "The last good checkpoint is {}; resume from it with a lower optim.lr \
+                 (`tarflow train --resume {} --set optim.lr=…`).",
+                p.display(),
+                self.run.root.display()
+            ),
+            None => "No checkpoint had been written yet; lower optim.lr and start again.".into(),
+        };
+        TrainError::NonFinite {
+            step,
+            loss: value,
+            last_good,
+        }
+    }
+
+    /// The current weights as a checkpoint (f32).
+    fn current(&self) -> Result<Checkpoint> {
+        Ok(Checkpoint {
+            config: self.cfg.model.clone(),
+            tensors: self.opt.weights()?,
+            var: None,
+        })
+    }
+
+    fn ema_checkpoint(&self) -> Option<Checkpoint> {
+        self.ema.as_ref().map(|e| Checkpoint {
+            config: self.cfg.model.clone(),
+            tensors: e.weights().clone(),
+            var: None,
+        })
+    }
+
+    /// Mean held-out bits/dim of `weights` (uniform dequantisation, true labels).
+    fn val_bpd(&self, weights: &Checkpoint) -> Result<Option<f64>> {
+        let Some(val) = &self.val else {
+            return Ok(None);
+        };
+        let model = weights.model(&self.device, self.dtype)?;
+        let order = val.epoch_order(0);
+        let n = match self.cfg.eval.batches {
+            0 => val.batches_per_epoch(),
+            k => k.min(val.batches_per_epoch()),
+        };
+        let (mut sum, mut count) = (0.0, 0usize);
+        for i in 0..n {
+            let b = val.make_batch(&order, 0, i);
+            let [bn, c, h, w] = b.shape;
+            let x =
+                Tensor::from_vec(b.images, (bn, c, h, w), &self.device)?.to_dtype(self.dtype)?;
+            let out = model.forward(&x, self.cond(&b.labels))?;
+            let bpd = model.bits_per_dim(&out, BpdConvention::TrueDims)?;
+            sum += bpd.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            count += bn;
+        }
+        Ok((count > 0).then(|| sum / count as f64))
+    }
+
+    fn evaluate(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        let raw = self.val_bpd(&self.current()?)?;
+        let ema = match self.ema_checkpoint() {
+            Some(e) => self.val_bpd(&e)?,
+            None => None,
+        };
+        if raw.is_none() {
+            return Ok(());
+        }
+        let rec = Record {
+            step: self.state.step,
+            epoch: self.epoch_f(),
+            val_bpd: raw,
+            val_bpd_ema: ema,
+            ..Default::default()
+        };
+        self.metrics.push(&rec)?;
+        on(Event::Eval(&rec));
+        self.history.push(rec);
+        Ok(())
+    }
+
+    /// Writes `samples/step-XXXXXXX.png` from the EMA weights (or the trained ones).
+    fn samples(&self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        let weights = match self.ema_checkpoint() {
+            Some(e) => e,
+            None => self.current()?,
+        };
+        let model = weights.model(&self.device, self.dtype)?;
+        let e = &self.cfg.eval;
+        let m = &self.cfg.model;
+        let labels: Vec<i64> = (0..e.num_samples)
+            .map(|i| (i % m.num_classes.max(1)) as i64)
+            .collect();
+        let opts = ReverseOptions {
+            guidance: if m.num_classes > 0 { e.guidance } else { 0.0 },
+            ..Default::default()
+        };
+        // The same noise at every step, so grids show the model change, not the draw.
+        let mut rng = seeded(self.cfg.train.seed ^ 0x5eed_5a3b);
+        let mut x = model.sample(
+            e.num_samples,
+            self.cond(&labels),
+            e.temperature,
+            &mut rng,
+            &opts,
+        )?;
+        if e.denoise && self.cfg.data.noise == NoiseKind::Gaussian && self.cfg.data.noise_std > 0.0
+        {
+            let s = self.cfg.data.noise_std;
+            x = model.denoise(&x, self.cond(&labels), s, 1.0)?;
+        }
+        let px: Vec<u8> = x
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8)
+            .collect();
+        let per = m.dims_per_image();
+        let images: Vec<&[u8]> = px.chunks(per).collect();
+        let cols = (e.num_samples as f64).sqrt().ceil() as usize;
+        let name = format!("step-{:07}.png", self.state.step);
+        let path = self.run.samples().join(&name);
+        let tmp = self.run.samples().join(format!(".tmp-{name}"));
+        tarflow_sample::grid::save(&images, m.in_channels, m.img_size, m.img_size, cols, &tmp)?;
+        std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))?;
+        on(Event::Samples(&path));
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        let (moments, opt_step) = self.opt.state();
+        let dir = self.run.save_checkpoint(
+            &self.current()?,
+            self.ema_checkpoint().as_ref(),
+            (&moments, opt_step),
+            &self.state,
+            self.cfg.train.keep_checkpoints,
+        )?;
+        on(Event::Checkpoint(&dir));
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    /// Redraws `plots/loss.png` and `plots/bpd.png` from the metrics so far.
+    pub fn plots(&self) -> Result<()> {
+        let pick = |f: fn(&Record) -> Option<f64>| -> Vec<(f64, f64)> {
+            self.history
+                .iter()
+                .filter_map(|r| f(r).map(|v| (r.step as f64, v)))
+                .collect()
+        };
+        let loss = pick(|r| r.loss);
+        let plots = self.run.plots();
+        crate::plot::line_plot(
+            &plots.join("loss.png"),
+            "training loss",
+            "step",
+            "loss (nats/dim)",
+            &[("train", &loss)],
+        )?;
+        let (bpd, val, val_ema) = (
+            pick(|r| r.bpd),
+            pick(|r| r.val_bpd),
+            pick(|r| r.val_bpd_ema),
+        );
+        let mut series: Vec<crate::plot::Series> = vec![("train (noisy input)", &bpd)];
+        if !val.is_empty() {
+            series.push(("validation", &val));
+        }
+        if !val_ema.is_empty() {
+            series.push(("validation, EMA", &val_ema));
+        }
+        crate::plot::line_plot(
+            &plots.join("bpd.png"),
+            "bits per dimension",
+            "step",
+            "bits/dim",
+            &series,
+        )
+    }
+
+    /// Trains until `max_steps` or until `stop` is set (then checkpoints and returns).
+    pub fn run(&mut self, stop: &AtomicBool, on: &mut dyn FnMut(Event)) -> Result<Summary> {
+        on(Event::Start {
+            step: self.state.step,
+            max_steps: self.max_steps,
+            train_images: self.train_images,
+            val_images: self.val.as_ref().map_or(0, Loader::len),
+            params: self.current()?.num_params(),
+        });
+        let t = self.cfg.train.clone();
+        let e = self.cfg.eval.clone();
+        let session = Instant::now();
+        let elapsed0 = self.state.elapsed_s;
+        let (mut win_loss, mut win_norm, mut win_n, mut win_time) = (0.0, 0.0, 0u64, 0.0);
+        let mut last_loss = None;
+        let mut outcome = Outcome::Finished;
+        let mut saved_at = self.last_checkpoint.as_ref().map(|_| self.state.step);
+        while self.state.step < self.max_steps {
+            if stop.load(Ordering::SeqCst) {
+                outcome = Outcome::Interrupted;
+                break;
+            }
+            let t0 = Instant::now();
+            let (loss, norm, lr) = self.step()?;
+            win_time += t0.elapsed().as_secs_f64();
+            self.state.elapsed_s = elapsed0 + session.elapsed().as_secs_f64();
+            (win_loss, win_norm, win_n) = (win_loss + loss, win_norm + norm, win_n + 1);
+            let step = self.state.step;
+            on(Event::Step {
+                step,
+                epoch: self.epoch_f(),
+                loss,
+                lr,
+            });
+            if step.is_multiple_of(t.log_every) || step == self.max_steps {
+                let mean = win_loss / win_n as f64;
+                let rec = Record {
+                    step,
+                    epoch: self.epoch_f(),
+                    loss: Some(mean),
+                    bpd: Some(loss_to_bpd(mean)),
+                    lr: Some(lr),
+                    grad_norm: Some(win_norm / win_n as f64),
+                    images_per_s: Some((win_n * t.batch_size as u64) as f64 / win_time.max(1e-9)),
+                    elapsed_s: Some(self.state.elapsed_s),
+                    ..Default::default()
+                };
+                self.metrics.push(&rec)?;
+                on(Event::Log(&rec));
+                self.history.push(rec);
+                last_loss = Some(mean);
+                (win_loss, win_norm, win_n, win_time) = (0.0, 0.0, 0, 0.0);
+            }
+            let last = step == self.max_steps;
+            if (e.every > 0 && step.is_multiple_of(e.every)) || last {
+                self.evaluate(on)?;
+            }
+            if (e.sample_every > 0 && step.is_multiple_of(e.sample_every)) || last {
+                self.samples(on)?;
+            }
+            if step.is_multiple_of(t.checkpoint_every) || last {
+                self.checkpoint(on)?;
+                saved_at = Some(step);
+                self.plots()?;
+            }
+        }
+        if saved_at != Some(self.state.step) {
+            self.checkpoint(on)?;
+            self.plots()?;
+        }
+        let val = self.history.iter().rev().find(|r| r.val_bpd.is_some());
+        Ok(Summary {
+            outcome,
+            step: self.state.step,
+            last_loss,
+            val_bpd: val.and_then(|r| r.val_bpd),
+            val_bpd_ema: val.and_then(|r| r.val_bpd_ema),
+            elapsed_s: self.state.elapsed_s,
+            run_dir: self.run.root.clone(),
+            checkpoint: self.last_checkpoint.clone(),
+        })
+    }
+}
+
+/// ml-tarflow's per-dimension loss as bits/dim of 8-bit data: `(loss + ½ln 2π + ln 128)/ln 2`.
+pub fn loss_to_bpd(loss: f64) -> f64 {
+    let c = 0.5 * (2.0 * std::f64::consts::PI).ln() + 128f64.ln();
+    (loss + c) / std::f64::consts::LN_2
+}
