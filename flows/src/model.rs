@@ -133,6 +133,11 @@ impl TarFlow {
         &self.cfg
     }
 
+    /// The dtype of the weights (and of the inputs they expect).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device

@@ -5,8 +5,10 @@
 //! shows).
 
 pub mod config;
+mod data;
 pub mod ema;
 pub mod error;
+pub mod evaluate;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

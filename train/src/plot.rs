@@ -2,6 +2,7 @@
 //! system font library is needed).
 
 use crate::error::{Result, TrainError};
+use crate::metrics::Record;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::Once;
@@ -93,6 +94,44 @@ pub fn line_plot(
         root.present().map_err(|e| err(e.to_string()))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// Draws a run's `loss.png` (training loss) and `bpd.png` (training and validation bits/dim)
+/// into `dir` from its metrics.
+pub fn run_plots(history: &[Record], dir: &Path) -> Result<()> {
+    let pick = |f: fn(&Record) -> Option<f64>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.step as f64, v)))
+            .collect()
+    };
+    let loss = pick(|r| r.loss);
+    line_plot(
+        &dir.join("loss.png"),
+        "training loss",
+        "step",
+        "loss (nats/dim)",
+        &[("train", &loss)],
+    )?;
+    let (bpd, val, val_ema) = (
+        pick(|r| r.bpd),
+        pick(|r| r.val_bpd),
+        pick(|r| r.val_bpd_ema),
+    );
+    let mut series: Vec<Series> = vec![("train (noisy input)", &bpd)];
+    if !val.is_empty() {
+        series.push(("validation", &val));
+    }
+    if !val_ema.is_empty() {
+        series.push(("validation, EMA", &val_ema));
+    }
+    line_plot(
+        &dir.join("bpd.png"),
+        "bits per dimension",
+        "step",
+        "bits/dim",
+        &series,
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! augmentation and noise per (epoch, batch), sample noise), so a resumed run continues the
 //! uninterrupted one exactly on CPU.
 
-use crate::config::{NoiseKind, TrainConfig};
+use crate::config::TrainConfig;
 use crate::ema::Ema;
 use crate::error::{Result, TrainError};
 use crate::metrics::{MetricsLog, Record};
@@ -16,15 +16,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
-use std::sync::Arc;
 use std::time::Instant;
-use tarflow_datasets::folder::FolderOptions;
-use tarflow_datasets::loader::{Batch, Loader};
-use tarflow_datasets::transform::{Noise, Transform};
-use tarflow_datasets::ImageSet;
-use tarflow_flows::rng::seeded;
-use tarflow_flows::{BpdConvention, Checkpoint, Cond, ReverseOptions, TarFlow};
+use tarflow_datasets::loader::Loader;
+use tarflow_flows::{Checkpoint, Cond, TarFlow};
 
 /// What the loop reports as it goes (the CLI draws a progress bar from these).
 #[derive(Debug)]
@@ -95,46 +89,6 @@ pub struct Summary {
     pub checkpoint: Option<PathBuf>,
 }
 
-/// Training batches in global order, across epoch boundaries.
-struct Feed {
-    loader: Loader,
-    workers: usize,
-    epoch: u64,
-    next: usize,
-    rx: Option<Receiver<Batch>>,
-}
-
-impl Feed {
-    fn at(loader: Loader, workers: usize, micro_index: u64) -> Self {
-        let bpe = loader.batches_per_epoch() as u64;
-        Self {
-            loader,
-            workers,
-            epoch: micro_index / bpe,
-            next: (micro_index % bpe) as usize,
-            rx: None,
-        }
-    }
-
-    fn next(&mut self) -> Result<Batch> {
-        if self.next >= self.loader.batches_per_epoch() {
-            self.epoch += 1;
-            self.next = 0;
-            self.rx = None;
-        }
-        let (epoch, start, workers) = (self.epoch, self.next, self.workers);
-        let rx = self
-            .rx
-            .get_or_insert_with(|| self.loader.epoch_from(epoch, start, workers));
-        let b = rx.recv().map_err(|_| TrainError::Run {
-            path: PathBuf::from("<loader>"),
-            msg: format!("the data loader stopped in epoch {epoch}"),
-        })?;
-        self.next += 1;
-        Ok(b)
-    }
-}
-
 /// A training run in progress.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -146,7 +100,7 @@ pub struct Trainer {
     opt: AdamW,
     ema: Option<Ema>,
     sched: WarmupCosine,
-    feed: Feed,
+    feed: crate::data::Feed,
     val: Option<Loader>,
     train_images: usize,
     state: TrainState,
@@ -154,50 +108,6 @@ pub struct Trainer {
     metrics: MetricsLog,
     history: Vec<Record>,
     last_checkpoint: Option<PathBuf>,
-}
-
-/// Loads the images of one source path named by `key`.
-fn load_images(cfg: &TrainConfig, path: Option<&Path>, key: &str) -> Result<(ImageSet, usize)> {
-    let m = &cfg.model;
-    let opts = FolderOptions {
-        size: m.img_size,
-        channels: m.in_channels,
-        class_per_subdir: true,
-        skip_bad: cfg.data.skip_bad,
-    };
-    let (set, skipped) = tarflow_datasets::source::load(cfg.data.source.into(), path, &opts)?;
-    let origin = path.map_or("the embedded dataset".into(), |p| p.display().to_string());
-    if (set.channels, set.height, set.width) != (m.in_channels, m.img_size, m.img_size) {
-        return Err(TrainError::config(
-            key,
-            format!(
-                "{origin} holds {}×{}×{} images but [model] expects in_channels × img_size × img_size = {}×{}×{}",
-                set.channels, set.height, set.width, m.in_channels, m.img_size, m.img_size
-            ),
-        ));
-    }
-    if m.num_classes > 0 {
-        if set.labels.is_none() {
-            return Err(TrainError::config(
-                key,
-                format!("{origin} has no labels but model.num_classes = {}; set it to 0 for an unconditional model", m.num_classes),
-            ));
-        }
-        if set.num_classes() > m.num_classes {
-            return Err(TrainError::config(
-                key,
-                format!(
-                    "{origin} has labels up to {} but model.num_classes = {}",
-                    set.num_classes() - 1,
-                    m.num_classes
-                ),
-            ));
-        }
-    }
-    if set.is_empty() {
-        return Err(TrainError::config(key, format!("{origin} holds no image")));
-    }
-    Ok((set, skipped.len()))
 }
 
 fn pick_dtype(name: &str, device: &Device) -> DType {
@@ -260,54 +170,9 @@ impl Trainer {
         let device = tarflow_flows::device::select(&cfg.train.device)?;
         let dtype = pick_dtype(&cfg.train.dtype, &device);
         let t = &cfg.train;
-        let micro = t.batch_size / t.grad_accum;
-
         // Data: the training set, and a held-out split or a separate validation source.
-        let (set, skipped) = load_images(&cfg, cfg.data.path.as_deref(), "data.path")?;
-        if skipped > 0 {
-            warnings.push(format!(
-                "skipped {skipped} unreadable image files (data.skip_bad)"
-            ));
-        }
-        let set = Arc::new(set);
-        let transform = cfg.data.transform();
-        let eval_t = Transform {
-            flip: false,
-            noise: Noise::Uniform,
-            label_drop: 0.0,
-        };
-        let (train, val) = match &cfg.data.val_path {
-            Some(vp) => {
-                let (vset, vskipped) = load_images(&cfg, Some(vp), "data.val_path")?;
-                if vskipped > 0 {
-                    warnings.push(format!("skipped {vskipped} unreadable validation files"));
-                }
-                let vb = micro.min(vset.len());
-                (
-                    Loader::new(set, None, micro, t.seed, transform, true),
-                    Some(Loader::new(Arc::new(vset), None, vb, t.seed, eval_t, false)),
-                )
-            }
-            None => {
-                let vc = cfg.data.val_count.min(set.len().saturating_sub(micro));
-                let (tr, va) = Loader::split(set, vc, micro, t.seed, transform);
-                let va = (vc > 0).then(|| {
-                    let mut va = va.with_transform(eval_t);
-                    va.batch_size = micro.min(vc);
-                    va
-                });
-                (tr, va)
-            }
-        };
-        if train.batches_per_epoch() == 0 {
-            return Err(TrainError::config(
-                "train.batch_size",
-                format!(
-                    "{} training images cannot fill one micro-batch of {micro}",
-                    train.len()
-                ),
-            ));
-        }
+        let micro = t.batch_size / t.grad_accum;
+        let (train, val) = crate::data::loaders(&cfg, micro, &mut warnings)?;
         let steps_per_epoch = train.batches_per_epoch() as f64 / t.grad_accum as f64;
         let max_steps = match (t.max_steps, t.epochs) {
             (Some(s), _) => s,
@@ -393,7 +258,7 @@ impl Trainer {
         let last_checkpoint = restored.as_ref().map(|r| r.dir.clone());
         let resumed_at = restored.as_ref().map(|r| r.state.step);
         let (metrics, history) = MetricsLog::open(&run.metrics_path(), resumed_at.or(Some(0)))?;
-        let feed = Feed::at(
+        let feed = crate::data::Feed::at(
             train.clone(),
             cfg.data.workers,
             state.step * t.grad_accum as u64,
@@ -554,29 +419,13 @@ impl Trainer {
         })
     }
 
-    /// Mean held-out bits/dim of `weights` (uniform dequantisation, true labels).
+    /// Mean held-out bits/dim of `weights`.
     fn val_bpd(&self, weights: &Checkpoint) -> Result<Option<f64>> {
         let Some(val) = &self.val else {
             return Ok(None);
         };
         let model = weights.model(&self.device, self.dtype)?;
-        let order = val.epoch_order(0);
-        let n = match self.cfg.eval.batches {
-            0 => val.batches_per_epoch(),
-            k => k.min(val.batches_per_epoch()),
-        };
-        let (mut sum, mut count) = (0.0, 0usize);
-        for i in 0..n {
-            let b = val.make_batch(&order, 0, i);
-            let [bn, c, h, w] = b.shape;
-            let x =
-                Tensor::from_vec(b.images, (bn, c, h, w), &self.device)?.to_dtype(self.dtype)?;
-            let out = model.forward(&x, self.cond(&b.labels))?;
-            let bpd = model.bits_per_dim(&out, BpdConvention::TrueDims)?;
-            sum += bpd.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            count += bn;
-        }
-        Ok((count > 0).then(|| sum / count as f64))
+        crate::evaluate::val_bpd(&model, val, self.cfg.eval.batches)
     }
 
     fn evaluate(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
@@ -608,44 +457,11 @@ impl Trainer {
             None => self.current()?,
         };
         let model = weights.model(&self.device, self.dtype)?;
-        let e = &self.cfg.eval;
-        let m = &self.cfg.model;
-        let labels: Vec<i64> = (0..e.num_samples)
-            .map(|i| (i % m.num_classes.max(1)) as i64)
-            .collect();
-        let opts = ReverseOptions {
-            guidance: if m.num_classes > 0 { e.guidance } else { 0.0 },
-            ..Default::default()
-        };
-        // The same noise at every step, so grids show the model change, not the draw.
-        let mut rng = seeded(self.cfg.train.seed ^ 0x5eed_5a3b);
-        let mut x = model.sample(
-            e.num_samples,
-            self.cond(&labels),
-            e.temperature,
-            &mut rng,
-            &opts,
-        )?;
-        if e.denoise && self.cfg.data.noise == NoiseKind::Gaussian && self.cfg.data.noise_std > 0.0
-        {
-            let s = self.cfg.data.noise_std;
-            x = model.denoise(&x, self.cond(&labels), s, 1.0)?;
-        }
-        let px: Vec<u8> = x
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(|v| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8)
-            .collect();
-        let per = m.dims_per_image();
-        let images: Vec<&[u8]> = px.chunks(per).collect();
-        let cols = (e.num_samples as f64).sqrt().ceil() as usize;
-        let name = format!("step-{:07}.png", self.state.step);
-        let path = self.run.samples().join(&name);
-        let tmp = self.run.samples().join(format!(".tmp-{name}"));
-        tarflow_sample::grid::save(&images, m.in_channels, m.img_size, m.img_size, cols, &tmp)?;
-        std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))?;
+        let path = self
+            .run
+            .samples()
+            .join(format!("step-{:07}.png", self.state.step));
+        crate::evaluate::sample_grid(&model, &self.cfg, &path)?;
         on(Event::Samples(&path));
         Ok(())
     }
@@ -662,44 +478,6 @@ impl Trainer {
         on(Event::Checkpoint(&dir));
         self.last_checkpoint = Some(dir);
         Ok(())
-    }
-
-    /// Redraws `plots/loss.png` and `plots/bpd.png` from the metrics so far.
-    pub fn plots(&self) -> Result<()> {
-        let pick = |f: fn(&Record) -> Option<f64>| -> Vec<(f64, f64)> {
-            self.history
-                .iter()
-                .filter_map(|r| f(r).map(|v| (r.step as f64, v)))
-                .collect()
-        };
-        let loss = pick(|r| r.loss);
-        let plots = self.run.plots();
-        crate::plot::line_plot(
-            &plots.join("loss.png"),
-            "training loss",
-            "step",
-            "loss (nats/dim)",
-            &[("train", &loss)],
-        )?;
-        let (bpd, val, val_ema) = (
-            pick(|r| r.bpd),
-            pick(|r| r.val_bpd),
-            pick(|r| r.val_bpd_ema),
-        );
-        let mut series: Vec<crate::plot::Series> = vec![("train (noisy input)", &bpd)];
-        if !val.is_empty() {
-            series.push(("validation", &val));
-        }
-        if !val_ema.is_empty() {
-            series.push(("validation, EMA", &val_ema));
-        }
-        crate::plot::line_plot(
-            &plots.join("bpd.png"),
-            "bits per dimension",
-            "step",
-            "bits/dim",
-            &series,
-        )
     }
 
     /// Trains until `max_steps` or until `stop` is set (then checkpoints and returns).
@@ -765,12 +543,12 @@ impl Trainer {
             if step.is_multiple_of(t.checkpoint_every) || last {
                 self.checkpoint(on)?;
                 saved_at = Some(step);
-                self.plots()?;
+                crate::plot::run_plots(&self.history, &self.run.plots())?;
             }
         }
         if saved_at != Some(self.state.step) {
             self.checkpoint(on)?;
-            self.plots()?;
+            crate::plot::run_plots(&self.history, &self.run.plots())?;
         }
         let val = self.history.iter().rev().find(|r| r.val_bpd.is_some());
         Ok(Summary {

@@ -1,0 +1,156 @@
+//! Training data: the configured source loaded and checked against the model, split into
+//! training and validation loaders, and fed to the loop in global batch order.
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use tarflow_datasets::folder::FolderOptions;
+use tarflow_datasets::loader::{Batch, Loader};
+use tarflow_datasets::transform::{Noise, Transform};
+use tarflow_datasets::ImageSet;
+
+/// Loads the images of one source path named by `key`.
+pub(crate) fn load_images(
+    cfg: &TrainConfig,
+    path: Option<&Path>,
+    key: &str,
+) -> Result<(ImageSet, usize)> {
+    let m = &cfg.model;
+    let opts = FolderOptions {
+        size: m.img_size,
+        channels: m.in_channels,
+        class_per_subdir: true,
+        skip_bad: cfg.data.skip_bad,
+    };
+    let (set, skipped) = tarflow_datasets::source::load(cfg.data.source.into(), path, &opts)?;
+    let origin = path.map_or("the embedded dataset".into(), |p| p.display().to_string());
+    if (set.channels, set.height, set.width) != (m.in_channels, m.img_size, m.img_size) {
+        return Err(TrainError::config(
+            key,
+            format!(
+                "{origin} holds {}×{}×{} images but [model] expects in_channels × img_size × img_size = {}×{}×{}",
+                set.channels, set.height, set.width, m.in_channels, m.img_size, m.img_size
+            ),
+        ));
+    }
+    if m.num_classes > 0 {
+        if set.labels.is_none() {
+            return Err(TrainError::config(
+                key,
+                format!("{origin} has no labels but model.num_classes = {}; set it to 0 for an unconditional model", m.num_classes),
+            ));
+        }
+        if set.num_classes() > m.num_classes {
+            return Err(TrainError::config(
+                key,
+                format!(
+                    "{origin} has labels up to {} but model.num_classes = {}",
+                    set.num_classes() - 1,
+                    m.num_classes
+                ),
+            ));
+        }
+    }
+    if set.is_empty() {
+        return Err(TrainError::config(key, format!("{origin} holds no image")));
+    }
+    Ok((set, skipped.len()))
+}
+
+/// The training loader (micro-batches, augmented) and the validation loader (uniform
+/// dequantisation, no augmentation), or none when nothing is held out.
+pub(crate) fn loaders(
+    cfg: &TrainConfig,
+    micro: usize,
+    warnings: &mut Vec<String>,
+) -> Result<(Loader, Option<Loader>)> {
+    let t = &cfg.train;
+    let (set, skipped) = load_images(cfg, cfg.data.path.as_deref(), "data.path")?;
+    if skipped > 0 {
+        warnings.push(format!(
+            "skipped {skipped} unreadable image files (data.skip_bad)"
+        ));
+    }
+    let set = Arc::new(set);
+    let transform = cfg.data.transform();
+    let eval_t = Transform {
+        flip: false,
+        noise: Noise::Uniform,
+        label_drop: 0.0,
+    };
+    let (train, val) = match &cfg.data.val_path {
+        Some(vp) => {
+            let (vset, vskipped) = load_images(cfg, Some(vp), "data.val_path")?;
+            if vskipped > 0 {
+                warnings.push(format!("skipped {vskipped} unreadable validation files"));
+            }
+            let vb = micro.min(vset.len());
+            (
+                Loader::new(set, None, micro, t.seed, transform, true),
+                Some(Loader::new(Arc::new(vset), None, vb, t.seed, eval_t, false)),
+            )
+        }
+        None => {
+            let vc = cfg.data.val_count.min(set.len().saturating_sub(micro));
+            let (tr, va) = Loader::split(set, vc, micro, t.seed, transform);
+            let va = (vc > 0).then(|| {
+                let mut va = va.with_transform(eval_t);
+                va.batch_size = micro.min(vc);
+                va
+            });
+            (tr, va)
+        }
+    };
+    if train.batches_per_epoch() == 0 {
+        return Err(TrainError::config(
+            "train.batch_size",
+            format!(
+                "{} training images cannot fill one micro-batch of {micro}",
+                train.len()
+            ),
+        ));
+    }
+    Ok((train, val))
+}
+
+/// Training batches in global order, across epoch boundaries.
+pub(crate) struct Feed {
+    loader: Loader,
+    workers: usize,
+    pub(crate) epoch: u64,
+    pub(crate) next: usize,
+    rx: Option<Receiver<Batch>>,
+}
+
+impl Feed {
+    pub(crate) fn at(loader: Loader, workers: usize, micro_index: u64) -> Self {
+        let bpe = loader.batches_per_epoch() as u64;
+        Self {
+            loader,
+            workers,
+            epoch: micro_index / bpe,
+            next: (micro_index % bpe) as usize,
+            rx: None,
+        }
+    }
+
+    pub(crate) fn next(&mut self) -> Result<Batch> {
+        if self.next >= self.loader.batches_per_epoch() {
+            self.epoch += 1;
+            self.next = 0;
+            self.rx = None;
+        }
+        let (epoch, start, workers) = (self.epoch, self.next, self.workers);
+        let rx = self
+            .rx
+            .get_or_insert_with(|| self.loader.epoch_from(epoch, start, workers));
+        let b = rx.recv().map_err(|_| TrainError::Run {
+            path: PathBuf::from("<loader>"),
+            msg: format!("the data loader stopped in epoch {epoch}"),
+        })?;
+        self.next += 1;
+        Ok(b)
+    }
+}
