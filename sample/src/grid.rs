@@ -79,6 +79,49 @@ pub fn save(
         })
 }
 
+/// Writes one planar C×H×W image (C = 1 or 3) as a PNG of exactly H×W pixels.
+pub fn save_image(
+    pixels: &[u8],
+    c: usize,
+    h: usize,
+    w: usize,
+    path: &Path,
+) -> Result<(), GridError> {
+    if !(c == 1 || c == 3) || pixels.len() != c * h * w {
+        return Err(GridError::Shape(format!(
+            "{} bytes for {c}×{h}×{w}, expected C = 1 or 3 and C·H·W bytes",
+            pixels.len()
+        )));
+    }
+    let n = h * w;
+    let img: image::DynamicImage = if c == 1 {
+        // Grayscale stays one channel so that it scores as the model's input again.
+        image::GrayImage::from_raw(w as u32, h as u32, pixels.to_vec())
+            .ok_or_else(|| GridError::Shape(format!("{h}×{w} gray image")))?
+            .into()
+    } else {
+        image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let i = y as usize * w + x as usize;
+            image::Rgb([pixels[i], pixels[n + i], pixels[2 * n + i]])
+        })
+        .into()
+    };
+    img.save(path).map_err(|source| GridError::Write {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Images in [-1, 1] (any shape) as 8-bit values, clamped; NaN becomes 0.
+pub fn to_u8(x: &candle_core::Tensor) -> candle_core::Result<Vec<u8>> {
+    Ok(x.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,3 +1,13 @@
-//! Sampling and scoring front-ends for tarflow; so far the image grid writer.
+//! tarflow-sample: the user-facing ends of a trained flow. [`resolve`] finds the weights,
+//! [`generate`] draws samples, [`score`] gives exact likelihoods of image files, [`heatmap`]
+//! draws where the bits go, [`grid`] tiles images into a PNG.
 
+pub mod error;
+pub mod font;
+pub mod generate;
 pub mod grid;
+pub mod heatmap;
+pub mod resolve;
+pub mod score;
+
+pub use error::{Result, SampleError};

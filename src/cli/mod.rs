@@ -4,6 +4,8 @@ mod bench;
 mod data;
 mod import;
 mod info;
+mod sample;
+mod score;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,10 @@ enum Command {
     Data(data::DataCommand),
     /// Train a model from a TOML config (or resume a run).
     Train(train::TrainArgs),
+    /// Generate images from a trained flow.
+    Sample(sample::SampleArgs),
+    /// Exact negative log-likelihood and bits/dim of image files.
+    Score(score::ScoreArgs),
     /// Measure scoring or sampling throughput.
     Bench(bench::BenchArgs),
 }
@@ -37,6 +43,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Import(a) => import::run(a),
         Command::Train(a) => train::run(a),
+        Command::Sample(a) => sample::run(a),
+        Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Data(c) => data::run(c),
     }

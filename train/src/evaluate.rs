@@ -59,7 +59,7 @@ pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()
     if e.denoise && cfg.data.noise == NoiseKind::Gaussian && cfg.data.noise_std > 0.0 {
         x = model.denoise(&x, cond, cfg.data.noise_std, 1.0)?;
     }
-    let px = to_u8(&x)?;
+    let px = tarflow_sample::grid::to_u8(&x)?;
     let images: Vec<&[u8]> = px.chunks(m.dims_per_image()).collect();
     let cols = (e.num_samples as f64).sqrt().ceil() as usize;
     // The encoder picks the format from the extension, so the temporary name ends in .png.
@@ -70,14 +70,4 @@ pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()
     let tmp = path.with_file_name(format!(".tmp-{name}"));
     tarflow_sample::grid::save(&images, m.in_channels, m.img_size, m.img_size, cols, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
-}
-
-/// Images in [-1, 1] (any shape) as 8-bit values, clamped; NaN becomes 0.
-pub fn to_u8(x: &Tensor) -> Result<Vec<u8>> {
-    Ok(x.to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8)
-        .collect())
 }

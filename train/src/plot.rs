@@ -1,22 +1,9 @@
-//! Line plots of a run's curves (plotters, bitmap backend, vendored DejaVu Sans so that no
-//! system font library is needed).
+//! Line plots of a run's curves (plotters, bitmap backend, the vendored font of tarflow-sample).
 
 use crate::error::{Result, TrainError};
 use crate::metrics::Record;
 use plotters::prelude::*;
 use std::path::Path;
-use std::sync::Once;
-
-static FONT: Once = Once::new();
-
-fn register_font() {
-    FONT.call_once(|| {
-        let bytes: &'static [u8] = include_bytes!("../assets/DejaVuSans.ttf");
-        // The font is compiled in and known good; if registration failed, text would be missing
-        // from the plots, not wrong.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
-    });
-}
 
 /// One named curve of (x, y) points.
 pub type Series<'a> = (&'a str, &'a [(f64, f64)]);
@@ -29,7 +16,7 @@ pub fn line_plot(
     y_label: &str,
     series: &[Series],
 ) -> Result<()> {
-    register_font();
+    tarflow_sample::font::register();
     let pts = series
         .iter()
         .flat_map(|(_, p)| p.iter())

@@ -1,0 +1,166 @@
+//! `tarflow sample`: images from a trained flow, as a grid, single PNGs or a raw tensor.
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use tarflow_flows::{GuideWhat, ReverseOptions};
+use tarflow_sample::generate::{generate, read_noise, save_tensor, Labels, SampleOptions};
+use tarflow_sample::grid::to_u8;
+
+/// Arguments of `tarflow sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 64)]
+    num: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Seed of the noise (and of random labels).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Noise temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Labels: a comma-separated list (repeated to --num), `random`, or `none` (mean embedding).
+    #[arg(long, default_value = "none")]
+    labels: String,
+    /// Classifier-free guidance weight (conditional models).
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f64,
+    /// Ramp the guidance along the sequence.
+    #[arg(long)]
+    annealed: bool,
+    /// What the guidance extrapolates: a (log-scale), b (shift) or ab (both).
+    #[arg(long, default_value = "ab")]
+    guide: String,
+    /// Attention temperature of the unconditional pass.
+    #[arg(long, default_value_t = 1.0)]
+    attn_temp: f64,
+    /// One score-based denoising step x + λσ²∇log p(x) after sampling.
+    #[arg(long)]
+    denoise: bool,
+    /// λ of the denoising step.
+    #[arg(long, default_value_t = 1.0)]
+    denoise_lambda: f64,
+    /// σ of the denoising step (default: the training noise of the checkpoint's run).
+    #[arg(long)]
+    sigma: Option<f64>,
+    /// Use the trained weights even where the run kept an EMA.
+    #[arg(long)]
+    no_ema: bool,
+    /// Output grid PNG.
+    #[arg(long, default_value = "samples.png")]
+    out: PathBuf,
+    /// Also write every image as its own PNG into this folder.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Replay this noise: tensor `z` (N, T, D) in a safetensors file (--num is then N).
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Also write the raw float samples (NCHW, before clamping) and labels to a safetensors file.
+    #[arg(long)]
+    out_tensor: Option<PathBuf>,
+    /// cpu, cuda, metal or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn parse_labels(s: &str) -> Result<Labels> {
+    Ok(match s {
+        "none" => Labels::None,
+        "random" => Labels::Random,
+        list => Labels::List(
+            list.split(',')
+                .map(|v| {
+                    v.trim().parse::<i64>().with_context(|| {
+                        format!("--labels: {v:?} is not an integer (or use `random`/`none`)")
+                    })
+                })
+                .collect::<Result<_>>()?,
+        ),
+    })
+}
+
+/// Runs `tarflow sample`.
+pub fn run(a: SampleArgs) -> Result<()> {
+    let device = tarflow_flows::device::select(&a.device)?;
+    let r = tarflow_sample::resolve::resolve(&a.checkpoint, !a.no_ema, &device)?;
+    let model = r.checkpoint.model(&device, DType::F32)?;
+    let cfg = model.config().clone();
+    let denoise = if a.denoise {
+        let sigma = a.sigma.or(r.train_noise_std).with_context(|| {
+            format!(
+                "--denoise needs σ: {} has no run config with Gaussian training noise beside it; give --sigma",
+                r.path.display()
+            )
+        })?;
+        Some((sigma, a.denoise_lambda))
+    } else {
+        None
+    };
+    let opts = SampleOptions {
+        num: a.num,
+        batch: a.batch,
+        seed: a.seed,
+        temperature: a.temperature,
+        labels: parse_labels(&a.labels)?,
+        reverse: ReverseOptions {
+            guidance: a.guidance,
+            annealed: a.annealed,
+            guide_what: a.guide.parse::<GuideWhat>().map_err(anyhow::Error::msg)?,
+            attn_temp: a.attn_temp,
+        },
+        denoise,
+        max_redraws: 10,
+    };
+    let noise = a
+        .noise
+        .as_ref()
+        .map(|p| read_noise(p, &model))
+        .transpose()?;
+    if noise.is_none() && a.num == 0 {
+        bail!("--num must be ≥ 1");
+    }
+    let bar = ProgressBar::new(noise.as_ref().map_or(a.num, |z| z.dims()[0]) as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} images ETA {eta}",
+    )?);
+    let s = generate(&model, &opts, noise.as_ref(), &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    let px = to_u8(&s.images)?;
+    let images: Vec<&[u8]> = px.chunks(cfg.dims_per_image()).collect();
+    let cols = (images.len() as f64).sqrt().ceil() as usize;
+    let (c, sz) = (cfg.in_channels, cfg.img_size);
+    tarflow_sample::grid::save(&images, c, sz, sz, cols, &a.out)?;
+    if let Some(dir) = &a.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        for (i, im) in images.iter().enumerate() {
+            let p = dir.join(format!("sample-{i:05}.png"));
+            tarflow_sample::grid::save_image(im, c, sz, sz, &p)?;
+        }
+    }
+    if let Some(p) = &a.out_tensor {
+        save_tensor(&s, p)?;
+    }
+    println!(
+        "{} samples from {}{} → {}{}",
+        images.len(),
+        r.path.display(),
+        if r.ema { " (EMA)" } else { "" },
+        a.out.display(),
+        if s.redrawn > 0 {
+            format!("; {} batch(es) redrawn after NaN/Inf", s.redrawn)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
