@@ -257,3 +257,21 @@ fn data_inspect_reports_skipped_images_of_a_folder() {
     );
     assert!(stdout.contains("\"count\":1"), "{stdout}");
 }
+
+#[test]
+fn bench_prints_the_reference_benchmark_figures_as_json() {
+    let (ok, stdout, stderr) = tarflow(&["bench", "--config", "tiny", "--iters", "1", "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for k in [
+        "train_step_s",
+        "score_images_per_s",
+        "sample16_s",
+        "sample16_cfg_s",
+        "peak_rss_mib",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+    let (ok, _, stderr) = tarflow(&["bench", "--config", "/no/such.toml"]);
+    assert!(!ok && stderr.contains("/no/such.toml"), "{stderr}");
+}

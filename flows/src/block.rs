@@ -30,6 +30,24 @@ pub struct BlockOutput {
     pub alpha: Tensor,
 }
 
+/// Borrowed weights of a block, for other execution paths (the fast sampler).
+pub struct BlockParts<'a> {
+    /// Input projection (weight, bias).
+    pub proj_in: (&'a Tensor, &'a Tensor),
+    /// Position embeddings (T, C), canonical order.
+    pub pos_embed: &'a Tensor,
+    /// Class embeddings (classes, C).
+    pub class_embed: Option<&'a Tensor>,
+    /// Transformer layers.
+    pub layers: &'a [AttentionBlock],
+    /// Output projection (weight, bias).
+    pub proj_out: (&'a Tensor, &'a Tensor),
+    /// D = C·p².
+    pub patch_dim: usize,
+    /// Affine (true) or shift-only coupling.
+    pub nvp: bool,
+}
+
 /// A TarFlow block with its parameters `blocks.{k}.*`.
 #[derive(Debug, Clone)]
 pub struct MetaBlock {
@@ -97,6 +115,19 @@ impl MetaBlock {
             Some(idx) => x.index_select(idx, dim)?,
             None => x.clone(),
         })
+    }
+
+    /// The block's weights.
+    pub fn parts(&self) -> BlockParts<'_> {
+        BlockParts {
+            proj_in: self.proj_in.parts(),
+            pos_embed: &self.pos_embed,
+            class_embed: self.class_embed.as_ref(),
+            layers: &self.layers,
+            proj_out: self.proj_out.parts(),
+            patch_dim: self.patch_dim,
+            nvp: self.nvp,
+        }
     }
 
     /// Whether this block reverses the token order.

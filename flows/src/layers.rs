@@ -24,6 +24,11 @@ impl Linear {
         })
     }
 
+    /// The (out, in) weight and the bias.
+    pub fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
     /// Applies the layer to the last dimension of `x` (any rank ≥ 2).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -57,6 +62,11 @@ impl LayerNorm {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
         })
+    }
+
+    /// The scale and shift.
+    pub fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
     }
 
     /// Normalises `x` (…, dim).
@@ -191,6 +201,24 @@ impl Mlp {
     }
 }
 
+/// Borrowed weights of one layer as (weight, bias) pairs, for other execution paths.
+pub struct LayerParts<'a> {
+    /// Attention pre-norm.
+    pub ln1: (&'a Tensor, &'a Tensor),
+    /// Fused q, k, v projection (3C, C).
+    pub qkv: (&'a Tensor, &'a Tensor),
+    /// Attention output projection.
+    pub proj: (&'a Tensor, &'a Tensor),
+    /// MLP pre-norm.
+    pub ln2: (&'a Tensor, &'a Tensor),
+    /// MLP first linear.
+    pub fc1: (&'a Tensor, &'a Tensor),
+    /// MLP second linear.
+    pub fc2: (&'a Tensor, &'a Tensor),
+    /// Attention head width.
+    pub head_dim: usize,
+}
+
 /// One transformer layer: `x + Attn(LN(x))`, then `x + MLP(LN(x))`.
 #[derive(Debug, Clone)]
 pub struct AttentionBlock {
@@ -205,6 +233,19 @@ impl AttentionBlock {
             attention: Attention::new(channels, head_dim, vb.pp("attention"))?,
             mlp: Mlp::new(channels, channels * mlp_ratio, vb.pp("mlp"))?,
         })
+    }
+
+    /// The layer's weights.
+    pub fn parts(&self) -> LayerParts<'_> {
+        LayerParts {
+            ln1: self.attention.norm.parts(),
+            qkv: self.attention.qkv.parts(),
+            proj: self.attention.proj.parts(),
+            ln2: self.mlp.norm.parts(),
+            fc1: self.mlp.fc1.parts(),
+            fc2: self.mlp.fc2.parts(),
+            head_dim: self.attention.head_dim,
+        }
     }
 
     /// Causal pass over (N, T, C).

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fast;
 pub mod gelu;
 pub mod layers;
 pub mod model;

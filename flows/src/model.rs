@@ -88,6 +88,10 @@ pub struct TarFlow {
     var: Tensor, // (T, D) prior variance, ones for affine models
     device: Device,
     dtype: DType,
+    /// Use the buffer-reusing f32 sampler ([`crate::fast`]) where it applies (CPU, f32).
+    fast_sampling: bool,
+    /// Its weight copies, made on first use (only for frozen weights: variables change).
+    fast_blocks: std::sync::OnceLock<std::sync::Arc<Vec<crate::fast::FastBlock>>>,
 }
 
 const LN_2PI: f64 = 1.837_877_066_409_345_3;
@@ -112,7 +116,39 @@ impl TarFlow {
             var,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            fast_sampling: true,
+            fast_blocks: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Chooses between the fast CPU sampler (default) and the composed candle ops (the
+    /// reference path, and the only one on GPUs and in bf16).
+    pub fn set_fast_sampling(&mut self, on: bool) {
+        self.fast_sampling = on;
+    }
+
+    /// The fast sampler's blocks when it applies to this model.
+    fn fast_blocks(&self) -> Result<Option<std::sync::Arc<Vec<crate::fast::FastBlock>>>> {
+        if !(self.fast_sampling && self.device.is_cpu() && self.dtype == DType::F32) {
+            return Ok(None);
+        }
+        if let Some(b) = self.fast_blocks.get() {
+            return Ok(Some(b.clone()));
+        }
+        let blocks = std::sync::Arc::new(
+            self.blocks
+                .iter()
+                .map(crate::fast::FastBlock::new)
+                .collect::<Result<Vec<_>>>()?,
+        );
+        let frozen = !self
+            .blocks
+            .iter()
+            .any(|b| b.parts().proj_in.0.is_variable());
+        if frozen {
+            let _ = self.fast_blocks.set(blocks.clone());
+        }
+        Ok(Some(blocks))
     }
 
     /// Replaces the prior variance buffer `var` (T, D) used by sampling.
@@ -304,8 +340,21 @@ impl TarFlow {
         if all {
             seq.push(unpatchify(&s, c, p)?);
         }
-        for block in self.blocks.iter().rev() {
-            s = self.reverse_block(block, &s, cond, opts)?;
+        let fast = self.fast_blocks()?;
+        for (k, block) in self.blocks.iter().enumerate().rev() {
+            s = match &fast {
+                Some(fb) => {
+                    let n = dims[0];
+                    let flat = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let labels = match cond {
+                        Cond::Labels(y) => Some(y),
+                        Cond::Null => None,
+                    };
+                    let out = fb[k].reverse_parallel(&flat, n, labels, opts);
+                    Tensor::from_vec(out, (n, t, d), &self.device)?
+                }
+                None => self.reverse_block(block, &s, cond, opts)?,
+            };
             if all {
                 seq.push(unpatchify(&s, c, p)?);
             }

@@ -1,6 +1,10 @@
-//! `tarflow bench`: throughput figures (never asserted in tests).
+//! `tarflow bench`: the reference benchmark's figures (never asserted in tests).
+//!
+//! Without a measure named, every config gets a training step, scoring of a batch of 64 and
+//! sampling of 16 images without and with guidance 2.0, each the median of `--iters` timed
+//! runs after one warm-up, plus the peak RSS.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
 use std::sync::Arc;
@@ -11,14 +15,14 @@ use tarflow_flows::rng::{seeded, uniform};
 use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions, TarFlow};
 use tarflow_train::optim::{AdamW, AdamWConfig};
 
-/// What to measure.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+/// One measure.
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum What {
-    /// Forward pass + exact NLL (bits/dim) of a batch: scoring throughput.
+    /// Forward pass + exact NLL of a batch (--batch, default 64).
     Score,
-    /// KV-cached autoregressive sampling.
+    /// KV-cached sampling of --batch images (default 16); --guidance for classifier-free guidance.
     Sample,
-    /// One training step: forward, backward and AdamW (batch from --batch, e.g. 32).
+    /// One training step: forward, backward and AdamW (--batch, default 32).
     Train,
     /// The data loader alone: 64×64 RGB images, flip + Gaussian noise, 2 workers.
     Loader,
@@ -27,141 +31,241 @@ enum What {
 /// Arguments of `tarflow bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure.
-    #[arg(value_enum, default_value = "score")]
-    what: What,
-    /// Model config as JSON (defaults to the reference benchmark "small": 3×32×32, patch 4,
-    /// 256 channels, 4 blocks × 2 layers, 10 classes).
+    /// One measure; without it, the whole reference benchmark for each --config.
+    #[arg(value_enum)]
+    what: Option<What>,
+    /// `small` (3×32×32, p4, 256 ch, 4×2, 10 classes), `tiny` (1×28×28, p4, 128 ch, 4×2, 10
+    /// classes), a model config as JSON (inline or a .json file) or a training .toml (its
+    /// [model]); repeatable. Default: small and tiny for the whole benchmark, small otherwise.
+    #[arg(long = "config")]
+    configs: Vec<String>,
+    /// Batch size of a single measure.
     #[arg(long)]
-    model: Option<String>,
-    /// Batch size.
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
-    /// Timed iterations (after one warm-up).
-    #[arg(long, default_value_t = 10)]
+    batch: Option<usize>,
+    /// Guidance weight of `bench sample`.
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f64,
+    /// Timed runs (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// Print one JSON object per config.
+    #[arg(long)]
+    json: bool,
     /// cpu, cuda, metal or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
-/// The model config, device, a batch of random images and labels cycling through the classes.
-struct Setup {
-    cfg: ModelConfig,
-    device: Device,
-    x: Tensor,
-    labels: Vec<i64>,
-}
-
-impl Setup {
-    fn new(a: &BenchArgs) -> Result<Self> {
-        let cfg: ModelConfig = match &a.model {
-            Some(j) => serde_json::from_str(j)?,
-            None => ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
-        };
-        let device = tarflow_flows::device::select(&a.device)?;
-        let s = cfg.img_size;
-        let x = uniform(
-            &mut seeded(0),
-            (a.batch, cfg.in_channels, s, s),
-            -1.0,
-            1.0,
-            &device,
-        )?;
-        let labels = (0..a.batch as i64)
-            .map(|i| i % cfg.num_classes.max(1) as i64)
-            .collect();
-        Ok(Self {
-            cfg,
-            device,
-            x,
-            labels,
-        })
-    }
-
-    fn cond(&self) -> Cond<'_> {
-        if self.cfg.num_classes > 0 {
-            Cond::Labels(&self.labels)
-        } else {
-            Cond::Null
+fn named_config(spec: &str) -> Result<(String, ModelConfig)> {
+    let cfg = match spec {
+        "small" => ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
+        "tiny" => ModelConfig::new(1, 28, 4, 128, 4, 2, 10),
+        s if s.trim_start().starts_with('{') => serde_json::from_str(s).context("--config JSON")?,
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("--config {path}"))?;
+            if path.ends_with(".json") {
+                serde_json::from_str(&text).with_context(|| path.to_string())?
+            } else {
+                let t: toml::Table = toml::from_str(&text).with_context(|| path.to_string())?;
+                let m = t
+                    .get("model")
+                    .ok_or_else(|| anyhow!("{path}: no [model] section"))?
+                    .clone();
+                m.try_into().with_context(|| format!("{path}: [model]"))?
+            }
         }
-    }
+    };
+    cfg.validate()?;
+    Ok((spec.to_string(), cfg))
 }
 
-/// Runs `step` once to warm up, then `iters` times; returns seconds per iteration.
-fn time(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Runs `step` once to warm up, then `iters` times; returns the median seconds.
+fn median_time(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
     step()?;
-    let t0 = Instant::now();
-    for _ in 0..iters.max(1) {
-        step()?;
-    }
-    Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
+    let mut t: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            step().map(|_| t0.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_>>()?;
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
 }
 
-/// Runs the benchmark and prints images/s.
+/// Peak resident memory of this process since the last [`reset_peak_rss`], in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn reset_peak_rss() {
+    // Linux ≥ 4.0: writing 5 resets the high-water mark.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn images(cfg: &ModelConfig, n: usize, device: &Device) -> Result<(Tensor, Vec<i64>)> {
+    let s = cfg.img_size;
+    let x = uniform(
+        &mut seeded(0),
+        (n, cfg.in_channels, s, s),
+        -1.0,
+        1.0,
+        device,
+    )?;
+    let labels = (0..n as i64)
+        .map(|i| i % cfg.num_classes.max(1) as i64)
+        .collect();
+    Ok((x, labels))
+}
+
+fn cond<'a>(cfg: &ModelConfig, labels: &'a [i64]) -> Cond<'a> {
+    if cfg.num_classes > 0 {
+        Cond::Labels(labels)
+    } else {
+        Cond::Null
+    }
+}
+
+fn time_train(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Result<f64> {
+    let (x, labels) = images(cfg, batch, device)?;
+    let (model, varmap) = Checkpoint::init(cfg, 0, device)?.trainable_model(device, DType::F32)?;
+    let vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow!("variable map lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+    median_time(iters, || {
+        let loss = TarFlow::loss(&model.forward(&x, cond(cfg, &labels))?)?;
+        opt.step(&loss.backward()?, 1e-4)?;
+        Ok(())
+    })
+}
+
+fn time_score(model: &TarFlow, batch: usize, iters: usize) -> Result<f64> {
+    let cfg = model.config();
+    let (x, labels) = images(cfg, batch, model.device())?;
+    median_time(iters, || {
+        let out = model.forward(&x, cond(cfg, &labels))?;
+        model.nll(&out, true)?.to_vec1::<f32>()?;
+        Ok(())
+    })
+}
+
+fn time_sample(model: &TarFlow, n: usize, guidance: f64, iters: usize) -> Result<f64> {
+    let cfg = model.config();
+    let (_, labels) = images(cfg, n, model.device())?;
+    let opts = ReverseOptions {
+        guidance,
+        ..Default::default()
+    };
+    median_time(iters, || {
+        let x = model.sample(n, cond(cfg, &labels), 1.0, &mut seeded(1), &opts)?;
+        x.flatten_all()?.to_vec1::<f32>()?;
+        Ok(())
+    })
+}
+
+/// Runs the benchmark.
 pub fn run(a: BenchArgs) -> Result<()> {
-    if let What::Loader = a.what {
+    let device = tarflow_flows::device::select(&a.device)?;
+    if a.what == Some(What::Loader) {
         return loader(&a);
     }
-    let su = Setup::new(&a)?;
-    let cond = su.cond();
-    let per = match a.what {
-        What::Score | What::Sample => {
-            let model = Checkpoint::init(&su.cfg, 0, &su.device)?.model(&su.device, DType::F32)?;
-            time(a.iters, || {
-                if let What::Score = a.what {
-                    model
-                        .nll(&model.forward(&su.x, cond)?, true)?
-                        .to_vec1::<f32>()?;
-                } else {
-                    let opts = ReverseOptions::default();
-                    let x = model.sample(a.batch, cond, 1.0, &mut seeded(1), &opts)?;
-                    x.flatten_all()?.to_vec1::<f32>()?;
-                }
-                Ok(())
-            })?
+    let specs = if a.configs.is_empty() {
+        match a.what {
+            None => vec!["small".to_string(), "tiny".to_string()],
+            Some(_) => vec!["small".to_string()],
         }
-        What::Train => {
-            let ckpt = Checkpoint::init(&su.cfg, 0, &su.device)?;
-            let (model, varmap) = ckpt.trainable_model(&su.device, DType::F32)?;
-            let vars: Vec<(String, Var)> = varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow!("variable map lock poisoned"))?
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let mut opt = AdamW::new(vars, AdamWConfig::default())?;
-            time(a.iters, || {
-                let loss = TarFlow::loss(&model.forward(&su.x, cond)?)?;
-                opt.step(&loss.backward()?, 1e-4)?;
-                Ok(())
-            })?
-        }
-        What::Loader => unreachable!("handled above"),
+    } else {
+        a.configs.clone()
     };
-    let c = &su.cfg;
-    println!(
-        "{:?}: {:.1} images/s ({:.3} s/iter, {} iters × batch {}, model {}×{}×{} p{} C{} K{} L{})",
-        a.what,
-        a.batch as f64 / per,
-        per,
-        a.iters,
-        a.batch,
-        c.in_channels,
-        c.img_size,
-        c.img_size,
-        c.patch_size,
-        c.channels,
-        c.num_blocks,
-        c.block_layers(0)
-    );
+    for spec in &specs {
+        let (name, cfg) = named_config(spec)?;
+        reset_peak_rss();
+        let model = Checkpoint::init(&cfg, 0, &device)?.model(&device, DType::F32)?;
+        let shape = format!(
+            "{}×{}×{} p{} C{} K{} L{}",
+            cfg.in_channels,
+            cfg.img_size,
+            cfg.img_size,
+            cfg.patch_size,
+            cfg.channels,
+            cfg.num_blocks,
+            cfg.block_layers(0)
+        );
+        let Some(what) = a.what else {
+            // The reference benchmark: train batch 32 for small, 64 for tiny.
+            let train_batch = a.batch.unwrap_or(if name == "tiny" { 64 } else { 32 });
+            let train_s = time_train(&cfg, train_batch, a.iters, &device)?;
+            let score_s = time_score(&model, 64, a.iters)?;
+            let s16 = time_sample(&model, 16, 0.0, a.iters)?;
+            let s16g = if cfg.num_classes > 0 {
+                Some(time_sample(&model, 16, 2.0, a.iters)?)
+            } else {
+                None
+            };
+            let rss = peak_rss_mib();
+            if a.json {
+                let v = serde_json::json!({
+                    "config": name, "model": shape, "train_batch": train_batch,
+                    "train_step_s": train_s, "score_images_per_s": 64.0 / score_s,
+                    "sample16_s": s16, "sample16_cfg_s": s16g, "peak_rss_mib": rss,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "{name} ({shape}): train step {train_s:.3} s (batch {train_batch}), score {:.1} images/s (batch 64), \
+                     sample 16: {s16:.3} s, with guidance 2: {}, peak RSS {} MiB",
+                    64.0 / score_s,
+                    s16g.map_or("-".into(), |v| format!("{v:.3} s")),
+                    rss.map_or("?".into(), |v| format!("{v:.0}"))
+                );
+            }
+            continue;
+        };
+        let (batch, secs) = match what {
+            What::Score => {
+                let b = a.batch.unwrap_or(64);
+                (b, time_score(&model, b, a.iters)?)
+            }
+            What::Sample => {
+                let b = a.batch.unwrap_or(16);
+                (b, time_sample(&model, b, a.guidance, a.iters)?)
+            }
+            What::Train => {
+                let b = a.batch.unwrap_or(32);
+                (b, time_train(&cfg, b, a.iters, &device)?)
+            }
+            What::Loader => unreachable!("handled above"),
+        };
+        let rss = peak_rss_mib();
+        if a.json {
+            let v = serde_json::json!({
+                "config": name, "model": shape, "measure": format!("{what:?}").to_lowercase(),
+                "batch": batch, "seconds": secs, "images_per_s": batch as f64 / secs, "peak_rss_mib": rss,
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{what:?} {name} ({shape}): {:.1} images/s ({secs:.3} s per batch of {batch}, median of {}), peak RSS {} MiB",
+                batch as f64 / secs,
+                a.iters,
+                rss.map_or("?".into(), |v| format!("{v:.0}"))
+            );
+        }
+    }
     Ok(())
 }
 
 /// Loader throughput on synthetic 64×64 RGB images (the downsampled-ImageNet shape).
 fn loader(a: &BenchArgs) -> Result<()> {
-    let n = a.batch * a.iters.max(1);
+    let batch = a.batch.unwrap_or(256);
+    let n = batch * a.iters.max(1);
     let pixels = uniform(&mut seeded(0), n * 3 * 64 * 64, 0.0, 255.0, &Device::Cpu)?
         .to_dtype(DType::U8)?
         .to_vec1::<u8>()?;
@@ -177,14 +281,13 @@ fn loader(a: &BenchArgs) -> Result<()> {
         noise: Noise::Gaussian(0.05),
         label_drop: 0.1,
     };
-    let l = Loader::new(set, None, a.batch, 0, t, true);
+    let l = Loader::new(set, None, batch, 0, t, true);
     let t0 = Instant::now();
     let count: usize = l.epoch_from(0, 0, 2).iter().map(|b| b.shape[0]).sum();
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "Loader: {:.0} images/s ({count} images of 3×64×64 in batches of {}, flip + gaussian noise, 2 workers)",
-        count as f64 / secs,
-        a.batch
+        "Loader: {:.0} images/s ({count} images of 3×64×64 in batches of {batch}, flip + gaussian noise, 2 workers)",
+        count as f64 / secs
     );
     Ok(())
 }
