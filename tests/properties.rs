@@ -265,7 +265,7 @@ fn the_fast_sampler_equals_the_composed_ops_in_every_variant() {
         let ck = random_checkpoint(&cfg, 3);
         let fast = ck.model(&Device::Cpu, DType::F32).unwrap();
         let mut slow = fast.clone();
-        slow.set_fast_sampling(false);
+        slow.set_fast_path(false);
         let (t, d) = (cfg.num_tokens(), cfg.patch_dim());
         let z = tarflow::flows::rng::randn(
             &mut tarflow::flows::rng::seeded(9),
@@ -307,6 +307,35 @@ fn the_fast_sampler_equals_the_composed_ops_in_every_variant() {
                     cfg.nvp,
                     cfg.num_classes
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_fast_forward_equals_the_composed_ops() {
+    let mut cfg = ModelConfig::new(3, 6, 3, 64, 3, 2, 4);
+    cfg.head_dim = 32;
+    for nvp in [true, false] {
+        cfg.nvp = nvp;
+        let ck = random_checkpoint(&cfg, 5);
+        let fast = ck.model(&Device::Cpu, DType::F32).unwrap();
+        let mut slow = fast.clone();
+        slow.set_fast_path(false);
+        let x = random_images(5, 3, 6, 2);
+        let y = [0i64, 3, -1, 2, 1];
+        for cond in [Cond::Labels(&y), Cond::Null] {
+            let (a, b) = (
+                fast.forward(&x, cond).unwrap(),
+                slow.forward(&x, cond).unwrap(),
+            );
+            assert!(max_abs_diff(&a.z, &b.z) < 1e-4, "z");
+            assert!(max_abs_diff(&a.logdets, &b.logdets) < 1e-5, "logdets");
+            for (p, q) in a.blocks.iter().zip(&b.blocks) {
+                assert!(max_abs_diff(&p.out, &q.out) < 1e-4);
+                assert!(max_abs_diff(&p.alpha, &q.alpha) < 1e-5);
+                assert!(max_abs_diff(&p.proj_out, &q.proj_out) < 1e-5);
+                assert!(max_abs_diff(&p.logdet, &q.logdet) < 1e-6);
             }
         }
     }

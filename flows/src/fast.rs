@@ -1,6 +1,8 @@
-//! The KV-cached inverse of one block in plain f32 on the CPU, with every buffer allocated
+//! One block's inference in plain f32 on the CPU. The KV-cached inverse allocates every buffer
 //! once per block: the sequential sampler runs T steps of a few tiny matrix products, where
-//! candle's per-op dispatch and allocation cost more than the arithmetic.
+//! candle's per-op dispatch and allocation cost more than the arithmetic. The gradient-free
+//! forward (scoring) does the whole pass as a few large products plus per-head attention
+//! without the layout copies and mask materialisation of the composed ops.
 //!
 //! Guidance runs the conditional and unconditional rows as one batch of 2N rows. The
 //! composed-op path of [`crate::model::TarFlow`] stays the reference (and the path on other
@@ -36,8 +38,23 @@ impl Dense {
         })
     }
 
-    /// `out (rows × n) = x (rows × k) · W + b`.
+    /// `out (rows × n) = x (rows × k) · W + b`, one thread.
     fn apply(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        self.apply_with(x, rows, out, gemm::Parallelism::None)
+    }
+
+    /// The same over all threads (for the many rows of a forward pass).
+    fn apply_par(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        self.apply_with(x, rows, out, par)
+    }
+
+    fn apply_with(&self, x: &[f32], rows: usize, out: &mut [f32], par: gemm::Parallelism) {
         let (k, n) = (self.k, self.n);
         for r in 0..rows {
             out[r * n..(r + 1) * n].copy_from_slice(&self.b);
@@ -63,7 +80,7 @@ impl Dense {
                 false,
                 false,
                 false,
-                gemm::Parallelism::None,
+                par,
             );
         }
     }
@@ -94,6 +111,25 @@ impl Norm {
             }
         }
     }
+}
+
+/// Exact GELU in place.
+fn gelu(v: &mut [f32]) {
+    for x in v {
+        *x = 0.5 * *x * (1.0 + erf_f32(*x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// Per-block results of [`FastBlock::forward`], flat row-major.
+pub struct FastForward {
+    /// z in canonical token order (N, T, D).
+    pub out: Vec<f32>,
+    /// `−mean(α)` per sample (N).
+    pub logdet: Vec<f32>,
+    /// Raw proj_out (N, T, W), block's own order.
+    pub proj_out: Vec<f32>,
+    /// α after the shift (N, T, D), block's own order.
+    pub alpha: Vec<f32>,
 }
 
 struct Layer {
@@ -167,6 +203,168 @@ impl FastBlock {
             nvp: p.nvp,
             flipped: block.is_flipped(),
         })
+    }
+
+    /// x → z for `n` samples `x` (N, T, D) in canonical order, as `MetaBlock::forward` (no
+    /// gradient).
+    pub fn forward(&self, x: &[f32], n: usize, labels: Option<&[i64]>) -> FastForward {
+        use rayon::prelude::*;
+        let (t, d, c, hd, heads) = (self.t, self.d, self.c, self.hd, self.heads);
+        let rows = n * t;
+        let perm = |i: usize| if self.flipped { t - 1 - i } else { i };
+        let mut xs = vec![0f32; rows * d]; // block order
+        for r in 0..n {
+            for i in 0..t {
+                let src = (r * t + perm(i)) * d;
+                xs[(r * t + i) * d..(r * t + i + 1) * d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+        let mut h = vec![0f32; rows * c];
+        self.proj_in.apply_par(&xs, rows, &mut h);
+        let classes = self.cls.as_ref().map_or(0, |v| v.len() / c - 1);
+        h.par_chunks_mut(t * c).enumerate().for_each(|(r, hr)| {
+            let k = match labels {
+                Some(l) if l[r] >= 0 => l[r] as usize,
+                _ => classes,
+            };
+            for i in 0..t {
+                let p = perm(i);
+                let row = &mut hr[i * c..(i + 1) * c];
+                for (a, e) in row.iter_mut().zip(&self.pos[p * c..(p + 1) * c]) {
+                    *a += e;
+                }
+                if let Some(cls) = &self.cls {
+                    for (a, e) in row.iter_mut().zip(&cls[k * c..(k + 1) * c]) {
+                        *a += e;
+                    }
+                }
+            }
+        });
+        let hidden = self.layers.first().map_or(0, |l| l.fc1.n);
+        let mut tmp = vec![0f32; rows * c];
+        let mut qkv = vec![0f32; rows * 3 * c];
+        let mut att = vec![0f32; rows * c];
+        let mut mlp = vec![0f32; rows * hidden];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for layer in &self.layers {
+            tmp.par_chunks_mut(64 * c)
+                .zip(h.par_chunks(64 * c))
+                .for_each(|(o, x)| layer.ln1.apply(x, o));
+            layer.qkv.apply_par(&tmp, rows, &mut qkv);
+            // Causal attention per sample and head: S = QKᵀ·scale, row softmax, O = S·V.
+            att.par_chunks_mut(t * c)
+                .zip(qkv.par_chunks(t * 3 * c))
+                .for_each(|(o, q)| {
+                    let mut sc = vec![0f32; t * t];
+                    for hh in 0..heads {
+                        let (qo, ko, vo) = (hh * hd, c + hh * hd, 2 * c + hh * hd);
+                        // SAFETY: strides address T rows of hd values inside the 3C-wide rows.
+                        unsafe {
+                            gemm::gemm(
+                                t,
+                                t,
+                                hd,
+                                sc.as_mut_ptr(),
+                                1,
+                                t as isize,
+                                false,
+                                q.as_ptr().add(qo),
+                                1,
+                                (3 * c) as isize,
+                                q.as_ptr().add(ko),
+                                (3 * c) as isize,
+                                1,
+                                0.0f32,
+                                scale,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        for i in 0..t {
+                            let row = &mut sc[i * t..(i + 1) * t];
+                            let max = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                            let mut sum = 0.0;
+                            for v in row[..=i].iter_mut() {
+                                *v = (*v - max).exp();
+                                sum += *v;
+                            }
+                            for v in row[..=i].iter_mut() {
+                                *v /= sum;
+                            }
+                            row[i + 1..].fill(0.0);
+                        }
+                        // SAFETY: as above; the output rows are C wide.
+                        unsafe {
+                            gemm::gemm(
+                                t,
+                                hd,
+                                t,
+                                o.as_mut_ptr().add(hh * hd),
+                                1,
+                                c as isize,
+                                false,
+                                sc.as_ptr(),
+                                1,
+                                t as isize,
+                                q.as_ptr().add(vo),
+                                1,
+                                (3 * c) as isize,
+                                0.0f32,
+                                1.0f32,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    }
+                });
+            layer.proj.apply_par(&att, rows, &mut tmp);
+            h.par_iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+            tmp.par_chunks_mut(64 * c)
+                .zip(h.par_chunks(64 * c))
+                .for_each(|(o, x)| layer.ln2.apply(x, o));
+            layer.fc1.apply_par(&tmp, rows, &mut mlp);
+            mlp.par_chunks_mut(16 * 1024).for_each(gelu);
+            layer.fc2.apply_par(&mlp, rows, &mut tmp);
+            h.par_iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
+        }
+        let w = self.proj_out.n;
+        let mut proj_out = vec![0f32; rows * w];
+        self.proj_out.apply_par(&h, rows, &mut proj_out);
+        let mut alpha = vec![0f32; rows * d];
+        let mut out = vec![0f32; rows * d];
+        let mut logdet = vec![0f32; n];
+        for r in 0..n {
+            let mut sum = 0f64;
+            for i in 1..t {
+                let o = &proj_out[(r * t + i - 1) * w..(r * t + i) * w];
+                let a = &mut alpha[(r * t + i) * d..(r * t + i + 1) * d];
+                let dst = (r * t + perm(i)) * d;
+                for e in 0..d {
+                    let (al, mu) = if self.nvp {
+                        (o[e], o[d + e])
+                    } else {
+                        (0.0, o[e])
+                    };
+                    a[e] = al;
+                    sum += al as f64;
+                    out[dst + e] = (xs[(r * t + i) * d + e] - mu) * (-al).exp();
+                }
+            }
+            // Token 0 has α = μ = 0: it passes through.
+            let dst = (r * t + perm(0)) * d;
+            out[dst..dst + d].copy_from_slice(&xs[r * t * d..r * t * d + d]);
+            logdet[r] = -(sum / (t * d) as f64) as f32;
+        }
+        FastForward {
+            out,
+            logdet,
+            proj_out,
+            alpha,
+        }
     }
 
     /// [`Self::reverse`] with the samples split across the rayon threads: samples are

@@ -88,8 +88,8 @@ pub struct TarFlow {
     var: Tensor, // (T, D) prior variance, ones for affine models
     device: Device,
     dtype: DType,
-    /// Use the buffer-reusing f32 sampler ([`crate::fast`]) where it applies (CPU, f32).
-    fast_sampling: bool,
+    /// Use the buffer-reusing f32 kernels ([`crate::fast`]) where they apply (CPU, f32, no gradient).
+    fast_path: bool,
     /// Its weight copies, made on first use (only for frozen weights: variables change).
     fast_blocks: std::sync::OnceLock<std::sync::Arc<Vec<crate::fast::FastBlock>>>,
 }
@@ -116,20 +116,29 @@ impl TarFlow {
             var,
             device: vb.device().clone(),
             dtype: vb.dtype(),
-            fast_sampling: true,
+            fast_path: true,
             fast_blocks: std::sync::OnceLock::new(),
         })
     }
 
-    /// Chooses between the fast CPU sampler (default) and the composed candle ops (the
-    /// reference path, and the only one on GPUs and in bf16).
-    pub fn set_fast_sampling(&mut self, on: bool) {
-        self.fast_sampling = on;
+    /// Chooses between the fast CPU path for inference (default: sampling and gradient-free
+    /// forward passes) and the composed candle ops (the reference path, and the only one on
+    /// GPUs, in bf16 and wherever a gradient is taken).
+    pub fn set_fast_path(&mut self, on: bool) {
+        self.fast_path = on;
+    }
+
+    /// Whether the weights are plain tensors rather than trainable variables.
+    fn frozen(&self) -> bool {
+        !self
+            .blocks
+            .iter()
+            .any(|b| b.parts().proj_in.0.is_variable())
     }
 
     /// The fast sampler's blocks when it applies to this model.
     fn fast_blocks(&self) -> Result<Option<std::sync::Arc<Vec<crate::fast::FastBlock>>>> {
-        if !(self.fast_sampling && self.device.is_cpu() && self.dtype == DType::F32) {
+        if !(self.fast_path && self.device.is_cpu() && self.dtype == DType::F32) {
             return Ok(None);
         }
         if let Some(b) = self.fast_blocks.get() {
@@ -229,6 +238,12 @@ impl TarFlow {
         self.check_images(x)?;
         self.check_labels(cond, x.dim(0)?)?;
         let mut s = patchify(&x.to_dtype(self.dtype)?, self.cfg.patch_size)?; // (N, T, D)
+                                                                              // Only without any gradient: neither the input nor the weights (training) are tracked.
+        if !x.track_op() && self.frozen() {
+            if let Some(fb) = self.fast_blocks()? {
+                return self.forward_fast(&fb, &s, cond);
+            }
+        }
         let mut blocks = Vec::with_capacity(self.blocks.len());
         let mut logdets: Option<Tensor> = None;
         for block in &self.blocks {
@@ -244,6 +259,42 @@ impl TarFlow {
         Ok(FlowOutput {
             z: s,
             logdets,
+            blocks,
+        })
+    }
+
+    /// [`Self::forward`] on the fast CPU path (no gradient).
+    fn forward_fast(
+        &self,
+        fb: &[crate::fast::FastBlock],
+        s: &Tensor,
+        cond: Cond,
+    ) -> Result<FlowOutput> {
+        let (n, t, d) = s.dims3()?;
+        let labels = match cond {
+            Cond::Labels(y) => Some(y),
+            Cond::Null => None,
+        };
+        let mut cur = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut blocks = Vec::with_capacity(fb.len());
+        let mut total = vec![0f32; n];
+        for b in fb {
+            let f = b.forward(&cur, n, labels);
+            for (a, l) in total.iter_mut().zip(&f.logdet) {
+                *a += l;
+            }
+            let w = f.proj_out.len() / (n * t);
+            blocks.push(crate::block::BlockOutput {
+                out: Tensor::from_slice(&f.out, (n, t, d), &self.device)?,
+                logdet: Tensor::from_vec(f.logdet, n, &self.device)?,
+                proj_out: Tensor::from_vec(f.proj_out, (n, t, w), &self.device)?,
+                alpha: Tensor::from_vec(f.alpha, (n, t, d), &self.device)?,
+            });
+            cur = f.out;
+        }
+        Ok(FlowOutput {
+            z: Tensor::from_vec(cur, (n, t, d), &self.device)?,
+            logdets: Tensor::from_vec(total, n, &self.device)?,
             blocks,
         })
     }
