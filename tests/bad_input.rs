@@ -151,6 +151,13 @@ fn wrong_images_labels_and_latents_are_explained() {
     let e = m.forward(&x, Cond::Labels(&[0])).unwrap_err().to_string();
     assert!(e.contains("1 labels given for a batch of 2"), "{e}");
 
+    // The fast CPU sampler checks labels too (an index past the table would panic).
+    let z = Tensor::zeros((2, 16, 48), DType::F32, &Device::Cpu).unwrap();
+    let e = m
+        .reverse(&z, Cond::Labels(&[11, 0]), &ReverseOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label 11"), "{e}");
     let z = Tensor::zeros((2, 16, 12), DType::F32, &Device::Cpu).unwrap();
     let e = m
         .reverse(&z, Cond::Null, &ReverseOptions::default())

@@ -206,6 +206,16 @@ impl TarFlow {
                     "labels given to an unconditional model (num_classes = 0)".into(),
                 ));
             }
+            let classes = self.cfg.num_classes as i64;
+            if let Some((i, l)) = y
+                .iter()
+                .enumerate()
+                .find(|(_, &l)| classes > 0 && l >= classes)
+            {
+                return Err(FlowError::Input(format!(
+                    "label {l} of row {i} is out of range: the model has {classes} classes (use -1 for no label)"
+                )));
+            }
         }
         Ok(())
     }
