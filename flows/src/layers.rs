@@ -80,8 +80,11 @@ impl LayerNorm {
             self.weight.to_dtype(x.dtype())?,
             self.bias.to_dtype(x.dtype())?,
         );
-        // The fused kernel has no backward and no f64 path.
-        let y = if x.track_op() || w.track_op() || x.dtype() != DType::F32 {
+        // candle's fused kernel has no backward and no f64 path; ours has a backward.
+        let tracked = x.track_op() || w.track_op();
+        let y = if tracked && crate::kernels::applies(&x) {
+            crate::kernels::layer_norm::layer_norm(&x, &w, &b)?
+        } else if tracked || x.dtype() != DType::F32 {
             let mean = x.mean_keepdim(D::Minus1)?;
             let xc = x.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -162,8 +165,20 @@ impl Attention {
         self.proj.forward(&y)
     }
 
-    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞.
+    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞ (the fused
+    /// kernel builds the causal mask itself).
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if crate::kernels::applies(x) {
+            let qkv = self.qkv.forward(&self.norm.forward(x)?)?; // (N, T, 3C)
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            let y = crate::kernels::attention::causal_attention(
+                &qkv,
+                self.num_heads,
+                self.head_dim,
+                scale,
+            )?;
+            return self.proj.forward(&y);
+        }
         let (q, k, v) = self.qkv(x)?;
         self.attend(&q, &k, &v, Some(mask), 1.0)
     }
@@ -196,7 +211,12 @@ impl Mlp {
 
     /// (…, C) → (…, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = crate::gelu::gelu_erf(&self.fc1.forward(&self.norm.forward(x)?)?)?;
+        let a = self.fc1.forward(&self.norm.forward(x)?)?;
+        let h = if a.track_op() && crate::kernels::applies(&a) {
+            crate::kernels::gelu::gelu(&a)?
+        } else {
+            crate::gelu::gelu_erf(&a)?
+        };
         self.fc2.forward(&h)
     }
 }

@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod fast;
 pub mod gelu;
+pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod params;
