@@ -31,6 +31,9 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x` (any rank ≥ 2).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::kernels::applies(x) && self.weight.dtype() == candle_core::DType::F32 {
+            return Ok(crate::kernels::linear::linear(x, &self.weight, &self.bias)?);
+        }
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);

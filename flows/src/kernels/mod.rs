@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,212 @@
+//! `y = x·Wᵀ + b` over the rows of `x`, PyTorch's (out, in) weight layout, with the backward
+//! `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ dy` done by one kernel into one buffer (candle's composed
+//! version transposes, copies and reduces the bias gradient in separate passes).
+
+use super::slice;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+fn par() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, strides in elements.
+/// SAFETY: the caller guarantees every addressed element is in bounds.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    read: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        read,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par(),
+    )
+}
+
+struct Linear;
+
+/// The backward; `want_dx` is false when the input carries no gradient.
+struct LinearBwd {
+    want_dx: bool,
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "tarflow-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            slice(s1, l1, "linear")?,
+            slice(s2, l2, "linear w")?,
+            slice(s3, l3, "linear b")?,
+        );
+        let (out_dim, in_dim) = l2.shape().dims2()?;
+        let rows = x.len() / in_dim;
+        let mut y = Vec::with_capacity(rows * out_dim);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        // SAFETY: x is rows×in, W (out×in) read as Wᵀ (in×out), y rows×out.
+        unsafe {
+            mm(
+                rows,
+                out_dim,
+                in_dim,
+                y.as_mut_ptr(),
+                true,
+                x.as_ptr(),
+                in_dim,
+                1,
+                w.as_ptr(),
+                1,
+                in_dim,
+            )
+        };
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let rows = x.elem_count() / in_dim;
+        let want_dx = x.track_op();
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearBwd { want_dx })?;
+        let mut at = 0;
+        let dx = if want_dx {
+            at = rows * in_dim;
+            Some(packed.narrow(0, 0, at)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = packed
+            .narrow(0, at, out_dim * in_dim)?
+            .reshape((out_dim, in_dim))?;
+        let db = packed.narrow(0, at + out_dim * in_dim, out_dim)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LinearBwd {
+    fn name(&self) -> &'static str {
+        "tarflow-linear-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (
+            slice(s1, l1, "linear bwd")?,
+            slice(s2, l2, "linear bwd w")?,
+            slice(s3, l3, "linear bwd g")?,
+        );
+        let (out_dim, in_dim) = l2.shape().dims2()?;
+        let rows = x.len() / in_dim;
+        let nx = if self.want_dx { rows * in_dim } else { 0 };
+        let mut out = vec![0f32; nx + out_dim * in_dim + out_dim];
+        let (dx, rest) = out.split_at_mut(nx);
+        let (dw, db) = rest.split_at_mut(out_dim * in_dim);
+        // SAFETY: g is rows×out, W out×in, x rows×in; dx rows×in, dW out×in.
+        unsafe {
+            if self.want_dx {
+                mm(
+                    rows,
+                    in_dim,
+                    out_dim,
+                    dx.as_mut_ptr(),
+                    false,
+                    g.as_ptr(),
+                    out_dim,
+                    1,
+                    w.as_ptr(),
+                    in_dim,
+                    1,
+                );
+            }
+            mm(
+                out_dim,
+                in_dim,
+                rows,
+                dw.as_mut_ptr(),
+                false,
+                g.as_ptr(),
+                1,
+                out_dim,
+                x.as_ptr(),
+                in_dim,
+                1,
+            );
+        }
+        let mut acc = vec![0f64; out_dim];
+        for r in g.chunks_exact(out_dim) {
+            for (a, &v) in acc.iter_mut().zip(r) {
+                *a += v as f64;
+            }
+        }
+        for (d, a) in db.iter_mut().zip(acc) {
+            *d = a as f32;
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from(nx + out_dim * in_dim + out_dim),
+        ))
+    }
+}
+
+/// `x·Wᵀ + b` over the last dimension of `x`, f32 on the CPU, with a fused backward.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
