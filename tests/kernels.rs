@@ -1,0 +1,204 @@
+//! Each fused kernel equals the composed candle ops in values and gradients (f32, random odd
+//! shapes), and a whole model's forward and parameter gradients agree with the kernels on/off.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use common::{random_checkpoint, random_images};
+use tarflow::flows::kernels;
+use tarflow::flows::rng::{randn, seeded};
+use tarflow::{Cond, ModelConfig, TarFlow};
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    randn(&mut seeded(seed), shape.to_vec(), 1.0, &Device::Cpu).unwrap()
+}
+
+/// max |a − b| ≤ rel·max|b| + 1e-6.
+fn close(name: &str, a: &Tensor, b: &Tensor, rel: f64) {
+    assert_eq!(a.dims(), b.dims(), "{name}: shapes");
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+    assert!(
+        diff <= rel * scale + 1e-6,
+        "{name}: max diff {diff} vs scale {scale}"
+    );
+}
+
+/// Values and gradients (w.r.t. every input) of `f` on the fused and the composed functions,
+/// under the loss Σ f(inputs)·r with a random r.
+fn check(
+    name: &str,
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Tensor,
+    composed: impl Fn(&[Tensor]) -> Tensor,
+    rel: f64,
+) {
+    let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let r = rand(y.dims(), 99);
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads: Vec<Tensor> = vars
+            .iter()
+            .map(|v| g.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        (y, grads)
+    };
+    let (ya, ga) = run(&fused);
+    let (yb, gb) = run(&composed);
+    close(&format!("{name} value"), &ya, &yb, rel);
+    for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+        close(&format!("{name} grad of input {i}"), a, b, rel);
+    }
+}
+
+#[test]
+fn layer_norm_matches_composed_ops() {
+    for (rows, c) in [(7, 13), (130, 64), (3, 1)] {
+        let x = (rand(&[rows, c], 1) * 3.0)
+            .unwrap()
+            .broadcast_add(&rand(&[c], 2))
+            .unwrap();
+        let inputs = [x, rand(&[c], 3), rand(&[c], 4)];
+        check(
+            "layer_norm",
+            &inputs,
+            |t| kernels::layer_norm::layer_norm(&t[0], &t[1], &t[2]).unwrap(),
+            |t| {
+                let mean = t[0].mean_keepdim(D::Minus1).unwrap();
+                let xc = t[0].broadcast_sub(&mean).unwrap();
+                let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&t[1])
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn linear_matches_composed_ops() {
+    for (rows, i, o) in [(7, 13, 5), (2 * 65, 64, 96), (1, 3, 1)] {
+        let inputs = [rand(&[rows, i], 5), rand(&[o, i], 6), rand(&[o], 7)];
+        check(
+            "linear",
+            &inputs,
+            |t| kernels::linear::linear(&t[0], &t[1], &t[2]).unwrap(),
+            |t| {
+                t[0].matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn gelu_matches_composed_ops() {
+    let x = (rand(&[9, 37], 8) * 3.0).unwrap();
+    check(
+        "gelu",
+        &[x],
+        |t| kernels::gelu::gelu(&t[0]).unwrap(),
+        |t| t[0].gelu_erf().unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn causal_attention_matches_composed_ops() {
+    for (n, t, heads, hd) in [(3, 5, 3, 7), (2, 16, 2, 32), (1, 1, 1, 4)] {
+        let c = heads * hd;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let qkv = rand(&[n, t, 3 * c], 9);
+        check(
+            "attention",
+            &[qkv],
+            |x| kernels::attention::causal_attention(&x[0], heads, hd, scale).unwrap(),
+            |x| {
+                let qkv = x[0]
+                    .reshape((n, t, 3 * heads, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap();
+                let part = |i: usize| {
+                    qkv.narrow(1, i * heads, heads)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let (q, k, v) = (part(0), part(1), part(2));
+                let mask: Vec<f32> = (0..t * t)
+                    .map(|i| {
+                        if i % t <= i / t {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+                let att = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+                    .unwrap()
+                    .broadcast_add(&mask)
+                    .unwrap();
+                let p = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
+                p.matmul(&v)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((n, t, c))
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
+}
+
+/// Forward and every parameter gradient with the kernels on and off. The switch is global;
+/// the other tests here call the kernels directly and do not read it.
+#[test]
+fn a_model_trains_the_same_with_and_without_fused_kernels() {
+    let mut cfg = ModelConfig::new(3, 8, 2, 64, 2, 2, 3);
+    cfg.head_dim = 32;
+    let ck = random_checkpoint(&cfg, 11);
+    let x = random_images(3, 3, 8, 12);
+    let y = [0i64, 2, -1];
+    let run = || {
+        let (m, vm) = ck.trainable_model(&Device::Cpu, DType::F32).unwrap();
+        let out = m.forward(&x, Cond::Labels(&y)).unwrap();
+        let loss = TarFlow::loss(&out).unwrap();
+        let g = loss.backward().unwrap();
+        let vars = vm.data().lock().unwrap().clone();
+        let mut grads: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), g.get(v.as_tensor()).unwrap().clone()))
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        (out.z, loss, grads)
+    };
+    kernels::set_enabled(false);
+    let (z0, l0, g0) = run();
+    kernels::set_enabled(true);
+    let (z1, l1, g1) = run();
+    close("z", &z1, &z0, 1e-5);
+    close("loss", &l1, &l0, 1e-5);
+    for ((k, a), (_, b)) in g1.iter().zip(&g0) {
+        close(k, a, b, 1e-4);
+    }
+}
