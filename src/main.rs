@@ -9,6 +9,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 fn main() {
+    // candle's worker pool spins ~10⁵ times before parking; between the short ops of a step the
+    // spinning workers steal the cores rayon's GEMM threads need (≈ 8 % of a training step).
+    // Set before candle creates the pool; a user's own setting wins.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     let args = cli::Cli::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");
