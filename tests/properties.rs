@@ -294,6 +294,7 @@ fn the_fast_sampler_equals_the_composed_ops_in_every_variant() {
                         annealed,
                         guide_what,
                         attn_temp,
+                        ..Default::default()
                     });
                 }
             }

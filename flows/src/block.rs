@@ -1,9 +1,9 @@
 //! One flow block (ml-tarflow's `MetaBlock`): a causal transformer predicting an affine map
 //! of each token from the tokens before it, in identity or flipped token order.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ScaleHead};
 use crate::error::{FlowError, Result};
-use crate::layers::{AttentionBlock, Linear};
+use crate::layers::{AttentionBlock, Linear, RmsNorm};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
@@ -60,13 +60,16 @@ pub struct MetaBlock {
     mask: Tensor,         // (T, T): 0 on and below the diagonal, −∞ above
     patch_dim: usize,
     nvp: bool,
+    scale: ScaleHead,
+    sos: Option<Tensor>,            // (1, D) learned start token (STARFlow)
+    final_norm: Option<RmsNorm>,    // before proj_out (STARFlow)
 }
 
 impl MetaBlock {
     /// Loads block `index` of `cfg` (odd blocks flip the token order).
     pub fn new(cfg: &ModelConfig, index: usize, vb: VarBuilder) -> Result<Self> {
         let (t, c, d) = (cfg.num_tokens(), cfg.channels, cfg.patch_dim());
-        let class_embed = if cfg.num_classes > 0 {
+        let class_embed = if cfg.block_conditional(index) {
             Some(
                 vb.get((cfg.num_classes, 1, c), "class_embed")?
                     .reshape((cfg.num_classes, c))?,
@@ -80,7 +83,7 @@ impl MetaBlock {
             })
             .collect::<Result<Vec<_>>>()?;
         let dev = vb.device();
-        let flip = if index % 2 == 1 {
+        let flip = if cfg.block_flipped(index) {
             let idx: Vec<u32> = (0..t as u32).rev().collect();
             Some(Tensor::from_vec(idx, t, dev)?)
         } else {
@@ -106,7 +109,31 @@ impl MetaBlock {
             mask: Tensor::from_vec(mask, (t, t), dev)?.to_dtype(vb.dtype())?,
             patch_dim: d,
             nvp: cfg.nvp,
+            scale: cfg.scale,
+            sos: if cfg.sos {
+                Some(vb.get((1, 1, d), "sos_embed")?.reshape((1, d))?)
+            } else {
+                None
+            },
+            final_norm: if cfg.final_norm {
+                Some(RmsNorm::new(c, vb.pp("final_norm"))?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// The learned start token (1, D), when the block has one.
+    pub fn sos(&self) -> Option<&Tensor> {
+        self.sos.as_ref()
+    }
+
+    /// `proj_out` of the transformer output, after the optional final norm.
+    fn head_out(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.final_norm {
+            Some(n) => self.proj_out.forward(&n.forward(h)?),
+            None => self.proj_out.forward(h),
+        }
     }
 
     /// Applies this block's token permutation along `dim` (its own inverse).
@@ -161,14 +188,23 @@ impl MetaBlock {
         }
     }
 
-    /// Splits the shifted `proj_out` output into (α, μ); α ≡ 0 for volume-preserving blocks.
+    /// Turns raw `proj_out` outputs into (α, μ), α = ln σ; α ≡ 0 for volume-preserving blocks.
+    /// STARFlow's head soft-clips `o ← 4·tanh(o/4)` and takes `σ = softplus(a + 0.5413)`.
     fn split(&self, o: &Tensor) -> Result<(Tensor, Tensor)> {
         let d = self.patch_dim;
-        if self.nvp {
-            Ok((o.narrow(2, 0, d)?, o.narrow(2, d, d)?))
-        } else {
-            Ok((o.zeros_like()?, o.clone()))
+        let o = match self.scale {
+            ScaleHead::Exp => o.clone(),
+            ScaleHead::Softplus => ((o / 4.0)?.tanh()? * 4.0)?,
+        };
+        if !self.nvp {
+            return Ok((o.zeros_like()?, o));
         }
+        let (a, mu) = (o.narrow(2, 0, d)?, o.narrow(2, d, d)?);
+        let alpha = match self.scale {
+            ScaleHead::Exp => a,
+            ScaleHead::Softplus => softplus(&(a + SOFTPLUS_INV_1)?)?.log()?,
+        };
+        Ok((alpha, mu))
     }
 
     /// x → z for this block: `z = (x − μ)·exp(−α)` token-wise, parameters from earlier tokens.
@@ -176,19 +212,32 @@ impl MetaBlock {
         let (n, t, _) = x.dims3()?;
         let x = self.permute(x, 1)?;
         let pe = self.permute(&self.pos_embed, 0)?;
-        let mut h = self.proj_in.forward(&x)?.broadcast_add(&pe)?; // (N, T, C)
+        // STARFlow feeds [sos, x₀ … x_{T−2}] and reads token t's map at t; TarFlow feeds x and
+        // shifts the maps right by one, so token 0 passes through.
+        let input = match &self.sos {
+            Some(sos) => Tensor::cat(
+                &[
+                    &sos.unsqueeze(0)?.broadcast_as((n, 1, self.patch_dim))?.to_dtype(x.dtype())?,
+                    &x.narrow(1, 0, t - 1)?,
+                ],
+                1,
+            )?,
+            None => x.clone(),
+        };
+        let mut h = self.proj_in.forward(&input)?.broadcast_add(&pe)?; // (N, T, C)
         if let Some(c) = self.class_cond(cond, x.device())? {
             h = h.broadcast_add(&c)?;
         }
         for layer in &self.layers {
             h = layer.forward(&h, &self.mask)?;
         }
-        let proj_out = self.proj_out.forward(&h)?; // (N, T, 2D)
-                                                   // Shift right by one so token t's (α, μ) depend only on tokens < t.
-        let width = proj_out.dim(2)?;
-        let zero = Tensor::zeros((n, 1, width), proj_out.dtype(), proj_out.device())?;
-        let shifted = Tensor::cat(&[&zero, &proj_out.narrow(1, 0, t - 1)?], 1)?;
-        let (alpha, mu) = self.split(&shifted)?;
+        let proj_out = self.head_out(&h)?; // (N, T, 2D)
+        let (alpha, mu) = self.split(&proj_out)?;
+        let (alpha, mu) = if self.sos.is_some() {
+            (alpha, mu)
+        } else {
+            (shift(&alpha)?, shift(&mu)?)
+        };
         let z = (x - mu)?.mul(&exp_f32(&alpha.neg()?)?)?;
         let logdet = alpha
             .mean_keepdim(2)?
@@ -209,7 +258,9 @@ impl MetaBlock {
         self.layers.iter().map(|_| KvCache::new(2, t)).collect()
     }
 
-    /// Feeds token `i` (N, 1, D), already in its final value, and returns the (α, μ) of token i+1.
+    /// Feeds sequence position `i` (N, 1, D) and returns the (α, μ) of the next token: token
+    /// i+1 (TarFlow; the input is token i) or token i (with `sos`; the input is token i−1, or
+    /// the start token at i = 0).
     pub fn step(
         &self,
         x_i: &Tensor,
@@ -233,8 +284,24 @@ impl MetaBlock {
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             h = layer.step(&h, cache, attn_temp)?;
         }
-        self.split(&self.proj_out.forward(&h)?)
+        self.split(&self.head_out(&h)?)
     }
+}
+
+/// softplus⁻¹(1): STARFlow's offset so that σ = 1 when the head outputs 0.
+const SOFTPLUS_INV_1: f64 = 0.541_324_854_612_918_1;
+
+/// `ln(1 + eˣ)`, stable for large |x|.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    let pos = x.relu()?;
+    Ok((pos + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+}
+
+/// Shifts (N, T, D) right by one token along T, with zeros first.
+fn shift(x: &Tensor) -> Result<Tensor> {
+    let (n, t, d) = x.dims3()?;
+    let zero = Tensor::zeros((n, 1, d), x.dtype(), x.device())?;
+    Ok(Tensor::cat(&[&zero, &x.narrow(1, 0, t - 1)?], 1)?)
 }
 
 /// `exp` evaluated in at least f32, as upstream forces for the scales.

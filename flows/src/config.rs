@@ -13,6 +13,35 @@ fn default_true() -> bool {
     true
 }
 
+/// Token order of each block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Permutation {
+    /// TarFlow: even blocks raster order, odd blocks reversed.
+    #[default]
+    Alternate,
+    /// STARFlow (`seq_order = L2R`): the deep last block in raster order, shallow block i
+    /// reversed when i is even.
+    Starflow,
+    /// Every block in raster order (an ablation).
+    None,
+}
+
+/// How the head's first half becomes the log-scale α.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScaleHead {
+    /// TarFlow: α is the raw output, `z = (x − μ)·exp(−α)`.
+    #[default]
+    Exp,
+    /// STARFlow: `o ← 4·tanh(o/4)`, `σ = softplus(a + 0.5413)`, `z = (x − μ)/σ` (α = ln σ).
+    Softplus,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 /// Shape and options of a TarFlow model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +74,23 @@ pub struct ModelConfig {
     /// Affine (true) or volume-preserving shift-only (false) coupling.
     #[serde(default = "default_true")]
     pub nvp: bool,
+    /// Token order of each block (STARFlow: `starflow`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub permutation: Permutation,
+    /// Scale parameterisation (STARFlow: `softplus`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub scale: ScaleHead,
+    /// A learned start-of-sequence token in input space instead of TarFlow's zero shift, so
+    /// that the first token is transformed too (STARFlow `sos`; key `blocks.{k}.sos_embed`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sos: bool,
+    /// RMSNorm `x·rsqrt(mean(x²) + 1e-6)·(1 + w)` before the output projection
+    /// (key `blocks.{k}.final_norm.weight`, w = 0 at init).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub final_norm: bool,
+    /// Class conditioning only in the deep (last) block; shallow blocks are unconditional.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cond_deep_only: bool,
 }
 
 impl ModelConfig {
@@ -70,6 +116,11 @@ impl ModelConfig {
             mlp_ratio: 4,
             num_classes,
             nvp: true,
+            permutation: Permutation::Alternate,
+            scale: ScaleHead::Exp,
+            sos: false,
+            final_norm: false,
+            cond_deep_only: false,
         }
     }
 
@@ -137,6 +188,29 @@ impl ModelConfig {
     /// Number of scalar dimensions of one image, n = C·S².
     pub fn dims_per_image(&self) -> usize {
         self.in_channels * self.img_size * self.img_size
+    }
+
+    /// Whether block k reads its tokens in reverse order.
+    pub fn block_flipped(&self, k: usize) -> bool {
+        match self.permutation {
+            Permutation::Alternate => k % 2 == 1,
+            Permutation::Starflow => k + 1 < self.num_blocks && k % 2 == 0,
+            Permutation::None => false,
+        }
+    }
+
+    /// Whether block k receives the class embedding.
+    pub fn block_conditional(&self, k: usize) -> bool {
+        self.num_classes > 0 && (!self.cond_deep_only || k + 1 == self.num_blocks)
+    }
+
+    /// Whether every option is TarFlow's (the layout the fast CPU path implements).
+    pub fn is_plain_tarflow(&self) -> bool {
+        self.permutation == Permutation::Alternate
+            && self.scale == ScaleHead::Exp
+            && !self.sos
+            && !self.final_norm
+            && !self.cond_deep_only
     }
 
     /// Transformer depth of block k (x→z order).

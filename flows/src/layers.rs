@@ -101,6 +101,31 @@ impl LayerNorm {
     }
 }
 
+/// STARFlow's final RMSNorm `x·rsqrt(mean(x²) + 1e-6)·(1 + w)`, w = 0 at init, in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+}
+
+impl RmsNorm {
+    /// Loads `weight` (dim) under `vb`.
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+        })
+    }
+
+    /// Normalises `x` (…, dim).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?;
+        let w = (self.weight.to_dtype(DType::F32)? + 1.0)?;
+        Ok(y.broadcast_mul(&w)?.to_dtype(dtype)?)
+    }
+}
+
 fn softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(if x.track_op() || x.dtype() != DType::F32 {
         candle_nn::ops::softmax(x, D::Minus1)?

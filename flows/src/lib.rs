@@ -21,4 +21,4 @@ pub use block::Cond;
 pub use checkpoint::Checkpoint;
 pub use config::ModelConfig;
 pub use error::{FlowError, Result};
-pub use model::{BpdConvention, FlowOutput, GuideWhat, ReverseOptions, TarFlow};
+pub use model::{BpdConvention, FlowOutput, GuidanceRule, GuideWhat, ReverseOptions, TarFlow};

@@ -35,6 +35,46 @@ impl std::str::FromStr for GuideWhat {
     }
 }
 
+/// How the conditional and unconditional predictions are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuidanceRule {
+    /// TarFlow: extrapolate α and μ linearly, `p + w·(p_c − p_u)`.
+    #[default]
+    Linear,
+    /// STARFlow's closed form for Gaussians: `s = min(σc/σu, 1)²`, `σ̃ = σc/√(1+w−ws)`,
+    /// `μ̃ = ((1+w)μc − wsμu)/(1+w−ws)` (ignores `annealed` and `guide_what`).
+    Gaussian,
+}
+
+impl std::str::FromStr for GuidanceRule {
+    type Err = FlowError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "linear" | "tarflow" => Ok(GuidanceRule::Linear),
+            "gaussian" | "starflow" => Ok(GuidanceRule::Gaussian),
+            _ => Err(FlowError::Input(format!(
+                "guidance rule must be linear or gaussian; got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// STARFlow's guided (α̃, μ̃) from the conditional (α, μ) and unconditional ones, α = ln σ.
+pub fn gaussian_guidance(
+    a_c: &Tensor,
+    mu_c: &Tensor,
+    a_u: &Tensor,
+    mu_u: &Tensor,
+    w: f64,
+) -> Result<(Tensor, Tensor)> {
+    // s = min(σc/σu, 1)² = exp(2·min(αc − αu, 0)).
+    let s = ((a_c - a_u)?.minimum(0f32)? * 2.0)?.exp()?;
+    let denom = ((s.clone() * (-w))? + (1.0 + w))?;
+    let a = (a_c - (denom.log()? * 0.5)?)?;
+    let mu = (((mu_c * (1.0 + w))? - (mu_u * s)? * w)? / denom)?;
+    Ok((a, mu))
+}
+
 /// Options of the inverse pass (ml-tarflow's `Model.reverse` keyword arguments).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReverseOptions {
@@ -46,6 +86,11 @@ pub struct ReverseOptions {
     pub guide_what: GuideWhat,
     /// Attention temperature of the unconditional (guidance) pass.
     pub attn_temp: f64,
+    /// How the two predictions are combined.
+    pub rule: GuidanceRule,
+    /// Guide only the first K blocks sampled (the last K in x→z order, STARFlow: 1, the deep
+    /// block); 0 guides every block.
+    pub guide_blocks: usize,
 }
 
 impl Default for ReverseOptions {
@@ -55,6 +100,8 @@ impl Default for ReverseOptions {
             annealed: false,
             guide_what: GuideWhat::Both,
             attn_temp: 1.0,
+            rule: GuidanceRule::Linear,
+            guide_blocks: 0,
         }
     }
 }
@@ -249,7 +296,7 @@ impl TarFlow {
         self.check_labels(cond, x.dim(0)?)?;
         let mut s = patchify(&x.to_dtype(self.dtype)?, self.cfg.patch_size)?; // (N, T, D)
                                                                               // Only without any gradient: neither the input nor the weights (training) are tracked.
-        if !x.track_op() && self.frozen() {
+        if !x.track_op() && self.frozen() && self.cfg.is_plain_tarflow() {
             if let Some(fb) = self.fast_blocks()? {
                 return self.forward_fast(&fb, &s, cond);
             }
@@ -401,7 +448,16 @@ impl TarFlow {
         if all {
             seq.push(unpatchify(&s, c, p)?);
         }
-        let fast = self.fast_blocks()?;
+        // The fast CPU sampler implements TarFlow's layout and rule only.
+        let fast = if self.cfg.is_plain_tarflow()
+            && opts.rule == GuidanceRule::Linear
+            && opts.guide_blocks == 0
+        {
+            self.fast_blocks()?
+        } else {
+            None
+        };
+        let nb = self.blocks.len();
         for (k, block) in self.blocks.iter().enumerate().rev() {
             s = match &fast {
                 Some(fb) => {
@@ -414,7 +470,18 @@ impl TarFlow {
                     let out = fb[k].reverse_parallel(&flat, n, labels, opts);
                     Tensor::from_vec(out, (n, t, d), &self.device)?
                 }
-                None => self.reverse_block(block, &s, cond, opts)?,
+                None => {
+                    let guided = opts.guide_blocks == 0 || k + opts.guide_blocks >= nb;
+                    let o = if guided {
+                        *opts
+                    } else {
+                        ReverseOptions {
+                            guidance: 0.0,
+                            ..*opts
+                        }
+                    };
+                    self.reverse_block(block, &s, cond, &o)?
+                }
             };
             if all {
                 seq.push(unpatchify(&s, c, p)?);
@@ -447,24 +514,45 @@ impl TarFlow {
         };
         let mut cache = block.new_caches();
         let mut cache_u = block.new_caches();
-        for i in 0..t - 1 {
-            let (mut a, mut b) = block.step(&tokens[i], i, cls.as_ref(), &mut cache, 1.0)?;
+        // With a start token, position i reads token i−1 (the start token at 0) and yields
+        // token i's map; otherwise position i reads token i and yields token i+1's.
+        let sos = block.sos();
+        let steps = if sos.is_some() { t } else { t - 1 };
+        for i in 0..steps {
+            let target = if sos.is_some() { i } else { i + 1 };
+            let input = match sos {
+                Some(s0) if i == 0 => s0
+                    .unsqueeze(0)?
+                    .broadcast_as(tokens[0].dims())?
+                    .to_dtype(tokens[0].dtype())?
+                    .contiguous()?,
+                Some(_) => tokens[i - 1].clone(),
+                None => tokens[i].clone(),
+            };
+            let (mut a, mut b) = block.step(&input, i, cls.as_ref(), &mut cache, 1.0)?;
             if guided {
                 let (au, bu) =
-                    block.step(&tokens[i], i, cls_u.as_ref(), &mut cache_u, opts.attn_temp)?;
-                let g = if opts.annealed {
-                    (i + 1) as f64 / (t - 1) as f64 * opts.guidance
-                } else {
-                    opts.guidance
-                };
-                if opts.guide_what != GuideWhat::Mu {
-                    a = (&a + ((&a - au)? * g)?)?;
-                }
-                if opts.guide_what != GuideWhat::Alpha {
-                    b = (&b + ((&b - bu)? * g)?)?;
+                    block.step(&input, i, cls_u.as_ref(), &mut cache_u, opts.attn_temp)?;
+                match opts.rule {
+                    GuidanceRule::Linear => {
+                        let g = if opts.annealed {
+                            (i + 1) as f64 / (t - 1) as f64 * opts.guidance
+                        } else {
+                            opts.guidance
+                        };
+                        if opts.guide_what != GuideWhat::Mu {
+                            a = (&a + ((&a - au)? * g)?)?;
+                        }
+                        if opts.guide_what != GuideWhat::Alpha {
+                            b = (&b + ((&b - bu)? * g)?)?;
+                        }
+                    }
+                    GuidanceRule::Gaussian => {
+                        (a, b) = gaussian_guidance(&a, &b, &au, &bu, opts.guidance)?;
+                    }
                 }
             }
-            tokens[i + 1] = tokens[i + 1].mul(&exp_f32(&a)?)?.add(&b)?;
+            tokens[target] = tokens[target].mul(&exp_f32(&a)?)?.add(&b)?;
         }
         block.permute(&Tensor::cat(&tokens, 1)?, 1)
     }

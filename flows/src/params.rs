@@ -47,7 +47,7 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     for k in 0..cfg.num_blocks {
         let b = format!("blocks.{k}");
         p(format!("{b}.pos_embed"), vec![t, c], Init::Normal(0.01));
-        if cfg.num_classes > 0 {
+        if cfg.block_conditional(k) {
             p(
                 format!("{b}.class_embed"),
                 vec![cfg.num_classes, 1, c],
@@ -74,6 +74,12 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
                 lin(hidden),
             );
             p(format!("{a}.mlp.main.2.bias"), vec![c], lin(hidden));
+        }
+        if cfg.sos {
+            p(format!("{b}.sos_embed"), vec![1, 1, d], Init::Normal(1.0));
+        }
+        if cfg.final_norm {
+            p(format!("{b}.final_norm.weight"), vec![c], Init::Zeros);
         }
         // Zero weight: every block starts as an input-independent affine map (upstream init).
         p(format!("{b}.proj_out.weight"), vec![out, c], Init::Zeros);

@@ -5,7 +5,7 @@ use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use tarflow_flows::{GuideWhat, ReverseOptions};
+use tarflow_flows::{GuidanceRule, GuideWhat, ReverseOptions};
 use tarflow_sample::generate::{generate, read_noise, save_tensor, Labels, SampleOptions};
 use tarflow_sample::grid::to_u8;
 
@@ -42,6 +42,12 @@ pub struct SampleArgs {
     /// Attention temperature of the unconditional pass.
     #[arg(long, default_value_t = 1.0)]
     attn_temp: f64,
+    /// Guidance rule: linear (TarFlow) or gaussian (STARFlow's closed form).
+    #[arg(long, default_value = "linear")]
+    guidance_rule: String,
+    /// Guide only the first K blocks sampled (STARFlow: 1, the deep block); 0 = all.
+    #[arg(long, default_value_t = 0)]
+    guide_blocks: usize,
     /// One score-based denoising step x + λσ²∇log p(x) after sampling.
     #[arg(long)]
     denoise: bool,
@@ -115,6 +121,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
             annealed: a.annealed,
             guide_what: a.guide.parse::<GuideWhat>().map_err(anyhow::Error::msg)?,
             attn_temp: a.attn_temp,
+            rule: a
+                .guidance_rule
+                .parse::<GuidanceRule>()
+                .map_err(anyhow::Error::msg)?,
+            guide_blocks: a.guide_blocks,
         },
         denoise,
         max_redraws: 10,
