@@ -13,6 +13,23 @@ fn tiny(classes: usize) -> ModelConfig {
     ModelConfig::new(1, 4, 2, 64, 3, 1, classes)
 }
 
+/// The same with every STARFlow option on: deep last block, its permutation, softplus scale,
+/// start token, final RMSNorm, conditioning in the deep block only.
+fn starflow(mut cfg: ModelConfig) -> ModelConfig {
+    use tarflow::flows::config::{Permutation, ScaleHead};
+    let mut layers = vec![1; cfg.num_blocks];
+    if let Some(l) = layers.last_mut() {
+        *l = 2;
+    }
+    cfg.layers = Some(layers);
+    cfg.permutation = Permutation::Starflow;
+    cfg.scale = ScaleHead::Softplus;
+    cfg.sos = true;
+    cfg.final_norm = true;
+    cfg.cond_deep_only = true;
+    cfg
+}
+
 /// log|det A| by Gaussian elimination with partial pivoting.
 fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
     let n = a.len();
@@ -38,8 +55,27 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
 
 #[test]
 fn log_det_equals_brute_force_jacobian_in_f64() {
-    let cfg = tiny(3);
-    let m = random_checkpoint(&cfg, 7)
+    use tarflow::flows::config::{Permutation, ScaleHead};
+    let mut variants = vec![tiny(3)];
+    for i in 0..5 {
+        let mut c = tiny(3);
+        match i {
+            0 => c.permutation = Permutation::Starflow,
+            1 => c.scale = ScaleHead::Softplus,
+            2 => c.sos = true,
+            3 => c.final_norm = true,
+            _ => c.cond_deep_only = true,
+        }
+        variants.push(c);
+    }
+    variants.push(starflow(tiny(3)));
+    for cfg in &variants {
+        log_det_check(cfg);
+    }
+}
+
+fn log_det_check(cfg: &ModelConfig) {
+    let m = random_checkpoint(cfg, 7)
         .model(&Device::Cpu, DType::F64)
         .unwrap();
     let x = random_images(2, 1, 4, 3).to_dtype(DType::F64).unwrap();
@@ -80,7 +116,13 @@ fn log_det_equals_brute_force_jacobian_in_f64() {
 #[test]
 fn forward_and_reverse_are_inverse_on_random_inputs() {
     let cfg = ModelConfig::new(3, 8, 2, 64, 4, 2, 5);
-    let m = random_checkpoint(&cfg, 11)
+    for cfg in [cfg.clone(), starflow(cfg)] {
+        inverse_check(&cfg);
+    }
+}
+
+fn inverse_check(cfg: &ModelConfig) {
+    let m = random_checkpoint(cfg, 11)
         .model(&Device::Cpu, DType::F32)
         .unwrap();
     let x = random_images(3, 3, 8, 5);

@@ -378,3 +378,52 @@ fn every_shipped_experiment_config_is_valid() {
     }
     assert!(n >= 4, "{n} configs");
 }
+
+#[test]
+fn a_starflow_model_trains_and_samples_with_its_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let sets = [
+        "model.layers=[1, 2]",
+        "model.permutation=starflow",
+        "model.scale=softplus",
+        "model.sos=true",
+        "model.final_norm=true",
+        "model.cond_deep_only=true",
+        "optim.latent_norm=1e-4",
+        "train.max_steps=12",
+        "eval.every=0",
+    ];
+    let o = train(&cfg, dir.path(), &sets);
+    assert!(o.status.success(), "{}", text(&o));
+    let l = losses(&dir.path().join("tiny"));
+    assert!(l[11].1 < l[0].1, "{l:?}");
+    let run = dir.path().join("tiny");
+    let out = dir.path().join("s.png");
+    let o = tarflow(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--num",
+        "4",
+        "--labels",
+        "0,1,2,3",
+        "--guidance",
+        "2",
+        "--guidance-rule",
+        "gaussian",
+        "--guide-blocks",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&tarflow(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--guidance-rule",
+        "cubic",
+    ]));
+    assert!(t.contains("linear or gaussian"), "{t}");
+}

@@ -61,8 +61,8 @@ pub struct MetaBlock {
     patch_dim: usize,
     nvp: bool,
     scale: ScaleHead,
-    sos: Option<Tensor>,            // (1, D) learned start token (STARFlow)
-    final_norm: Option<RmsNorm>,    // before proj_out (STARFlow)
+    sos: Option<Tensor>,         // (1, D) learned start token (STARFlow)
+    final_norm: Option<RmsNorm>, // before proj_out (STARFlow)
 }
 
 impl MetaBlock {
@@ -217,7 +217,9 @@ impl MetaBlock {
         let input = match &self.sos {
             Some(sos) => Tensor::cat(
                 &[
-                    &sos.unsqueeze(0)?.broadcast_as((n, 1, self.patch_dim))?.to_dtype(x.dtype())?,
+                    &sos.unsqueeze(0)?
+                        .broadcast_as((n, 1, self.patch_dim))?
+                        .to_dtype(x.dtype())?,
                     &x.narrow(1, 0, t - 1)?,
                 ],
                 1,

@@ -118,10 +118,14 @@ impl RmsNorm {
     /// Normalises `x` (…, dim).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        // At least f32 (bf16/f16 are upcast); f64 stays f64.
+        let x = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let y = x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?;
-        let w = (self.weight.to_dtype(DType::F32)? + 1.0)?;
+        let w = (self.weight.to_dtype(x.dtype())? + 1.0)?;
         Ok(y.broadcast_mul(&w)?.to_dtype(dtype)?)
     }
 }

@@ -363,6 +363,17 @@ impl TarFlow {
         Ok((mse - out.logdets.to_dtype(DType::F32)?.mean_all()?)?)
     }
 
+    /// STARFlow's latent-norm penalty `Σ_k mean(h_k²)` over the intermediate outputs (every
+    /// block's output but the last; the input's own term has no gradient and is left out).
+    pub fn latent_norm(out: &FlowOutput) -> Result<Tensor> {
+        let k = out.blocks.len();
+        let mut acc = Tensor::zeros((), DType::F32, out.z.device())?;
+        for b in out.blocks.iter().take(k.saturating_sub(1)) {
+            acc = (acc + b.out.to_dtype(DType::F32)?.sqr()?.mean_all()?)?;
+        }
+        Ok(acc)
+    }
+
     /// Per-sample training loss `0.5·mean_{t,d}(z²) − logdets` (N).
     pub fn loss_per_sample(out: &FlowOutput) -> Result<Tensor> {
         let mse = (out.z.sqr()?.flatten_from(1)?.mean(1)? * 0.5)?;

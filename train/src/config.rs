@@ -162,6 +162,9 @@ pub struct OptimConfig {
     pub grad_clip: f64,
     /// EMA decay of the weights; 0 turns the EMA off (as ml-tarflow).
     pub ema_decay: f64,
+    /// Weight of STARFlow's latent-norm penalty on intermediate block outputs (1e-4 in
+    /// STARFlow); 0 turns it off.
+    pub latent_norm: f64,
 }
 
 impl Default for OptimConfig {
@@ -178,6 +181,7 @@ impl Default for OptimConfig {
             weight_decay: 1e-4,
             grad_clip: 0.0,
             ema_decay: 0.0,
+            latent_norm: 0.0,
         }
     }
 }
@@ -407,6 +411,7 @@ impl TrainConfig {
             ("optim.eps", o.eps),
             ("optim.weight_decay", o.weight_decay),
             ("optim.grad_clip", o.grad_clip),
+            ("optim.latent_norm", o.latent_norm),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(k, format!("{v} must be ≥ 0"));

@@ -321,7 +321,10 @@ impl Trainer {
             let [n, c, h, w] = b.shape;
             let x = Tensor::from_vec(b.images, (n, c, h, w), &self.device)?.to_dtype(self.dtype)?;
             let out = self.model.forward(&x, self.cond(&b.labels))?;
-            let loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
+            let mut loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
+            if self.cfg.optim.latent_norm > 0.0 {
+                loss = (loss + (TarFlow::latent_norm(&out)? * self.cfg.optim.latent_norm)?)?;
+            }
             let v = loss.to_scalar::<f32>()? as f64;
             if !v.is_finite() {
                 return Err(self.non_finite(next_step, v));
