@@ -194,7 +194,7 @@ impl ModelConfig {
     pub fn block_flipped(&self, k: usize) -> bool {
         match self.permutation {
             Permutation::Alternate => k % 2 == 1,
-            Permutation::Starflow => k + 1 < self.num_blocks && k % 2 == 0,
+            Permutation::Starflow => k + 1 < self.num_blocks && k.is_multiple_of(2),
             Permutation::None => false,
         }
     }
