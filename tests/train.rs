@@ -427,3 +427,82 @@ fn a_starflow_model_trains_and_samples_with_its_guidance() {
     ]));
     assert!(t.contains("linear or gaussian"), "{t}");
 }
+
+#[test]
+fn an_experiment_trains_its_variants_once_and_writes_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let exp = dir.path().join("exp.toml");
+    std::fs::write(
+        &exp,
+        format!(
+            r#"name = "tiny-ablation"
+base = {:?}
+set = ["train.max_steps=10", "eval.every=0", "eval.sample_every=0", "data.val_count=200"]
+fd_samples = 50
+[grid]
+"model.num_blocks" = [1, 2]
+[[sampling]]
+name = "plain"
+[[sampling]]
+name = "w=2 gaussian"
+guidance = 2.0
+rule = "gaussian"
+"#,
+            cfg.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tarflow"));
+        c.current_dir(dir.path()).env("RAYON_NUM_THREADS", "1");
+        c.args(["experiment", exp.to_str().unwrap()]).args(extra);
+        c.output().unwrap()
+    };
+    let o = run(&["--dry-run"]);
+    assert!(
+        o.status.success() && text(&o).contains("model.num_blocks=2"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let res = dir.path().join("experiments/results/tiny-ablation");
+    let md = std::fs::read_to_string(res.join("results.md")).unwrap();
+    assert_eq!(md.matches("| model.num_blocks=").count(), 4, "{md}");
+    assert!(
+        md.contains("w=2 gaussian") && md.contains("not Inception FID"),
+        "{md}"
+    );
+    let csv = std::fs::read_to_string(res.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    for f in [
+        "plots/val_bpd.png",
+        "plots/fd.png",
+        "plots/loss.png",
+        "grids/model.num_blocks_1-s0.png",
+    ] {
+        assert!(res.join(f).is_file(), "missing {f}");
+    }
+    // A second run skips the finished variants.
+    let o = run(&[]);
+    assert!(
+        o.status.success() && text(&o).matches("skipped").count() == 2,
+        "{}",
+        text(&o)
+    );
+    // A bad override in one variant is named before anything runs.
+    std::fs::write(
+        &exp,
+        std::fs::read_to_string(&exp)
+            .unwrap()
+            .replace("[1, 2]", "[1, 0]"),
+    )
+    .unwrap();
+    let o = run(&["--dry-run"]);
+    assert!(
+        !o.status.success() && text(&o).contains("num_blocks"),
+        "{}",
+        text(&o)
+    );
+}

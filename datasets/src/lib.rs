@@ -33,6 +33,25 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
+    /// The images `idx` (in that order) as a new set.
+    pub fn subset(&self, idx: &[usize]) -> ImageSet {
+        let n = self.image_len();
+        let mut pixels = Vec::with_capacity(idx.len() * n);
+        for &i in idx {
+            pixels.extend_from_slice(&self.pixels[i * n..(i + 1) * n]);
+        }
+        ImageSet {
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+            pixels,
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| idx.iter().map(|&i| l[i]).collect()),
+        }
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.pixels.len() / self.image_len().max(1)

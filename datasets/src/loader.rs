@@ -96,6 +96,16 @@ impl Loader {
         self
     }
 
+    /// The whole image set the indices refer to.
+    pub fn set(&self) -> &ImageSet {
+        &self.set
+    }
+
+    /// The indices of the images this loader draws from.
+    pub fn indices(&self) -> &[usize] {
+        &self.indices
+    }
+
     /// Full batches per epoch (drop-last).
     pub fn batches_per_epoch(&self) -> usize {
         self.indices.len() / self.batch_size

@@ -2,6 +2,8 @@
 
 mod bench;
 mod data;
+mod experiment;
+mod fd;
 mod import;
 mod info;
 mod sample;
@@ -33,6 +35,10 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Exact negative log-likelihood and bits/dim of image files.
     Score(score::ScoreArgs),
+    /// Fréchet distance of samples to held-out images in a small classifier's feature space.
+    Fd(fd::FdArgs),
+    /// Run an ablation: variants of a base config, trained and measured, with a results table.
+    Experiment(experiment::ExperimentArgs),
     /// Measure scoring or sampling throughput.
     Bench(bench::BenchArgs),
 }
@@ -45,6 +51,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Score(a) => score::run(a),
+        Command::Fd(a) => fd::run(a),
+        Command::Experiment(a) => experiment::run_cmd(a),
         Command::Bench(a) => bench::run(a),
         Command::Data(c) => data::run(c),
     }

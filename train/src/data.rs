@@ -61,7 +61,7 @@ pub(crate) fn load_images(
 
 /// The training loader (micro-batches, augmented) and the validation loader (uniform
 /// dequantisation, no augmentation), or none when nothing is held out.
-pub(crate) fn loaders(
+pub fn loaders(
     cfg: &TrainConfig,
     micro: usize,
     warnings: &mut Vec<String>,
