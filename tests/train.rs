@@ -506,3 +506,78 @@ rule = "gaussian"
         text(&o)
     );
 }
+
+#[test]
+fn every_shipped_ablation_is_valid() {
+    use tarflow::train::experiment::{dry_run, Experiment};
+    let mut n = 0;
+    for e in std::fs::read_dir("experiments/ablations").unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let e = Experiment::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let runs = dry_run(&e, std::path::Path::new("runs/x"))
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(!runs.is_empty());
+            n += 1;
+        }
+    }
+    assert!(n >= 16, "{n} ablation files (8 CPU + 8 ImageNet-64)");
+}
+
+#[test]
+fn jacobi_sampling_of_a_trained_model_matches_sequential() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let o = train(&cfg, dir.path(), &["train.max_steps=30", "eval.every=0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("tiny");
+    let get = |solver: &str, extra: &[&str]| {
+        let t = dir.path().join(format!("{solver}.safetensors"));
+        let g = dir.path().join("g.png");
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--num",
+            "8",
+            "--labels",
+            "random",
+            "--seed",
+            "3",
+            "--solver",
+            solver,
+            "--out",
+            g.to_str().unwrap(),
+            "--out-tensor",
+            t.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = tarflow(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        let s = candle_core::safetensors::load(&t, &candle_core::Device::Cpu).unwrap();
+        (
+            s["samples"].clone(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    for extra in [vec![], vec!["--guidance", "2"]] {
+        let (a, _) = get("sequential", &extra);
+        let mut jx = extra.clone();
+        jx.extend(["--chunk", "4,0"]);
+        let (b, log) = get("jacobi", &jx);
+        let d = common_max_diff(&a, &b);
+        assert!(d < 1e-3, "{extra:?}: {d}");
+        assert!(
+            log.contains("jacobi block 1") && log.contains("toughness"),
+            "{log}"
+        );
+    }
+}
+
+fn common_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}

@@ -209,8 +209,44 @@ impl MetaBlock {
 
     /// x → z for this block: `z = (x − μ)·exp(−α)` token-wise, parameters from earlier tokens.
     pub fn forward(&self, x: &Tensor, cond: Cond) -> Result<BlockOutput> {
-        let (n, t, _) = x.dims3()?;
         let x = self.permute(x, 1)?;
+        let cls = self.class_cond(cond, x.device())?;
+        let (alpha, mu, proj_out) = self.maps(&x, cls.as_ref(), 1.0)?;
+        let z = (x - mu)?.mul(&exp_f32(&alpha.neg()?)?)?;
+        let logdet = alpha
+            .mean_keepdim(2)?
+            .mean_keepdim(1)?
+            .flatten_all()?
+            .neg()?;
+        Ok(BlockOutput {
+            out: self.permute(&z, 1)?,
+            logdet,
+            proj_out,
+            alpha,
+        })
+    }
+
+    /// The (α, μ) of every token given all tokens `x` (N, T, D) in this block's own order, in
+    /// one causal pass: token t's map depends only on tokens before it. Used by the forward
+    /// pass and the parallel (Jacobi) inverse; `attn_temp` divides the attention scores.
+    pub fn params(
+        &self,
+        x: &Tensor,
+        cls: Option<&Tensor>,
+        attn_temp: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (alpha, mu, _) = self.maps(x, cls, attn_temp)?;
+        Ok((alpha, mu))
+    }
+
+    /// [`Self::params`] plus the raw `proj_out` (N, T, W).
+    fn maps(
+        &self,
+        x: &Tensor,
+        cls: Option<&Tensor>,
+        attn_temp: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, t, _) = x.dims3()?;
         let pe = self.permute(&self.pos_embed, 0)?;
         // STARFlow feeds [sos, x₀ … x_{T−2}] and reads token t's map at t; TarFlow feeds x and
         // shifts the maps right by one, so token 0 passes through.
@@ -226,12 +262,14 @@ impl MetaBlock {
             )?,
             None => x.clone(),
         };
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+        let pe = pe.narrow(0, 0, t)?;
         let mut h = self.proj_in.forward(&input)?.broadcast_add(&pe)?; // (N, T, C)
-        if let Some(c) = self.class_cond(cond, x.device())? {
-            h = h.broadcast_add(&c)?;
+        if let Some(c) = cls {
+            h = h.broadcast_add(c)?;
         }
         for layer in &self.layers {
-            h = layer.forward(&h, &self.mask)?;
+            h = layer.forward(&h, &mask, attn_temp)?;
         }
         let proj_out = self.head_out(&h)?; // (N, T, 2D)
         let (alpha, mu) = self.split(&proj_out)?;
@@ -240,18 +278,7 @@ impl MetaBlock {
         } else {
             (shift(&alpha)?, shift(&mu)?)
         };
-        let z = (x - mu)?.mul(&exp_f32(&alpha.neg()?)?)?;
-        let logdet = alpha
-            .mean_keepdim(2)?
-            .mean_keepdim(1)?
-            .flatten_all()?
-            .neg()?;
-        Ok(BlockOutput {
-            out: self.permute(&z, 1)?,
-            logdet,
-            proj_out,
-            alpha,
-        })
+        Ok((alpha, mu, proj_out))
     }
 
     /// Fresh KV caches, one per layer, for an inverse pass.

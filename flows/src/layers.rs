@@ -199,10 +199,10 @@ impl Attention {
 
     /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞ (the fused
     /// kernel builds the causal mask itself).
-    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: &Tensor, temp: f64) -> Result<Tensor> {
         if crate::kernels::applies(x) {
             let qkv = self.qkv.forward(&self.norm.forward(x)?)?; // (N, T, 3C)
-            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            let scale = 1.0 / ((self.head_dim as f64).sqrt() * temp);
             let y = crate::kernels::attention::causal_attention(
                 &qkv,
                 self.num_heads,
@@ -212,7 +212,7 @@ impl Attention {
             return self.proj.forward(&y);
         }
         let (q, k, v) = self.qkv(x)?;
-        self.attend(&q, &k, &v, Some(mask), 1.0)
+        self.attend(&q, &k, &v, Some(mask), temp)
     }
 
     /// One new token (N, 1, C) attending to the cached ones and itself.
@@ -300,9 +300,9 @@ impl AttentionBlock {
         }
     }
 
-    /// Causal pass over (N, T, C).
-    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attention.forward(x, mask)?)?;
+    /// Causal pass over (N, T, C); `attn_temp` divides the attention scores.
+    pub fn forward(&self, x: &Tensor, mask: &Tensor, attn_temp: f64) -> Result<Tensor> {
+        let x = (x + self.attention.forward(x, mask, attn_temp)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
     }
 

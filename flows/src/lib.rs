@@ -21,4 +21,7 @@ pub use block::Cond;
 pub use checkpoint::Checkpoint;
 pub use config::ModelConfig;
 pub use error::{FlowError, Result};
-pub use model::{BpdConvention, FlowOutput, GuidanceRule, GuideWhat, ReverseOptions, TarFlow};
+pub use model::{
+    BlockSolve, BpdConvention, FlowOutput, GuidanceRule, GuideWhat, JacobiInit, JacobiOptions,
+    ReverseOptions, TarFlow,
+};

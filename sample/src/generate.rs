@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use rand::Rng;
 use std::path::Path;
 use tarflow_flows::rng::{randn, seeded};
-use tarflow_flows::{Cond, ReverseOptions, TarFlow};
+use tarflow_flows::{BlockSolve, Cond, JacobiOptions, ReverseOptions, TarFlow};
 
 /// Which labels the samples get.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +38,8 @@ pub struct SampleOptions {
     pub denoise: Option<(f64, f64)>,
     /// Redraws allowed per batch whose samples contain NaN/Inf.
     pub max_redraws: usize,
+    /// The parallel GS-Jacobi solver instead of the sequential KV-cached one.
+    pub jacobi: Option<JacobiOptions>,
 }
 
 impl Default for SampleOptions {
@@ -51,6 +53,7 @@ impl Default for SampleOptions {
             reverse: ReverseOptions::default(),
             denoise: None,
             max_redraws: 10,
+            jacobi: None,
         }
     }
 }
@@ -64,6 +67,8 @@ pub struct Samples {
     pub labels: Vec<i64>,
     /// Batches redrawn because a sample was NaN/Inf.
     pub redrawn: usize,
+    /// Jacobi solves per block (summed over batches), when that solver ran.
+    pub solves: Vec<BlockSolve>,
 }
 
 /// Reads tensor `z` (N, T, D) from a safetensors file and checks it against the model.
@@ -154,6 +159,7 @@ pub fn generate(
     let mut out = Vec::new();
     let mut redrawn = 0;
     let mut done = 0;
+    let mut solves: Vec<BlockSolve> = Vec::new();
     while done < n {
         let b = batch.min(n - done);
         let lab = &labels[done..done + b];
@@ -173,7 +179,28 @@ pub fn generate(
                     model.device(),
                 )?,
             };
-            let mut x = model.reverse(&z.to_dtype(model.dtype())?, cond, &opts.reverse)?;
+            let z = z.to_dtype(model.dtype())?;
+            let mut x = match &opts.jacobi {
+                Some(j) => {
+                    let (x, rep) = model.reverse_jacobi(&z, cond, &opts.reverse, j)?;
+                    for r in rep {
+                        match solves
+                            .iter_mut()
+                            .find(|s: &&mut BlockSolve| s.block == r.block)
+                        {
+                            Some(s) => {
+                                s.iterations += r.iterations;
+                                s.chunks += r.chunks;
+                                s.toughness = s.toughness.max(r.toughness);
+                                s.last_change = r.last_change;
+                            }
+                            None => solves.push(r),
+                        }
+                    }
+                    x
+                }
+                None => model.reverse(&z, cond, &opts.reverse)?,
+            };
             if let Some((sigma, lambda)) = opts.denoise {
                 x = model.denoise(&x, cond, sigma, lambda)?;
             }
@@ -192,6 +219,7 @@ pub fn generate(
         images: Tensor::cat(&out, 0)?,
         labels,
         redrawn,
+        solves,
     })
 }
 

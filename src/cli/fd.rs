@@ -109,6 +109,7 @@ pub fn run(a: FdArgs) -> Result<()> {
             _ => None,
         },
         max_redraws: 10,
+        jacobi: None,
     };
     let rep = measure(&model, &opts, &real, &classifier)?;
     if a.json {

@@ -32,7 +32,7 @@ enum Command {
     /// Train a model from a TOML config (or resume a run).
     Train(train::TrainArgs),
     /// Generate images from a trained flow.
-    Sample(sample::SampleArgs),
+    Sample(Box<sample::SampleArgs>),
     /// Exact negative log-likelihood and bits/dim of image files.
     Score(score::ScoreArgs),
     /// Fréchet distance of samples to held-out images in a small classifier's feature space.
@@ -49,7 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Import(a) => import::run(a),
         Command::Train(a) => train::run(a),
-        Command::Sample(a) => sample::run(a),
+        Command::Sample(a) => sample::run(*a),
         Command::Score(a) => score::run(a),
         Command::Fd(a) => fd::run(a),
         Command::Experiment(a) => experiment::run_cmd(a),

@@ -5,7 +5,7 @@ use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use tarflow_flows::{GuidanceRule, GuideWhat, ReverseOptions};
+use tarflow_flows::{GuidanceRule, GuideWhat, JacobiInit, JacobiOptions, ReverseOptions};
 use tarflow_sample::generate::{generate, read_noise, save_tensor, Labels, SampleOptions};
 use tarflow_sample::grid::to_u8;
 
@@ -48,6 +48,22 @@ pub struct SampleArgs {
     /// Guide only the first K blocks sampled (STARFlow: 1, the deep block); 0 = all.
     #[arg(long, default_value_t = 0)]
     guide_blocks: usize,
+    /// sequential (KV-cached, exact) or jacobi (parallel GS-Jacobi iterations).
+    #[arg(long, default_value = "sequential")]
+    solver: String,
+    /// Jacobi: stop when mean((new−old)²)/mean(new²) is below this.
+    #[arg(long, default_value_t = 1e-8)]
+    tol: f64,
+    /// Jacobi: at most this many iterations per chunk.
+    #[arg(long, default_value_t = 64)]
+    max_iters: usize,
+    /// Jacobi: tokens per Gauss-Seidel chunk (0 = whole sequence); a comma list sets it per
+    /// block in sampling order.
+    #[arg(long, default_value = "0")]
+    chunk: String,
+    /// Jacobi: initial guess, input (the block's output) or zeros.
+    #[arg(long, default_value = "input")]
+    jacobi_init: String,
     /// One score-based denoising step x + λσ²∇log p(x) after sampling.
     #[arg(long)]
     denoise: bool,
@@ -129,6 +145,31 @@ pub fn run(a: SampleArgs) -> Result<()> {
         },
         denoise,
         max_redraws: 10,
+        jacobi: match a.solver.as_str() {
+            "sequential" => None,
+            "jacobi" => {
+                let chunks = a
+                    .chunk
+                    .split(',')
+                    .map(|c| {
+                        c.trim()
+                            .parse::<usize>()
+                            .with_context(|| format!("--chunk: {c:?} is not a number"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(JacobiOptions {
+                    tol: a.tol,
+                    max_iters: a.max_iters,
+                    chunk: if chunks.len() == 1 { chunks[0] } else { 0 },
+                    block_chunks: if chunks.len() > 1 { chunks } else { Vec::new() },
+                    init: a
+                        .jacobi_init
+                        .parse::<JacobiInit>()
+                        .map_err(anyhow::Error::msg)?,
+                })
+            }
+            other => bail!("--solver {other:?}: expected sequential or jacobi"),
+        },
     };
     let noise = a
         .noise
@@ -160,6 +201,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     if let Some(p) = &a.out_tensor {
         save_tensor(&s, p)?;
+    }
+    for b in &s.solves {
+        eprintln!(
+            "jacobi block {}: {} iterations over {} chunk(s), toughness {:.2} (iterations per token), last change {:.1e}",
+            b.block, b.iterations, b.chunks, b.toughness, b.last_change
+        );
     }
     println!(
         "{} samples from {}{} → {}{}",

@@ -316,6 +316,7 @@ pub fn run(
                     denoise: (s.denoise && r.train_noise_std.is_some())
                         .then(|| (r.train_noise_std.unwrap_or(0.0), 1.0)),
                     max_redraws: 10,
+                    jacobi: None,
                 };
                 let rep = measure(&model, &opts, &real, &classifier)?;
                 log(format!(
