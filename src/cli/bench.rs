@@ -45,6 +45,19 @@ pub struct BenchArgs {
     /// Guidance weight of `bench sample`.
     #[arg(long, default_value_t = 0.0)]
     guidance: f64,
+    /// `bench sample` with the GS-Jacobi solver (tolerance --tol, chunk --chunk) and compare
+    /// with the sequential one on the same noise.
+    #[arg(long)]
+    jacobi: bool,
+    /// Jacobi tolerance.
+    #[arg(long, default_value_t = 1e-8)]
+    tol: f64,
+    /// Jacobi chunk (0 = whole sequence).
+    #[arg(long, default_value_t = 0)]
+    chunk: usize,
+    /// A checkpoint (run directory or file) instead of a freshly initialised model.
+    #[arg(long)]
+    checkpoint: Option<std::path::PathBuf>,
     /// Timed runs (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -187,7 +200,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for spec in &specs {
         let (name, cfg) = named_config(spec)?;
         reset_peak_rss();
-        let model = Checkpoint::init(&cfg, 0, &device)?.model(&device, DType::F32)?;
+        let model = match &a.checkpoint {
+            Some(p) => tarflow_sample::resolve::resolve(p, true, &device)?
+                .checkpoint
+                .model(&device, DType::F32)?,
+            None => Checkpoint::init(&cfg, 0, &device)?.model(&device, DType::F32)?,
+        };
+        let cfg = model.config().clone();
         let shape = format!(
             "{}×{}×{} p{} C{} K{} L{}",
             cfg.in_channels,
@@ -233,6 +252,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let b = a.batch.unwrap_or(64);
                 (b, time_score(&model, b, a.iters)?)
             }
+            What::Sample if a.jacobi => {
+                let b = a.batch.unwrap_or(16);
+                return jacobi_vs_sequential(&model, b, &a, &name);
+            }
             What::Sample => {
                 let b = a.batch.unwrap_or(16);
                 (b, time_sample(&model, b, a.guidance, a.iters)?)
@@ -259,6 +282,62 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Times the sequential and the Jacobi sampler on the same noise; prints both, the speed-up,
+/// the largest difference and the iterations per block.
+fn jacobi_vs_sequential(model: &TarFlow, n: usize, a: &BenchArgs, name: &str) -> Result<()> {
+    let cfg = model.config();
+    let (_, labels) = images(cfg, n, model.device())?;
+    let z = tarflow_flows::rng::randn(
+        &mut seeded(1),
+        (n, cfg.num_tokens(), cfg.patch_dim()),
+        1.0,
+        model.device(),
+    )?;
+    let opts = ReverseOptions {
+        guidance: a.guidance,
+        ..Default::default()
+    };
+    let j = tarflow_flows::JacobiOptions {
+        tol: a.tol,
+        chunk: a.chunk,
+        ..Default::default()
+    };
+    let c = cond(cfg, &labels);
+    let seq = model.reverse(&z, c, &opts)?;
+    let t_seq = median_time(a.iters, || {
+        model.reverse(&z, c, &opts)?;
+        Ok(())
+    })?;
+    let (par, rep) = model.reverse_jacobi(&z, c, &opts, &j)?;
+    let t_par = median_time(a.iters, || {
+        model.reverse_jacobi(&z, c, &opts, &j)?;
+        Ok(())
+    })?;
+    let diff = (&par - &seq)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let its: Vec<String> = rep
+        .iter()
+        .map(|r| {
+            format!(
+                "block {}: {} it (toughness {:.2})",
+                r.block, r.iterations, r.toughness
+            )
+        })
+        .collect();
+    println!(
+        "sample {n} ({name}, guidance {}): sequential {t_seq:.4} s, jacobi {t_par:.4} s (tol {:.0e}, chunk {}) → {:.2}×, max |diff| {diff:.2e}; {}",
+        a.guidance,
+        a.tol,
+        a.chunk,
+        t_seq / t_par,
+        its.join(", ")
+    );
     Ok(())
 }
 
