@@ -581,3 +581,41 @@ fn common_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .zip(&b)
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
+
+#[test]
+fn fd_is_reproducible_and_reports_its_classifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let o = train(
+        &cfg,
+        dir.path(),
+        &["train.max_steps=20", "eval.every=0", "data.val_count=300"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("tiny");
+    let fd = |cls: &str| {
+        let c = dir.path().join(cls);
+        let o = tarflow(&[
+            "fd",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--num",
+            "100",
+            "--json",
+            "--classifier",
+            c.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        v
+    };
+    let (a, b) = (fd("c1.safetensors"), fd("c2.safetensors"));
+    assert_eq!(a["fd"], b["fd"], "a retrained classifier gives the same FD");
+    assert!(a["fd"].as_f64().unwrap() > 0.0);
+    assert!(a["classifier_accuracy"].as_f64().unwrap() > 0.3, "{a}");
+    assert!(
+        a["features"].as_str().unwrap().contains("classifier"),
+        "{a}"
+    );
+}

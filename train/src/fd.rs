@@ -65,6 +65,26 @@ impl Classifier {
         let in_dim = train.image_len();
         let dev = Device::Cpu;
         let vm = VarMap::new();
+        {
+            // Seeded initial weights (candle's CPU randn is not reproducible): the same data
+            // always give the same classifier, so FDs compare across experiments.
+            let mut rng = seeded(seed ^ 0xfd);
+            let mut data = vm
+                .data()
+                .lock()
+                .map_err(|_| TrainError::config("fd", "variable map lock poisoned"))?;
+            for (name, rows, fan_in) in [
+                ("l1", HIDDEN, in_dim),
+                ("l2", FEATURES, HIDDEN),
+                ("l3", classes, FEATURES),
+            ] {
+                let b = 1.0 / (fan_in as f64).sqrt();
+                let w = tarflow_flows::rng::uniform(&mut rng, (rows, fan_in), -b, b, &dev)?;
+                let bias = tarflow_flows::rng::uniform(&mut rng, rows, -b, b, &dev)?;
+                data.insert(format!("{name}.weight"), Var::from_tensor(&w)?);
+                data.insert(format!("{name}.bias"), Var::from_tensor(&bias)?);
+            }
+        }
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
         let (l1, l2, l3) = Self::build(vb, in_dim, classes)?;
         let vars: Vec<(String, Var)> = vm
