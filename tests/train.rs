@@ -476,6 +476,10 @@ rule = "gaussian"
     );
     let csv = std::fs::read_to_string(res.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
+    assert!(
+        csv.starts_with("variant,seed,sampling,params,val_bpd,fd,non_finite"),
+        "{csv}"
+    );
     for f in [
         "plots/val_bpd.png",
         "plots/fd.png",

@@ -69,6 +69,8 @@ pub struct Samples {
     pub redrawn: usize,
     /// Jacobi solves per block (summed over batches), when that solver ran.
     pub solves: Vec<BlockSolve>,
+    /// Images left with NaN/Inf values after the redraws.
+    pub non_finite: usize,
 }
 
 /// Reads tensor `z` (N, T, D) from a safetensors file and checks it against the model.
@@ -95,6 +97,18 @@ fn has_non_finite(x: &Tensor) -> Result<bool> {
     let x = x.to_dtype(DType::F32)?;
     let bad = x.sub(&x)?.ne(0f32)?;
     Ok(bad.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
+}
+
+/// Number of images (first dimension) with a NaN/Inf value.
+fn count_non_finite(x: &Tensor) -> Result<usize> {
+    let x = x.to_dtype(DType::F32)?;
+    let bad = x
+        .sub(&x)?
+        .ne(0f32)?
+        .to_dtype(DType::F32)?
+        .flatten_from(1)?
+        .sum(1)?;
+    Ok(bad.to_vec1::<f32>()?.iter().filter(|&&v| v > 0.0).count())
 }
 
 /// The label list for `opts` on `model`.
@@ -160,6 +174,7 @@ pub fn generate(
     let mut redrawn = 0;
     let mut done = 0;
     let mut solves: Vec<BlockSolve> = Vec::new();
+    let mut non_finite = 0;
     while done < n {
         let b = batch.min(n - done);
         let lab = &labels[done..done + b];
@@ -201,11 +216,17 @@ pub fn generate(
                 }
                 None => model.reverse(&z, cond, &opts.reverse)?,
             };
-            if let Some((sigma, lambda)) = opts.denoise {
-                x = model.denoise(&x, cond, sigma, lambda)?;
-            }
+            let bad = has_non_finite(&x)?;
             // A given noise cannot be redrawn; fresh noise is, as the reference does.
-            if noise.is_some() || tries >= opts.max_redraws || !has_non_finite(&x)? {
+            if noise.is_some() || tries >= opts.max_redraws || !bad {
+                // The score step needs finite images; a batch still non-finite is kept as is
+                // and counted.
+                if let (Some((sigma, lambda)), false) = (opts.denoise, bad) {
+                    x = model.denoise(&x, cond, sigma, lambda)?;
+                }
+                if bad || has_non_finite(&x)? {
+                    non_finite += count_non_finite(&x)?;
+                }
                 break x;
             }
             tries += 1;
@@ -220,6 +241,7 @@ pub fn generate(
         labels,
         redrawn,
         solves,
+        non_finite,
     })
 }
 

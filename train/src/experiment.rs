@@ -128,6 +128,9 @@ pub struct Row {
     pub train_s: f64,
     /// Sampling seconds per image.
     pub sample_s_per_image: f64,
+    /// Generated images that stayed NaN/Inf.
+    #[serde(default)]
+    pub non_finite: usize,
     /// The sample grid, relative to the results folder.
     pub grid: String,
 }
@@ -338,6 +341,7 @@ pub fn run(
                     fd: rep.fd,
                     train_s: summary.elapsed_s,
                     sample_s_per_image: rep.sample_s_per_image,
+                    non_finite: rep.non_finite,
                     grid: format!("grids/{grid_name}"),
                 });
             }
@@ -374,12 +378,13 @@ fn write_results(
     let mut md = format!(
         "# {}\n\nBase config `{}`, overrides `{}`, seeds {:?}, FD on {} generated images against the held-out split \
          in the features of a small classifier trained on the same data (not Inception FID).\n\n\
-         | variant | seed | sampling | parameters | val bits/dim | FD (classifier) | train s | sample s/image | grid |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | variant | seed | sampling | parameters | val bits/dim | FD (classifier) | NaN samples | train s | sample s/image | grid |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         e.name, e.base, e.set.join(" "), e.seeds, e.fd_samples
     );
-    let mut csv =
-        String::from("variant,seed,sampling,params,val_bpd,fd,train_s,sample_s_per_image,grid\n");
+    let mut csv = String::from(
+        "variant,seed,sampling,params,val_bpd,fd,non_finite,train_s,sample_s_per_image,grid\n",
+    );
     for r in rows {
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {:.3} | {:.0} | {:.4} | [png]({}) |\n",
@@ -394,13 +399,14 @@ fn write_results(
             r.grid
         ));
         csv.push_str(&format!(
-            "{:?},{},{:?},{},{},{},{},{},{}\n",
+            "{:?},{},{:?},{},{},{},{},{},{},{}\n",
             r.variant,
             r.seed,
             r.sampling,
             r.params,
             r.val_bpd.map_or(String::new(), |v| v.to_string()),
             r.fd,
+            r.non_finite,
             r.train_s,
             r.sample_s_per_image,
             r.grid

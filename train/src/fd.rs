@@ -336,6 +336,8 @@ pub struct FdReport {
     pub features: String,
     /// Sampling seconds per generated image.
     pub sample_s_per_image: f64,
+    /// Generated images that stayed NaN/Inf after redraws (scored as clamped zeros).
+    pub non_finite: usize,
 }
 
 /// Samples `opts.num` images from `model` and measures their FD to `real` under `fx`.
@@ -367,6 +369,7 @@ pub fn measure(
         real: real.len(),
         features: fx.name(),
         sample_s_per_image: secs / s.images.dim(0)?.max(1) as f64,
+        non_finite: s.non_finite,
     })
 }
 
