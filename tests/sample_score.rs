@@ -3,28 +3,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{labels, load, max_abs_diff, reference_checkpoint};
+use common::{labels, load, max_abs_diff, reference_checkpoint, tarflow, text};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use tarflow::flows::rng::{seeded, uniform};
 use tarflow::Cond;
-
-fn tarflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tarflow"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// The imported reference checkpoint (3×16×16, patch 4, 10 classes) saved in `dir`.
 fn checkpoint(dir: &Path) -> PathBuf {

@@ -1,6 +1,9 @@
 //! `tarflow train` end to end: the loss goes down, resume is exact, kills never corrupt a
 //! checkpoint, Ctrl-C checkpoints, and bad configs name the key.
 
+mod common;
+
+use common::{tarflow, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tarflow::train::metrics::{read, Record};
@@ -51,23 +54,6 @@ fn write_named(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
-}
-
-fn tarflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tarflow"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn train(cfg: &Path, out: &Path, sets: &[&str]) -> Output {
@@ -569,21 +555,13 @@ fn jacobi_sampling_of_a_trained_model_matches_sequential() {
         let mut jx = extra.clone();
         jx.extend(["--chunk", "4,0"]);
         let (b, log) = get("jacobi", &jx);
-        let d = common_max_diff(&a, &b);
+        let d = common::max_abs_diff(&a, &b);
         assert!(d < 1e-3, "{extra:?}: {d}");
         assert!(
             log.contains("jacobi block 1") && log.contains("toughness"),
             "{log}"
         );
     }
-}
-
-fn common_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Shared helpers of the integration tests: fixture paths and tensor comparisons.
+//! Shared helpers of the integration tests: fixture paths, tensor comparisons, running the binary.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
@@ -113,4 +113,23 @@ pub fn reference_checkpoint() -> tarflow::Checkpoint {
         &Device::Cpu,
     )
     .unwrap()
+}
+
+/// Runs the `tarflow` binary with one rayon thread (tests run in parallel).
+pub fn tarflow(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tarflow"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+/// Exit status, stdout and stderr of a run, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
