@@ -3,7 +3,7 @@
 //! mask tensor and no transposed copies. The backward recomputes the probabilities P:
 //! `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))`, `dQ = s·dS K`, `dK = s·dSᵀ Q`.
 
-use super::slice;
+use super::{gemm_strided, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -15,47 +15,6 @@ struct Attn {
     scale: f32,
 }
 
-/// `dst (m×n) = alpha·dst·[read] + beta·lhs (m×k)·rhs (k×n)` over strided f32 buffers.
-/// SAFETY: the caller guarantees every (row, col) addressed by the strides is in bounds.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    read: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        read,
-        lhs,
-        lhs_cs,
-        lhs_rs,
-        rhs,
-        rhs_cs,
-        rhs_rs,
-        1.0f32,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 impl Attn {
     /// Causal softmax probabilities P (T×T) of one sample's head `h` into `p`.
     fn probs(&self, qkv: &[f32], t: usize, h: usize, p: &mut [f32]) {
@@ -63,20 +22,15 @@ impl Attn {
         let (q, k) = (h * self.hd, c + h * self.hd);
         // SAFETY: T rows of `hd` values at offsets q/k inside rows of 3C; P is T×T.
         unsafe {
-            mm(
-                t,
-                t,
-                self.hd,
+            gemm_strided(
+                (t, t, self.hd),
                 p.as_mut_ptr(),
                 t,
                 false,
-                qkv.as_ptr().add(q),
-                (3 * c) as isize,
-                1,
-                qkv.as_ptr().add(k),
-                1,
-                (3 * c) as isize,
+                (qkv.as_ptr().add(q), (3 * c), 1),
+                (qkv.as_ptr().add(k), 1, (3 * c)),
                 self.scale,
+                false,
             );
         }
         for i in 0..t {
@@ -115,20 +69,15 @@ impl CustomOp1 for Attn {
                     let v = 2 * c + h * self.hd;
                     // SAFETY: O rows of C at head offset; V rows of 3C at offset v.
                     unsafe {
-                        mm(
-                            t,
-                            self.hd,
-                            t,
+                        gemm_strided(
+                            (t, self.hd, t),
                             o.as_mut_ptr().add(h * self.hd),
                             c,
                             false,
-                            p.as_ptr(),
-                            t as isize,
-                            1,
-                            qkv.as_ptr().add(v),
-                            (3 * c) as isize,
-                            1,
+                            (p.as_ptr(), t, 1),
+                            (qkv.as_ptr().add(v), (3 * c), 1),
                             1.0,
+                            false,
                         );
                     }
                 }
@@ -173,41 +122,31 @@ impl CustomOp2 for AttnBwd {
                 for h in 0..a.heads {
                     a.probs(qkv, t, h, &mut p);
                     let (qo, ko, vo, go) = (h * hd, c + h * hd, 2 * c + h * hd, h * hd);
-                    let (c3i, ci) = (c3 as isize, c as isize);
+                    let (c3i, ci) = (c3, c);
                     // SAFETY (all products): T rows of hd values at the given offsets of rows of
                     // 3C (qkv, d) or C (g); P and dP are T×T.
                     unsafe {
                         // dP = dO Vᵀ
-                        mm(
-                            t,
-                            t,
-                            hd,
+                        gemm_strided(
+                            (t, t, hd),
                             dp.as_mut_ptr(),
                             t,
                             false,
-                            g.as_ptr().add(go),
-                            ci,
-                            1,
-                            qkv.as_ptr().add(vo),
-                            1,
-                            c3i,
+                            (g.as_ptr().add(go), ci, 1),
+                            (qkv.as_ptr().add(vo), 1, c3i),
                             1.0,
+                            false,
                         );
                         // dV = Pᵀ dO
-                        mm(
-                            t,
-                            hd,
-                            t,
+                        gemm_strided(
+                            (t, hd, t),
                             d.as_mut_ptr().add(vo),
                             c3,
                             false,
-                            p.as_ptr(),
-                            1,
-                            t as isize,
-                            g.as_ptr().add(go),
-                            ci,
-                            1,
+                            (p.as_ptr(), 1, t),
+                            (g.as_ptr().add(go), ci, 1),
                             1.0,
+                            false,
                         );
                     }
                     // dS = P ⊙ (dP − rowsum(P ⊙ dP)); zero above the diagonal since P is.
@@ -220,36 +159,26 @@ impl CustomOp2 for AttnBwd {
                     }
                     unsafe {
                         // dQ = s·dS K
-                        mm(
-                            t,
-                            hd,
-                            t,
+                        gemm_strided(
+                            (t, hd, t),
                             d.as_mut_ptr().add(qo),
                             c3,
                             false,
-                            dp.as_ptr(),
-                            t as isize,
-                            1,
-                            qkv.as_ptr().add(ko),
-                            c3i,
-                            1,
+                            (dp.as_ptr(), t, 1),
+                            (qkv.as_ptr().add(ko), c3i, 1),
                             a.scale,
+                            false,
                         );
                         // dK = s·dSᵀ Q
-                        mm(
-                            t,
-                            hd,
-                            t,
+                        gemm_strided(
+                            (t, hd, t),
                             d.as_mut_ptr().add(ko),
                             c3,
                             false,
-                            dp.as_ptr(),
-                            1,
-                            t as isize,
-                            qkv.as_ptr().add(qo),
-                            c3i,
-                            1,
+                            (dp.as_ptr(), 1, t),
+                            (qkv.as_ptr().add(qo), c3i, 1),
                             a.scale,
+                            false,
                         );
                     }
                 }

@@ -2,54 +2,8 @@
 //! `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ dy` done by one kernel into one buffer (candle's composed
 //! version transposes, copies and reduces the bias gradient in separate passes).
 
-use super::slice;
+use super::{gemm_strided, slice};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-
-fn par() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, strides in elements.
-/// SAFETY: the caller guarantees every addressed element is in bounds.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    read: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
-        read,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        par(),
-    )
-}
 
 struct Linear;
 
@@ -85,18 +39,15 @@ impl CustomOp3 for Linear {
         }
         // SAFETY: x is rows×in, W (out×in) read as Wᵀ (in×out), y rows×out.
         unsafe {
-            mm(
-                rows,
-                out_dim,
-                in_dim,
+            gemm_strided(
+                (rows, out_dim, in_dim),
                 y.as_mut_ptr(),
+                out_dim,
                 true,
-                x.as_ptr(),
-                in_dim,
-                1,
-                w.as_ptr(),
-                1,
-                in_dim,
+                (x.as_ptr(), in_dim, 1),
+                (w.as_ptr(), 1, in_dim),
+                1.0,
+                true,
             )
         };
         let mut dims = l1.shape().dims().to_vec();
@@ -161,32 +112,26 @@ impl CustomOp3 for LinearBwd {
         // SAFETY: g is rows×out, W out×in, x rows×in; dx rows×in, dW out×in.
         unsafe {
             if self.want_dx {
-                mm(
-                    rows,
-                    in_dim,
-                    out_dim,
+                gemm_strided(
+                    (rows, in_dim, out_dim),
                     dx.as_mut_ptr(),
-                    false,
-                    g.as_ptr(),
-                    out_dim,
-                    1,
-                    w.as_ptr(),
                     in_dim,
-                    1,
+                    false,
+                    (g.as_ptr(), out_dim, 1),
+                    (w.as_ptr(), in_dim, 1),
+                    1.0,
+                    true,
                 );
             }
-            mm(
-                out_dim,
-                in_dim,
-                rows,
+            gemm_strided(
+                (out_dim, in_dim, rows),
                 dw.as_mut_ptr(),
-                false,
-                g.as_ptr(),
-                1,
-                out_dim,
-                x.as_ptr(),
                 in_dim,
-                1,
+                false,
+                (g.as_ptr(), 1, out_dim),
+                (x.as_ptr(), in_dim, 1),
+                1.0,
+                true,
             );
         }
         let mut acc = vec![0f64; out_dim];

@@ -43,3 +43,46 @@ pub(crate) fn slice<'a>(
         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
     Ok(&s.as_slice::<f32>()?[a..b])
 }
+
+/// `dst (m×n, rows `dst_rs` apart) = [dst +] scale · lhs (m×k) · rhs (k×n)` over strided f32
+/// buffers (strides in elements), on all rayon threads when `parallel`.
+///
+/// # Safety
+/// Every element the sizes and strides address must lie inside the buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    scale: f32,
+    parallel: bool,
+) {
+    let par = match rayon::current_num_threads() {
+        t if parallel && t > 1 => gemm::Parallelism::Rayon(t),
+        _ => gemm::Parallelism::None,
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0f32,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    )
+}
