@@ -10,7 +10,7 @@
 
 use crate::block::MetaBlock;
 use crate::error::Result;
-use crate::gelu::erf_f32;
+use crate::gelu::gelu_f32;
 use crate::model::{GuideWhat, ReverseOptions};
 use candle_core::{DType, Tensor};
 
@@ -116,7 +116,7 @@ impl Norm {
 /// Exact GELU in place.
 fn gelu(v: &mut [f32]) {
     for x in v {
-        *x = 0.5 * *x * (1.0 + erf_f32(*x * std::f32::consts::FRAC_1_SQRT_2));
+        *x = gelu_f32(*x);
     }
 }
 
@@ -506,9 +506,7 @@ impl FastBlock {
                 }
                 layer.ln2.apply(&h, &mut tmp);
                 layer.fc1.apply(&tmp, rows, &mut mlp);
-                for v in mlp.iter_mut() {
-                    *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
-                }
+                gelu(&mut mlp);
                 layer.fc2.apply(&mlp, rows, &mut tmp);
                 for (a, b) in h.iter_mut().zip(&tmp) {
                     *a += b;

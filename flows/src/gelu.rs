@@ -1,12 +1,11 @@
-//! Exact-GELU forward kernel for inference on the CPU.
+//! The exact GELU's erf for the CPU kernels.
 //!
 //! candle's `gelu_erf` calls scalar libm `erff` per element (~13% of scoring time); this uses a
 //! branch-free rational approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond)
-//! that the compiler vectorises. No backward: training keeps candle's differentiable op.
+//! that the compiler vectorises. The op itself (forward and backward) is `kernels::gelu`.
 
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::Tensor;
 
 const ALPHA: [f32; 7] = [
     -2.726_142_3e-10,
@@ -41,40 +40,19 @@ pub fn erf_f32(x: f32) -> f32 {
     x * p / q
 }
 
-struct GeluErf;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "tarflow-gelu-erf"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("gelu: input must be contiguous".into()))?;
-        let src = &storage.as_slice::<f32>()?[start..end];
-        let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(16 * 1024)
-            .zip(src.par_chunks(16 * 1024))
-            .for_each(|(o, s)| {
-                for (o, &v) in o.iter_mut().zip(s) {
-                    *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
+/// Exact GELU `x·Φ(x)` of one value.
+#[inline(always)]
+pub fn gelu_f32(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// GELU with the exact erf form; the fast kernel where no gradient is needed.
+/// GELU with the exact erf form: the fused kernel (with its backward) on CPU/f32, candle's
+/// op elsewhere.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() || x.dtype() != DType::F32 || !x.device().is_cpu() {
-        return Ok(x.gelu_erf()?);
+    if crate::kernels::applies(x) {
+        return Ok(crate::kernels::gelu::gelu(x)?);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&GeluErf)?)
+    Ok(x.gelu_erf()?)
 }
 
 #[cfg(test)]

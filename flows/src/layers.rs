@@ -243,12 +243,7 @@ impl Mlp {
 
     /// (…, C) → (…, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let a = self.fc1.forward(&self.norm.forward(x)?)?;
-        let h = if a.track_op() && crate::kernels::applies(&a) {
-            crate::kernels::gelu::gelu(&a)?
-        } else {
-            crate::gelu::gelu_erf(&a)?
-        };
+        let h = crate::gelu::gelu_erf(&self.fc1.forward(&self.norm.forward(x)?)?)?;
         self.fc2.forward(&h)
     }
 }

@@ -1,7 +1,7 @@
 //! Exact GELU `x·Φ(x)` with its derivative `Φ(x) + x·φ(x)`.
 
 use super::slice;
-use crate::gelu::erf_f32;
+use crate::gelu::{erf_f32, gelu_f32};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -22,7 +22,7 @@ impl CustomOp1 for Gelu {
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| {
                 for (o, &v) in o.iter_mut().zip(x) {
-                    *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+                    *o = gelu_f32(v);
                 }
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
