@@ -58,7 +58,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn fast_gelu_matches_candle_exact_gelu() {
