@@ -7,7 +7,7 @@ use clap::Args;
 use std::path::PathBuf;
 use tarflow_flows::{GuidanceRule, ReverseOptions};
 use tarflow_sample::generate::{Labels, SampleOptions};
-use tarflow_train::fd::{classifier_for, measure, FeatureExtractor};
+use tarflow_train::fd::{classifier_for, measure, FeatureExtractor, Reference};
 use tarflow_train::TrainConfig;
 
 /// Arguments of `tarflow fd`.
@@ -111,7 +111,8 @@ pub fn run(a: FdArgs) -> Result<()> {
         max_redraws: 10,
         jacobi: None,
     };
-    let rep = measure(&model, &opts, &real, &classifier)?;
+    let reference = Reference::of(&classifier, &real)?;
+    let rep = measure(&model, &opts, &reference, &classifier)?;
     if a.json {
         println!(
             "{}",

@@ -134,7 +134,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )),
         Event::Samples(p) => say(format!("samples: {}", p.display())),
         Event::Checkpoint(p) => say(format!("checkpoint: {}", p.display())),
-        Event::Warning(w) => say(format!("warning: {w}")),
     };
     let result = trainer.run(&stop, &mut on);
     bar.finish_and_clear();

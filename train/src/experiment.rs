@@ -23,9 +23,9 @@
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::fd::{classifier_for, measure, FeatureExtractor};
+use crate::fd::{classifier_for, measure, Classifier, FeatureExtractor, Reference};
 use crate::metrics::read;
-use crate::trainer::{Event, Trainer};
+use crate::trainer::Trainer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -237,6 +237,7 @@ pub fn run(
     std::fs::create_dir_all(results_dir.join("plots"))
         .map_err(|err| TrainError::io(results_dir, err))?;
     let mut rows = Vec::new();
+    let mut reference: Option<(String, Classifier, Reference)> = None;
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let samplings = if e.sampling.is_empty() {
         vec![Sampling::default()]
@@ -272,11 +273,7 @@ pub fn run(
                 v.name,
                 trainer.max_steps().max(max)
             ));
-            let summary = trainer.run(stop, &mut |ev| {
-                if let Event::Eval(r) = ev {
-                    let _ = r;
-                }
-            })?;
+            let summary = trainer.run(stop, &mut |_| {})?;
             if summary.outcome == crate::trainer::Outcome::Interrupted {
                 return Err(TrainError::Run {
                     path: run_dir.clone(),
@@ -289,7 +286,24 @@ pub fn run(
                 .map_err(|err| TrainError::config("experiment", err.to_string()))?;
             let model = r.checkpoint.model(&dev, candle_core::DType::F32)?;
             let cls_path = results_dir.join("fd-classifier.safetensors");
-            let (classifier, real) = classifier_for(&cfg, &cls_path)?;
+            // The classifier and the held-out features depend only on the data and its split:
+            // built once and reused by every variant that shares them.
+            let key = serde_json::to_string(&(
+                &cfg.data,
+                cfg.train.seed,
+                cfg.train.batch_size / cfg.train.grad_accum,
+                cfg.model.in_channels,
+                cfg.model.img_size,
+            ))
+            .unwrap_or_default();
+            if reference.as_ref().is_none_or(|(k, _, _)| *k != key) {
+                let (c, real) = classifier_for(&cfg, &cls_path)?;
+                let r = Reference::of(&c, &real)?;
+                reference = Some((key, c, r));
+            }
+            let Some((_, classifier, real)) = reference.as_ref() else {
+                continue;
+            };
             let grid_name = format!("{}-s{seed}.png", slug(&v.name));
             let grid_src = run_dir
                 .join("samples")
@@ -321,7 +335,7 @@ pub fn run(
                     max_redraws: 10,
                     jacobi: None,
                 };
-                let rep = measure(&model, &opts, &real, &classifier)?;
+                let rep = measure(&model, &opts, real, classifier)?;
                 log(format!(
                     "{} (seed {seed}) [{}]: val bpd {}, FD {:.3}",
                     v.name,
@@ -451,12 +465,10 @@ fn write_results(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let as_series =
-        |s: &[(String, Vec<(f64, f64)>)]| -> Vec<(String, Vec<(f64, f64)>)> { s.to_vec() };
     let draw = |file: &str,
                 title: &str,
                 y: &str,
-                s: Vec<(String, Vec<(f64, f64)>)>,
+                s: &[(String, Vec<(f64, f64)>)],
                 x: &str|
      -> Result<()> {
         let refs: Vec<crate::plot::Series> =
@@ -467,17 +479,17 @@ fn write_results(
         "val_bpd.png",
         "validation bits/dim per variant",
         "bits/dim",
-        as_series(&series_bpd),
+        &series_bpd,
         &label,
     )?;
     draw(
         "fd.png",
         "FD (classifier features) per variant",
         "FD",
-        as_series(&series_fd),
+        &series_fd,
         &label,
     )?;
-    draw("loss.png", "training loss", "loss", curves.to_vec(), "step")?;
+    draw("loss.png", "training loss", "loss", curves, "step")?;
     Ok(())
 }
 

@@ -340,11 +340,28 @@ pub struct FdReport {
     pub non_finite: usize,
 }
 
+/// The held-out images' features, computed once and compared with every sample set.
+pub struct Reference {
+    features: Tensor,
+    count: usize,
+}
+
+impl Reference {
+    /// Features of every image of `real` under `fx`.
+    pub fn of(fx: &dyn FeatureExtractor, real: &ImageSet) -> Result<Self> {
+        let idx: Vec<usize> = (0..real.len()).collect();
+        Ok(Self {
+            features: features_of(fx, &to_tensor(real, &idx)?)?,
+            count: real.len(),
+        })
+    }
+}
+
 /// Samples `opts.num` images from `model` and measures their FD to `real` under `fx`.
 pub fn measure(
     model: &tarflow_flows::TarFlow,
     opts: &tarflow_sample::generate::SampleOptions,
-    real: &ImageSet,
+    real: &Reference,
     fx: &dyn FeatureExtractor,
 ) -> Result<FdReport> {
     let t0 = std::time::Instant::now();
@@ -360,13 +377,11 @@ pub fn measure(
         s.images.dims(),
         &Device::Cpu,
     )?;
-    let idx: Vec<usize> = (0..real.len()).collect();
-    let fr = features_of(fx, &to_tensor(real, &idx)?)?;
     let fg = features_of(fx, &gen)?;
     Ok(FdReport {
-        fd: frechet_distance(&fg, &fr)?,
+        fd: frechet_distance(&fg, &real.features)?,
         generated: s.images.dim(0)?,
-        real: real.len(),
+        real: real.count,
         features: fx.name(),
         sample_s_per_image: secs / s.images.dim(0)?.max(1) as f64,
         non_finite: s.non_finite,

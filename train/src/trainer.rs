@@ -55,8 +55,6 @@ pub enum Event<'a> {
     Samples(&'a Path),
     /// A checkpoint was written.
     Checkpoint(&'a Path),
-    /// Something the user should know (skipped files, …).
-    Warning(String),
 }
 
 /// How a run ended.
