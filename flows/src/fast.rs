@@ -212,13 +212,7 @@ impl FastBlock {
         let (t, d, c, hd, heads) = (self.t, self.d, self.c, self.hd, self.heads);
         let rows = n * t;
         let perm = |i: usize| if self.flipped { t - 1 - i } else { i };
-        let mut xs = vec![0f32; rows * d]; // block order
-        for r in 0..n {
-            for i in 0..t {
-                let src = (r * t + perm(i)) * d;
-                xs[(r * t + i) * d..(r * t + i + 1) * d].copy_from_slice(&x[src..src + d]);
-            }
-        }
+        let xs = self.reorder(x, n); // block order
         let mut h = vec![0f32; rows * c];
         self.proj_in.apply_par(&xs, rows, &mut h);
         let classes = self.cls.as_ref().map_or(0, |v| v.len() / c - 1);
@@ -403,16 +397,8 @@ impl FastBlock {
         let (t, d, c) = (self.t, self.d, self.c);
         let guided = opts.guidance > 0.0;
         let rows = if guided { 2 * n } else { n };
-        // Tokens in this block's order.
-        let mut x = vec![0f32; n * t * d];
-        for r in 0..n {
-            for i in 0..t {
-                let src = if self.flipped { t - 1 - i } else { i };
-                x[(r * t + i) * d..(r * t + i + 1) * d]
-                    .copy_from_slice(&s[(r * t + src) * d..(r * t + src + 1) * d]);
-            }
-        }
-        // Per-row class rows: conditional rows use their label, guidance rows the mean.
+        let mut x = self.reorder(s, n); // block order
+                                        // Per-row class rows: conditional rows use their label, guidance rows the mean.
         let classes = self.cls.as_ref().map_or(0, |v| v.len() / c - 1);
         let cls_row = |r: usize| -> usize {
             if r >= n {
@@ -545,13 +531,20 @@ impl FastBlock {
                 }
             }
         }
-        // Back to canonical order.
+        self.reorder(&x, n) // back to canonical order
+    }
+
+    /// (n, T, D) tokens between canonical and this block's order (a flip is its own inverse).
+    fn reorder(&self, x: &[f32], n: usize) -> Vec<f32> {
+        if !self.flipped {
+            return x.to_vec();
+        }
+        let (t, d) = (self.t, self.d);
         let mut out = vec![0f32; n * t * d];
         for r in 0..n {
             for i in 0..t {
-                let dst = if self.flipped { t - 1 - i } else { i };
-                out[(r * t + dst) * d..(r * t + dst + 1) * d]
-                    .copy_from_slice(&x[(r * t + i) * d..(r * t + i + 1) * d]);
+                let src = (r * t + t - 1 - i) * d;
+                out[(r * t + i) * d..(r * t + i + 1) * d].copy_from_slice(&x[src..src + d]);
             }
         }
         out
