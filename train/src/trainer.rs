@@ -488,7 +488,7 @@ impl Trainer {
             max_steps: self.max_steps,
             train_images: self.train_images,
             val_images: self.val.as_ref().map_or(0, Loader::len),
-            params: self.current()?.num_params(),
+            params: tarflow_flows::params::count_params(&self.cfg.model),
         });
         let t = self.cfg.train.clone();
         let e = self.cfg.eval.clone();
