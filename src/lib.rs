@@ -2,6 +2,8 @@
 //!
 //! One facade over the workspace crates, so a notebook needs a single `:dep`.
 
+/// candle's tensors, devices and dtypes, at the version the crates use.
+pub use candle_core as candle;
 pub use tarflow_datasets as datasets;
 pub use tarflow_flows as flows;
 pub use tarflow_sample as sample;

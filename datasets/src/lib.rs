@@ -73,6 +73,11 @@ impl ImageSet {
         self.pixels.get(i * n..(i + 1) * n)
     }
 
+    /// Every image's pixels, in order.
+    pub fn images(&self) -> Vec<&[u8]> {
+        self.pixels.chunks_exact(self.image_len().max(1)).collect()
+    }
+
     /// Label of image `i`, if the set has labels.
     pub fn label(&self, i: usize) -> Option<i64> {
         self.labels.as_ref().and_then(|l| l.get(i).copied())

@@ -15,6 +15,32 @@ pub struct Row<'a> {
     pub caption: String,
 }
 
+/// The rows of the first `max` scored images, captioned with the file name (or the index when
+/// the images came from memory) and bits/dim.
+pub fn rows_of<'a, P: AsRef<[u8]>>(
+    scores: &'a [crate::score::ImageScore],
+    pixels: &'a [P],
+    max: usize,
+) -> Vec<Row<'a>> {
+    scores
+        .iter()
+        .zip(pixels)
+        .take(max)
+        .enumerate()
+        .map(|(i, (s, px))| Row {
+            pixels: px.as_ref(),
+            patch_bits: &s.patch_bits,
+            caption: format!(
+                "{}: {:.3} bits/dim",
+                s.path
+                    .file_name()
+                    .map_or(format!("image {i}"), |n| n.to_string_lossy().into_owned()),
+                s.bits_per_dim
+            ),
+        })
+        .collect()
+}
+
 /// A perceptually ordered colour map (viridis key points), `t` in [0, 1].
 pub fn colormap(t: f64) -> RGBColor {
     const KEYS: [(u8, u8, u8); 6] = [
@@ -38,7 +64,7 @@ pub fn colormap(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-/// Draws `rows` (image | heat map) with one colour scale into a PNG at `path`.
+/// Draws `rows` (image | heat map) with one colour scale into a PNG at `path` (atomically).
 pub fn render(
     rows: &[Row],
     channels: usize,
@@ -46,7 +72,46 @@ pub fn render(
     patch_size: usize,
     path: &Path,
 ) -> Result<()> {
+    let img = render_image(rows, channels, img_size, patch_size)
+        .map_err(|e| SampleError::file(path, format!("cannot draw the heat map: {e}")))?;
+    // Saved under a temporary name (ending in .png for the encoder), then renamed into place.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".tmp-{name}"));
+    img.save(&tmp)
+        .map_err(|e| SampleError::file(path, format!("cannot write the heat map: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| SampleError::file(path, e.to_string()))
+}
+
+/// The heat map figure as an in-memory picture (a notebook shows it without a file).
+pub fn render_png(
+    rows: &[Row],
+    channels: usize,
+    img_size: usize,
+    patch_size: usize,
+) -> Result<crate::display::Png> {
+    crate::display::Png::from_rgb(&render_image(rows, channels, img_size, patch_size)?)
+}
+
+/// Draws the heat map figure into an RGB image.
+pub fn render_image(
+    rows: &[Row],
+    channels: usize,
+    img_size: usize,
+    patch_size: usize,
+) -> Result<image::RgbImage> {
     crate::font::register();
+    if img_size == 0
+        || patch_size == 0
+        || !img_size.is_multiple_of(patch_size)
+        || !(channels == 1 || channels == 3)
+    {
+        return Err(SampleError::Option(format!(
+            "heat map: {channels} channels, image {img_size}, patch {patch_size}; expected 1 or 3 channels and a patch size dividing the image"
+        )));
+    }
     if rows.is_empty() {
         return Err(SampleError::Option("--heatmap: no image to draw".into()));
     }
@@ -66,15 +131,11 @@ pub fn render(
     } else {
         (lo, hi.max(lo + 1e-9))
     };
-    let err = |e: String| SampleError::file(path, format!("cannot draw the heat map: {e}"));
-    // Drawn under a temporary name (ending in .png for the encoder), then renamed into place.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".tmp-{name}"));
+    let err = |e: String| SampleError::Option(format!("cannot draw the heat map: {e}"));
+    let mut buf = vec![255u8; width * height * 3];
     {
-        let root = BitMapBackend::new(&tmp, (width as u32, height as u32)).into_drawing_area();
+        let root =
+            BitMapBackend::with_buffer(&mut buf, (width as u32, height as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         let style = ("sans-serif", 15).into_font().color(&BLACK);
         let n = img_size * img_size;
@@ -143,5 +204,6 @@ pub fn render(
         .map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    image::RgbImage::from_raw(width as u32, height as u32, buf)
+        .ok_or_else(|| err("buffer size".into()))
 }

@@ -1,7 +1,9 @@
 //! tarflow-sample: the user-facing ends of a trained flow. [`resolve`] finds the weights,
 //! [`generate`] draws samples, [`score`] gives exact likelihoods of image files, [`heatmap`]
-//! draws where the bits go, [`grid`] tiles images into a PNG.
+//! draws where the bits go, [`grid`] tiles images into a PNG, [`display`] shows pictures inline
+//! in notebooks.
 
+pub mod display;
 pub mod error;
 pub mod font;
 pub mod generate;

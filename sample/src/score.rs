@@ -126,10 +126,10 @@ pub fn load_for_model(path: &Path, cfg: &ModelConfig, resize: bool) -> Result<Ve
 }
 
 /// Scores planar 8-bit images (each `cfg.dims_per_image()` bytes) named by `paths`.
-pub fn score_images(
+pub fn score_images<P: AsRef<[u8]>>(
     model: &TarFlow,
     paths: &[PathBuf],
-    pixels: &[Vec<u8>],
+    pixels: &[P],
     opts: &ScoreOptions,
 ) -> Result<Vec<ImageScore>> {
     let cfg = model.config();
@@ -156,7 +156,11 @@ pub fn score_images(
     let mut out = Vec::with_capacity(pixels.len());
     for (chunk_i, chunk) in pixels.chunks(opts.batch.max(1)).enumerate() {
         let b = chunk.len();
-        let flat: Vec<f32> = chunk.iter().flatten().map(|&k| k as f32).collect();
+        let flat: Vec<f32> = chunk
+            .iter()
+            .flat_map(|p| p.as_ref().iter())
+            .map(|&k| k as f32)
+            .collect();
         let k = Tensor::from_vec(flat, (b, c, s, s), model.device())?;
         let labels = vec![opts.label.unwrap_or(-1); b];
         let cond = match opts.label {
@@ -212,6 +216,72 @@ pub fn score_images(
         }
     }
     Ok(out)
+}
+
+/// Each image's NLL under every class of a class-conditional model: Bayes' rule with a
+/// uniform prior picks the class of least NLL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    /// `nll[i][k]`: NLL of image i given label k, in nats.
+    pub nll: Vec<Vec<f64>>,
+    /// The most likely class of each image.
+    pub predicted: Vec<i64>,
+}
+
+impl Classification {
+    /// p(k | x_i) ∝ p(x_i | k) under a uniform prior over the classes.
+    pub fn posterior(&self, i: usize) -> Vec<f64> {
+        let Some(row) = self.nll.get(i) else {
+            return Vec::new();
+        };
+        let best = row.iter().copied().fold(f64::INFINITY, f64::min);
+        let w: Vec<f64> = row.iter().map(|v| (best - v).exp()).collect();
+        let sum: f64 = w.iter().sum();
+        w.into_iter().map(|v| v / sum).collect()
+    }
+
+    /// The fraction of images whose predicted class is `labels[i]`.
+    pub fn accuracy(&self, labels: &[i64]) -> f64 {
+        let n = self.predicted.len().min(labels.len());
+        let hits = (0..n).filter(|&i| self.predicted[i] == labels[i]).count();
+        hits as f64 / n.max(1) as f64
+    }
+}
+
+/// Classifies 8-bit images by likelihood: each is scored under every label with the same
+/// dequantisation draws (so the classes are compared on equal noise).
+pub fn classify<P: AsRef<[u8]>>(
+    model: &TarFlow,
+    pixels: &[P],
+    opts: &ScoreOptions,
+) -> Result<Classification> {
+    let k = model.config().num_classes;
+    if k == 0 {
+        return Err(SampleError::Option(
+            "classification by likelihood needs a class-conditional model; this one has num_classes = 0"
+                .into(),
+        ));
+    }
+    let mut nll = vec![Vec::with_capacity(k); pixels.len()];
+    for class in 0..k as i64 {
+        let o = ScoreOptions {
+            label: Some(class),
+            ..*opts
+        };
+        for (row, s) in nll.iter_mut().zip(score_images(model, &[], pixels, &o)?) {
+            row.push(s.nll_nats);
+        }
+    }
+    let predicted = nll
+        .iter()
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .min_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(-1, |(k, _)| k as i64)
+        })
+        .collect();
+    Ok(Classification { nll, predicted })
 }
 
 /// Mean and sample standard deviation.

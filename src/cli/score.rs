@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use tarflow_sample::heatmap::{render, Row};
+use tarflow_sample::heatmap::{render, rows_of};
 use tarflow_sample::score::{
     collect_paths, load_for_model, mean_std, score_images, Dequant, ScoreOptions,
 };
@@ -120,22 +120,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         }
     }
     if let Some(out) = &a.heatmap {
-        let rows: Vec<Row> = scores
-            .iter()
-            .zip(&pixels)
-            .take(16)
-            .map(|(s, px)| Row {
-                pixels: px,
-                patch_bits: &s.patch_bits,
-                caption: format!(
-                    "{}: {:.3} bits/dim",
-                    s.path
-                        .file_name()
-                        .map_or("".into(), |n| n.to_string_lossy()),
-                    s.bits_per_dim
-                ),
-            })
-            .collect();
+        let rows = rows_of(&scores, &pixels, 16);
         render(&rows, cfg.in_channels, cfg.img_size, cfg.patch_size, out)?;
         eprintln!("heat map of {} image(s): {}", rows.len(), out.display());
     }

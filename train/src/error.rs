@@ -48,6 +48,9 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Sampling, scoring or a picture failed.
+    #[error(transparent)]
+    Sample(#[from] tarflow_sample::SampleError),
     /// A sample grid could not be written.
     #[error(transparent)]
     Grid(#[from] tarflow_sample::grid::GridError),

@@ -2,7 +2,7 @@
 //!
 //! Read in order: [`config`] (the TOML file) → [`trainer`] (the loop) → [`optim`], [`schedule`],
 //! [`ema`] (one update) → [`rundir`] (checkpoints and resume) → [`metrics`], [`plot`] (what a run
-//! shows).
+//! shows); [`run`] reads a run directory back for analysis.
 
 pub mod config;
 mod data;
@@ -14,6 +14,7 @@ pub mod fd;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod run;
 pub mod rundir;
 pub mod schedule;
 pub mod trainer;

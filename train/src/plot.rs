@@ -4,11 +4,13 @@ use crate::error::{Result, TrainError};
 use crate::metrics::Record;
 use plotters::prelude::*;
 use std::path::Path;
+use tarflow_sample::display::Png;
 
 /// One named curve of (x, y) points.
 pub type Series<'a> = (&'a str, &'a [(f64, f64)]);
 
-/// Draws `series` against a shared x axis into a PNG at `path` (written atomically).
+/// Draws `series` against a shared x axis into a PNG at `path` (written atomically); nothing
+/// is written while no series has a finite point.
 pub fn line_plot(
     path: &Path,
     title: &str,
@@ -16,6 +18,40 @@ pub fn line_plot(
     y_label: &str,
     series: &[Series],
 ) -> Result<()> {
+    let err = |msg: String| TrainError::Run {
+        path: path.into(),
+        msg,
+    };
+    let Some(img) = line_plot_image(title, x_label, y_label, series).map_err(err)? else {
+        return Ok(());
+    };
+    // The encoder picks the format from the extension, so the temporary name ends in .png.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".tmp-{name}"));
+    img.save(&tmp)
+        .map_err(|e| err(format!("cannot write the plot: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// The same plot as an in-memory picture for a notebook; an error when there is nothing to draw.
+pub fn line_plot_png(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<Png> {
+    let err = |msg: String| TrainError::config(format!("plot `{title}`"), msg);
+    let img = line_plot_image(title, x_label, y_label, series)
+        .map_err(err)?
+        .ok_or_else(|| err("no finite point to draw".into()))?;
+    Png::from_rgb(&img).map_err(|e| err(e.to_string()))
+}
+
+/// Draws the plot into an 800×500 RGB image; `None` when no series has a finite point.
+fn line_plot_image(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> std::result::Result<Option<image::RgbImage>, String> {
     tarflow_sample::font::register();
     let pts = series
         .iter()
@@ -29,25 +65,18 @@ pub fn line_plot(
         y1 = y1.max(y);
     }
     if x0 > x1 {
-        return Ok(()); // nothing to draw yet
+        return Ok(None);
     }
     if x1 - x0 < 1e-9 {
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let (y0, y1) = (y0 - pad, y1 + pad);
-    // The encoder picks the format from the extension, so the temporary name ends in .png.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".tmp-{name}"));
-    let err = |e: String| TrainError::Run {
-        path: path.into(),
-        msg: format!("cannot draw the plot: {e}"),
-    };
+    let err = |e: String| format!("cannot draw the plot: {e}");
+    let (w, h) = (800u32, 500u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
     {
-        let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 24))
@@ -64,8 +93,13 @@ pub fn line_plot(
             .map_err(|e| err(e.to_string()))?;
         for (i, (label, p)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
+            // A NaN point would break the line's path; leave it out.
+            let finite = p
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite());
             chart
-                .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(finite, color.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?
                 .label(*label)
                 .legend(move |(x, y)| {
@@ -80,7 +114,7 @@ pub fn line_plot(
             .map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+    Ok(image::RgbImage::from_raw(w, h, buf))
 }
 
 /// Draws a run's `loss.png` (training loss) and `bpd.png` (training and validation bits/dim)
