@@ -185,3 +185,37 @@ fn invalid_configs_name_the_key() {
         .to_string();
     assert!(e.contains("colour"), "{e}");
 }
+
+#[test]
+fn a_malicious_pickle_is_refused_and_never_runs() {
+    let marker = std::path::Path::new("/tmp/tarflow-pwned");
+    let _ = std::fs::remove_file(marker);
+    let zipped = fixture("malicious/os-system.pth");
+    let e = import_err(&zipped);
+    assert!(
+        e.contains("os-system.pth") && e.contains("refused") && e.contains("posix.system"),
+        "{e}"
+    );
+    let e = import_err(&fixture("malicious/legacy-os-system.pth"));
+    assert!(e.contains("not a zip-format .pth"), "{e}");
+    // Through the binary too, with the exit status of an error.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let o = common::tarflow(&[
+        "import",
+        zipped.to_str().unwrap(),
+        "--img-size",
+        "16",
+        "--patch-size",
+        "4",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let t = common::text(&o);
+    assert!(t.contains("refused") && t.contains("posix.system"), "{t}");
+    assert!(!out.exists(), "nothing written");
+    assert!(!marker.exists(), "the pickled command ran");
+    // The genuine ml-tarflow file still imports.
+    Checkpoint::import(fixture("tiny-pth/tiny.pth"), 8, 2, None, &Device::Cpu).unwrap();
+}

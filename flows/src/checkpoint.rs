@@ -298,6 +298,8 @@ fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
+    // Refuse anything but a plain state_dict before candle's reader interprets the pickle.
+    crate::pickle_guard::check_pth(path).map_err(|e| FlowError::checkpoint(path, e))?;
     let mut last_err = String::from("no tensors found");
     // A plain state_dict, or one wrapped under a key as training scripts often save it.
     for key in [

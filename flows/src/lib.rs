@@ -15,6 +15,7 @@ pub mod layers;
 pub mod model;
 pub mod params;
 pub mod patch;
+pub mod pickle_guard;
 pub mod rng;
 
 pub use block::Cond;
