@@ -9,4 +9,7 @@ pub use tarflow_flows as flows;
 pub use tarflow_sample as sample;
 pub use tarflow_train as train;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions, TarFlow};

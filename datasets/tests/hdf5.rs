@@ -101,3 +101,17 @@ fn bad_hdf5_files_are_explained() {
         "{e}"
     );
 }
+
+#[test]
+fn a_file_that_crashes_libhdf5_is_an_error_not_a_crash() {
+    // Found by `fuzz/run.sh hdf5`: Debian's libhdf5 1.10 segfaults in H5Lexists on it.
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions/hdf5/segv-in-H5Lexists.h5");
+    let e = tarflow_datasets::hdf5::read_hdf5(&p, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("segv-in-H5Lexists.h5") && e.contains("libhdf5 crashed"),
+        "{e}"
+    );
+}

@@ -125,9 +125,11 @@ pub fn check_pickle(p: &[u8]) -> Result<(), String> {
                 }
                 allow(&strings[n - 2], &strings[n - 1], at)?;
             }
-            0x82..=0x84 => return Err(format!(
+            0x82..=0x84 => {
+                return Err(format!(
                 "refused: the pickle uses the extension registry (opcode {op:#04x} at byte {at})"
-            )),
+            ))
+            }
             // String constants.
             b'X' | 0x8c | 0x8d => {
                 let w = match op {
