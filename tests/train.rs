@@ -177,55 +177,98 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     }
 }
 
+/// Stale half-written checkpoint folders (`.tmp-step-…`) of a killed process.
+fn temp_folders(run: &Path) -> usize {
+    std::fs::read_dir(run.join("checkpoints")).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .count()
+    })
+}
+
 #[test]
-fn a_kill_at_any_moment_leaves_a_loadable_checkpoint() {
+fn fifty_kills_leave_loadable_checkpoints_and_the_uninterrupted_result() {
+    // kill -9 at random moments (seeded), checkpointing every step so that many kills land
+    // inside a checkpoint write; resume after each. Every kill must leave a loadable `latest`,
+    // and the run, finished, must equal one that was never interrupted, bit for bit.
+    const KILLS: usize = 50;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), TINY);
     let run = dir.path().join("tiny");
     let out_set = format!("output.dir={}", dir.path().display());
-    // Checkpoint at every step so that most kills land inside a checkpoint write.
-    for (i, delay_ms) in [900u64, 1300, 1700, 2100, 2600].iter().enumerate() {
+    let sets = [
+        "train.checkpoint_every=1",
+        "train.max_steps=1000000",
+        "optim.decay_steps=2000",
+        "eval.every=0",
+        "eval.sample_every=0",
+    ];
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let (mut mid_write, mut steps_seen) = (0, Vec::new());
+    for kill in 1..=KILLS {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tarflow"));
         cmd.env("RAYON_NUM_THREADS", "1");
-        if i == 0 || RunDir::new(&run).latest().unwrap().is_none() {
+        if RunDir::new(&run).latest().unwrap().is_none() {
             let _ = std::fs::remove_dir_all(&run);
-            cmd.args([
-                "train",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--set",
-                &out_set,
-            ]);
+            cmd.args(["train", "--config", cfg.to_str().unwrap(), "--set", &out_set]);
         } else {
             cmd.args(["train", "--resume", run.to_str().unwrap()]);
         }
-        cmd.args([
-            "--set",
-            "train.checkpoint_every=1",
-            "--set",
-            "train.max_steps=100000",
-        ]);
-        cmd.args(["--set", "eval.every=0", "--set", "eval.sample_every=0"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
         let mut child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let delay = 150 + rng % 450; // ms: start-up takes ~150 ms, a step ~15
+        std::thread::sleep(std::time::Duration::from_millis(delay));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let kills = i + 1;
+        mid_write += temp_folders(&run).min(1);
         if let Some(latest) = RunDir::new(&run).latest().unwrap() {
             let r = RunDir::load_checkpoint(&latest, &candle_core::Device::Cpu)
-                .unwrap_or_else(|e| panic!("after kill {kills}: {e}"));
-            assert!(r.state.step >= 1);
+                .unwrap_or_else(|e| panic!("after kill {kill} at {delay} ms: {e}"));
+            steps_seen.push(r.state.step);
         }
     }
-    let latest = RunDir::new(&run)
-        .latest()
-        .unwrap()
-        .expect("some checkpoint was written");
-    assert!(RunDir::load_checkpoint(&latest, &candle_core::Device::Cpu).is_ok());
+    let last = *steps_seen.last().expect("some checkpoint was written");
+    assert!(last >= 50, "the run kept moving: step {last} after {KILLS} kills");
+    assert!(
+        steps_seen.windows(2).all(|w| w[0] <= w[1]),
+        "no kill lost a finished checkpoint: {steps_seen:?}"
+    );
+    eprintln!(
+        "{KILLS} kills survived; {mid_write} landed inside a checkpoint write; final step {last}"
+    );
+    assert!(mid_write >= 1, "no kill landed inside a checkpoint write");
+    // Finish a few steps past the last checkpoint, then train the same steps uninterrupted.
+    let end = (last + 3).to_string();
+    let max = format!("train.max_steps={end}");
+    let o = tarflow(&["train", "--resume", run.to_str().unwrap(), "--set", &max]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(temp_folders(&run), 0, "stale temp folders were cleaned up");
+    let mut full: Vec<&str> = sets.to_vec();
+    full.extend(["train.checkpoint_every=1000000", &max, "output.name=full"]);
+    let o = train(&cfg, dir.path(), &full);
+    assert!(o.status.success(), "{}", text(&o));
+    let dev = candle_core::Device::Cpu;
+    let step = format!("checkpoints/step-{:07}", last + 3);
+    for f in ["model", "ema", "optimizer"] {
+        let p = format!("{step}/{f}.safetensors");
+        let x = candle_core::safetensors::load(dir.path().join("full").join(&p), &dev).unwrap();
+        let y = candle_core::safetensors::load(run.join(&p), &dev).unwrap();
+        assert_eq!(x.len(), y.len());
+        for (k, a) in &x {
+            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(a == b, "{f}: {k} differs from the uninterrupted run");
+        }
+    }
 }
 
 #[test]

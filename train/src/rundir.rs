@@ -141,6 +141,13 @@ impl RunDir {
     ) -> Result<PathBuf> {
         let name = format!("step-{:07}", state.step);
         let dir = self.checkpoints().join(&name);
+        if dir.join("state.json").is_file() {
+            // This step is already saved (an interrupt right after a periodic save): the
+            // weights are the same, and deleting the folder to rewrite it would leave `latest`
+            // pointing at nothing if we were killed in between.
+            write_atomic(&self.root.join("latest"), name.as_bytes())?;
+            return Ok(dir);
+        }
         let tmp = self.checkpoints().join(format!(".tmp-{name}"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
@@ -172,7 +179,8 @@ impl RunDir {
         write_atomic(&tmp.join("state.json"), &json)?;
         fsync_dir(&tmp);
         if dir.exists() {
-            // Same step written again (e.g. an interrupt right after a periodic save).
+            // A folder without state.json is an unfinished rename target; `latest` never
+            // points at it.
             std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
         }
         std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
@@ -199,6 +207,13 @@ impl RunDir {
         let n = steps.len();
         for p in steps.into_iter().take(n.saturating_sub(keep)) {
             if p != current {
+                std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
+            }
+        }
+        // Half-written checkpoints of a killed process: never pointed at, only taking space.
+        for e in std::fs::read_dir(&ck).map_err(|e| TrainError::io(&ck, e))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-step-") {
+                let p = e.path();
                 std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
             }
         }
