@@ -3,48 +3,11 @@
 
 mod common;
 
-use common::{tarflow, text};
+use common::{tarflow, text, TINY};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tarflow::train::metrics::{read, Record};
 use tarflow::train::rundir::RunDir;
-
-/// A tiny conditional model on the embedded digits: a step takes milliseconds.
-const TINY: &str = r#"
-[model]
-in_channels = 1
-img_size = 28
-patch_size = 7
-channels = 64
-num_blocks = 2
-layers_per_block = 1
-num_classes = 10
-
-[data]
-source = "embedded"
-val_count = 64
-noise_std = 0.1
-label_drop = 0.1
-
-[optim]
-lr = 3e-3
-min_lr = 1e-5
-warmup_steps = 2
-ema_decay = 0.99
-grad_clip = 5.0
-
-[train]
-max_steps = 24
-batch_size = 16
-log_every = 1
-checkpoint_every = 8
-
-[eval]
-every = 12
-batches = 2
-sample_every = 12
-num_samples = 4
-"#;
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     write_named(dir, "tiny.toml", text)
@@ -210,7 +173,13 @@ fn fifty_kills_leave_loadable_checkpoints_and_the_uninterrupted_result() {
         cmd.env("RAYON_NUM_THREADS", "1");
         if RunDir::new(&run).latest().unwrap().is_none() {
             let _ = std::fs::remove_dir_all(&run);
-            cmd.args(["train", "--config", cfg.to_str().unwrap(), "--set", &out_set]);
+            cmd.args([
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--set",
+                &out_set,
+            ]);
         } else {
             cmd.args(["train", "--resume", run.to_str().unwrap()]);
         }
@@ -237,7 +206,10 @@ fn fifty_kills_leave_loadable_checkpoints_and_the_uninterrupted_result() {
         }
     }
     let last = *steps_seen.last().expect("some checkpoint was written");
-    assert!(last >= 50, "the run kept moving: step {last} after {KILLS} kills");
+    assert!(
+        last >= 50,
+        "the run kept moving: step {last} after {KILLS} kills"
+    );
     assert!(
         steps_seen.windows(2).all(|w| w[0] <= w[1]),
         "no kill lost a finished checkpoint: {steps_seen:?}"

@@ -133,3 +133,40 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// A tiny conditional model on the embedded digits: a step takes milliseconds.
+pub const TINY: &str = r#"
+[model]
+in_channels = 1
+img_size = 28
+patch_size = 7
+channels = 64
+num_blocks = 2
+layers_per_block = 1
+num_classes = 10
+
+[data]
+source = "embedded"
+val_count = 64
+noise_std = 0.1
+label_drop = 0.1
+
+[optim]
+lr = 3e-3
+min_lr = 1e-5
+warmup_steps = 2
+ema_decay = 0.99
+grad_clip = 5.0
+
+[train]
+max_steps = 24
+batch_size = 16
+log_every = 1
+checkpoint_every = 8
+
+[eval]
+every = 12
+batches = 2
+sample_every = 12
+num_samples = 4
+"#;

@@ -31,6 +31,27 @@ pub enum TrainError {
         /// Where the last good checkpoint is.
         last_good: String,
     },
+    /// A training batch held NaN/Inf inputs (a data or augmentation bug), caught before the
+    /// forward pass so no weight is touched.
+    #[error("step {step}: the input batch holds {count} NaN/Inf value(s) (a data or augmentation bug); stopped. {last_good}")]
+    NonFiniteInput {
+        /// The optimizer step (1-based) the batch was for.
+        step: u64,
+        /// Non-finite values in the batch.
+        count: usize,
+        /// Where the last good checkpoint is.
+        last_good: String,
+    },
+    /// A checkpoint could not be written (disk full, unwritable folder); the partial one is removed.
+    #[error("step {step}: cannot write the checkpoint ({msg}); training stopped. {last_good}")]
+    CheckpointWrite {
+        /// The step being saved.
+        step: u64,
+        /// The file-system error, with its path.
+        msg: String,
+        /// Where the last good checkpoint is.
+        last_good: String,
+    },
     /// A run directory's content is missing or inconsistent.
     #[error("run {}: {msg}", path.display())]
     Run {

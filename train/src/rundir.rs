@@ -211,7 +211,10 @@ impl RunDir {
             }
         }
         // Half-written checkpoints of a killed process: never pointed at, only taking space.
-        for e in std::fs::read_dir(&ck).map_err(|e| TrainError::io(&ck, e))?.flatten() {
+        for e in std::fs::read_dir(&ck)
+            .map_err(|e| TrainError::io(&ck, e))?
+            .flatten()
+        {
             if e.file_name().to_string_lossy().starts_with(".tmp-step-") {
                 let p = e.path();
                 std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;

@@ -87,6 +87,10 @@ pub struct Summary {
     pub checkpoint: Option<PathBuf>,
 }
 
+/// Called on every micro-batch before the forward pass with the step it is for: custom
+/// augmentation, or fault injection in tests.
+pub type BatchHook = Box<dyn FnMut(u64, &mut tarflow_datasets::loader::Batch) + Send>;
+
 /// A training run in progress.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -106,6 +110,7 @@ pub struct Trainer {
     metrics: MetricsLog,
     history: Vec<Record>,
     last_checkpoint: Option<PathBuf>,
+    batch_hook: Option<BatchHook>,
 }
 
 fn pick_dtype(name: &str, device: &Device) -> DType {
@@ -281,6 +286,7 @@ impl Trainer {
                 metrics,
                 history,
                 last_checkpoint,
+                batch_hook: None,
             },
             warnings,
         ))
@@ -315,7 +321,18 @@ impl Trainer {
         let mut total: Option<GradStore> = None;
         let mut loss_sum = 0.0;
         for _ in 0..accum {
-            let b = self.feed.next()?;
+            let mut b = self.feed.next()?;
+            if let Some(hook) = self.batch_hook.as_mut() {
+                hook(next_step, &mut b);
+            }
+            let bad = b.images.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(TrainError::NonFiniteInput {
+                    step: next_step,
+                    count: bad,
+                    last_good: self.last_good("fix the data or the batch hook", ""),
+                });
+            }
             let [n, c, h, w] = b.shape;
             let x = Tensor::from_vec(b.images, (n, c, h, w), &self.device)?.to_dtype(self.dtype)?;
             let out = self.model.forward(&x, self.cond(&b.labels))?;
@@ -386,20 +403,28 @@ impl Trainer {
         Ok((loss_sum / accum as f64, norm, lr))
     }
 
+    /// Installs a hook that sees (and may change) every micro-batch before the forward pass.
+    pub fn set_batch_hook(&mut self, hook: BatchHook) {
+        self.batch_hook = Some(hook);
+    }
+
     fn non_finite(&self, step: u64, value: f64) -> TrainError {
-        let last_good = match &self.last_checkpoint {
-            Some(p) => format!(
-                "The last good checkpoint is {}; resume from it with a lower optim.lr \
-                 (`tarflow train --resume {} --set optim.lr=…`).",
-                p.display(),
-                self.run.root.display()
-            ),
-            None => "No checkpoint had been written yet; lower optim.lr and start again.".into(),
-        };
         TrainError::NonFinite {
             step,
             loss: value,
-            last_good,
+            last_good: self.last_good("lower the learning rate", " --set optim.lr=…"),
+        }
+    }
+
+    /// Where to go back to after a failure and what to change (`fix`), for error messages.
+    fn last_good(&self, fix: &str, resume_sets: &str) -> String {
+        match &self.last_checkpoint {
+            Some(p) => format!(
+                "The last good checkpoint is {}; {fix}, then `tarflow train --resume {}{resume_sets}`.",
+                p.display(),
+                self.run.root.display()
+            ),
+            None => format!("No checkpoint had been written yet; {fix}, then start again."),
         }
     }
 
@@ -469,13 +494,30 @@ impl Trainer {
 
     fn checkpoint(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
         let (moments, opt_step) = self.opt.state();
-        let dir = self.run.save_checkpoint(
+        let saved = self.run.save_checkpoint(
             &self.current()?,
             self.ema_checkpoint().as_ref(),
             (&moments, opt_step),
             &self.state,
             self.cfg.train.keep_checkpoints,
-        )?;
+        );
+        let dir = match saved {
+            Ok(dir) => dir,
+            Err(e @ (TrainError::Io { .. } | TrainError::Flow(_) | TrainError::Run { .. })) => {
+                // Free what the partial checkpoint took (a full disk) and say where to resume.
+                let tmp = self
+                    .run
+                    .checkpoints()
+                    .join(format!(".tmp-step-{:07}", self.state.step));
+                let _ = std::fs::remove_dir_all(tmp);
+                return Err(TrainError::CheckpointWrite {
+                    step: self.state.step,
+                    msg: e.to_string(),
+                    last_good: self.last_good("free space or make the folder writable", ""),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         on(Event::Checkpoint(&dir));
         self.last_checkpoint = Some(dir);
         Ok(())
