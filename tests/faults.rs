@@ -61,6 +61,31 @@ fn config(dir: &Path) -> PathBuf {
     p
 }
 
+/// Starts `tarflow train` on `cfg` (output in `out_dir`, these `--set`s) and returns once its
+/// first checkpoint exists.
+fn train_until_first_checkpoint(cfg: &Path, out_dir: &Path, sets: &[&str]) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tarflow"));
+    cmd.env("RAYON_NUM_THREADS", "1")
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .args(["--set", &format!("output.dir={}", out_dir.display())])
+        .args(["--set", "eval.every=0", "--set", "eval.sample_every=0"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stem = cfg.file_stem().unwrap();
+    let t0 = std::time::Instant::now();
+    while RunDir::new(out_dir.join(stem)).latest().unwrap().is_none() {
+        assert!(t0.elapsed().as_secs() < 60, "no first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child
+}
+
 /// Whatever `latest` names loads, and no half-written checkpoint folder is left behind.
 fn assert_checkpoints_intact(run: &Path) -> u64 {
     let latest = RunDir::new(run)
@@ -127,27 +152,9 @@ fn a_full_disk_stops_with_the_last_good_checkpoint() {
 fn an_output_folder_turning_read_only_mid_run_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let out = format!("output.dir={}", dir.path().display());
     let run = dir.path().join("tiny");
-    let child = Command::new(env!("CARGO_BIN_EXE_tarflow"))
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["train", "--config", cfg.to_str().unwrap(), "--set", &out])
-        .args([
-            "--set",
-            "train.max_steps=100000",
-            "--set",
-            "train.checkpoint_every=5",
-        ])
-        .args(["--set", "eval.every=0", "--set", "eval.sample_every=0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while RunDir::new(&run).latest().unwrap().is_none() {
-        assert!(t0.elapsed().as_secs() < 60, "no first checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let sets = ["train.max_steps=100000", "train.checkpoint_every=5"];
+    let child = train_until_first_checkpoint(&cfg, dir.path(), &sets);
     let Some(ro) = Mount::read_only(&run.join("checkpoints")) else {
         let mut child = child;
         let _ = child.kill();
@@ -204,27 +211,9 @@ fn a_dataset_vanishing_mid_run_is_harmless_and_named_on_resume() {
     );
     let cfg = dir.path().join("folder.toml");
     std::fs::write(&cfg, text_cfg).unwrap();
-    let out = format!("output.dir={}", dir.path().display());
     let run = dir.path().join("folder");
-    let child = Command::new(env!("CARGO_BIN_EXE_tarflow"))
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["train", "--config", cfg.to_str().unwrap(), "--set", &out])
-        .args([
-            "--set",
-            "train.max_steps=60",
-            "--set",
-            "train.checkpoint_every=5",
-        ])
-        .args(["--set", "eval.every=0", "--set", "eval.sample_every=0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while RunDir::new(&run).latest().unwrap().is_none() {
-        assert!(t0.elapsed().as_secs() < 60, "no first checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let sets = ["train.max_steps=60", "train.checkpoint_every=5"];
+    let child = train_until_first_checkpoint(&cfg, dir.path(), &sets);
     std::fs::remove_dir_all(&data).unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", text(&o));

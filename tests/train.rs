@@ -126,18 +126,7 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     assert_eq!(a.len(), 16);
     assert_eq!(a, b, "per-step losses differ after resume");
     // The weights, EMA and optimizer moments end bit-identical too.
-    let dev = candle_core::Device::Cpu;
-    for f in ["model", "ema", "optimizer"] {
-        let p = format!("checkpoints/step-0000016/{f}.safetensors");
-        let x = candle_core::safetensors::load(dir.path().join("full").join(&p), &dev).unwrap();
-        let y = candle_core::safetensors::load(run.join(&p), &dev).unwrap();
-        assert_eq!(x.len(), y.len());
-        for (k, a) in &x {
-            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(a == b, "{f}: {k} differs");
-        }
-    }
+    common::assert_same_checkpoint(&dir.path().join("full"), &run, "checkpoints/step-0000016");
 }
 
 /// Stale half-written checkpoint folders (`.tmp-step-…`) of a killed process.
@@ -228,19 +217,8 @@ fn fifty_kills_leave_loadable_checkpoints_and_the_uninterrupted_result() {
     full.extend(["train.checkpoint_every=1000000", &max, "output.name=full"]);
     let o = train(&cfg, dir.path(), &full);
     assert!(o.status.success(), "{}", text(&o));
-    let dev = candle_core::Device::Cpu;
     let step = format!("checkpoints/step-{:07}", last + 3);
-    for f in ["model", "ema", "optimizer"] {
-        let p = format!("{step}/{f}.safetensors");
-        let x = candle_core::safetensors::load(dir.path().join("full").join(&p), &dev).unwrap();
-        let y = candle_core::safetensors::load(run.join(&p), &dev).unwrap();
-        assert_eq!(x.len(), y.len());
-        for (k, a) in &x {
-            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(a == b, "{f}: {k} differs from the uninterrupted run");
-        }
-    }
+    common::assert_same_checkpoint(&dir.path().join("full"), &run, &step);
 }
 
 #[test]

@@ -67,6 +67,18 @@ impl Png {
     }
 }
 
+/// Writes `img` as a PNG at `path` through a temporary name (ending in .png, which the encoder
+/// goes by) and a rename, so a reader never sees half a picture.
+pub fn save_png_atomic(img: &image::RgbImage, path: &Path) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".tmp-{name}"));
+    img.save(&tmp).map_err(std::io::Error::other)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Nearest-neighbour enlargement (a blurred digit hides what the model did).
 pub fn zoomed(img: &image::RgbImage, zoom: u32) -> image::RgbImage {
     let z = zoom.max(1);

@@ -74,15 +74,8 @@ pub fn render(
 ) -> Result<()> {
     let img = render_image(rows, channels, img_size, patch_size)
         .map_err(|e| SampleError::file(path, format!("cannot draw the heat map: {e}")))?;
-    // Saved under a temporary name (ending in .png for the encoder), then renamed into place.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".tmp-{name}"));
-    img.save(&tmp)
-        .map_err(|e| SampleError::file(path, format!("cannot write the heat map: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| SampleError::file(path, e.to_string()))
+    crate::display::save_png_atomic(&img, path)
+        .map_err(|e| SampleError::file(path, format!("cannot write the heat map: {e}")))
 }
 
 /// The heat map figure as an in-memory picture (a notebook shows it without a file).

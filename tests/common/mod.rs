@@ -170,3 +170,23 @@ batches = 2
 sample_every = 12
 num_samples = 4
 "#;
+
+/// The model, EMA and optimizer files of checkpoint folder `rel` are bit-identical in two runs.
+pub fn assert_same_checkpoint(a: &std::path::Path, b: &std::path::Path, rel: &str) {
+    for f in ["model", "ema", "optimizer"] {
+        let p = format!("{rel}/{f}.safetensors");
+        let x = candle_core::safetensors::load(a.join(&p), &Device::Cpu).unwrap();
+        let y = candle_core::safetensors::load(b.join(&p), &Device::Cpu).unwrap();
+        assert_eq!(x.len(), y.len());
+        for (k, t) in &x {
+            let u = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let v = y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                u == v,
+                "{p}: {k} differs between {} and {}",
+                a.display(),
+                b.display()
+            );
+        }
+    }
+}

@@ -25,15 +25,7 @@ pub fn line_plot(
     let Some(img) = line_plot_image(title, x_label, y_label, series).map_err(err)? else {
         return Ok(());
     };
-    // The encoder picks the format from the extension, so the temporary name ends in .png.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".tmp-{name}"));
-    img.save(&tmp)
-        .map_err(|e| err(format!("cannot write the plot: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+    tarflow_sample::display::save_png_atomic(&img, path).map_err(|e| TrainError::io(path, e))
 }
 
 /// The same plot as an in-memory picture for a notebook; an error when there is nothing to draw.
