@@ -186,13 +186,14 @@ impl RunDir {
         std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
         fsync_dir(&self.checkpoints());
         write_atomic(&self.root.join("latest"), name.as_bytes())?;
+        self.remove_stale_temps()?;
         if keep > 0 {
             self.prune(keep, &dir)?;
         }
         Ok(dir)
     }
 
-    /// Deletes all but the newest `keep` checkpoints (never `current`) and stale temp folders.
+    /// Deletes all but the newest `keep` checkpoints (never `current`).
     fn prune(&self, keep: usize, current: &Path) -> Result<()> {
         let ck = self.checkpoints();
         let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
@@ -210,7 +211,13 @@ impl RunDir {
                 std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
             }
         }
-        // Half-written checkpoints of a killed process: never pointed at, only taking space.
+        Ok(())
+    }
+
+    /// Removes the half-written checkpoints of a killed process: never pointed at, only
+    /// taking space.
+    fn remove_stale_temps(&self) -> Result<()> {
+        let ck = self.checkpoints();
         for e in std::fs::read_dir(&ck)
             .map_err(|e| TrainError::io(&ck, e))?
             .flatten()
