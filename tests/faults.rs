@@ -260,3 +260,37 @@ fn a_nan_in_a_batch_stops_before_touching_the_weights() {
     let run = dir.path().join("run");
     assert_eq!(assert_checkpoints_intact(&run), 4);
 }
+
+#[test]
+fn a_model_too_large_for_memory_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let o = tarflow(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &format!("output.dir={}", dir.path().display()),
+        "--set",
+        "model.channels=65536",
+        "--set",
+        "model.num_blocks=64",
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("GiB available") && t.contains("model"), "{t}");
+    assert!(
+        !dir.path().join("tiny").exists(),
+        "no run directory for a refused run"
+    );
+    // The estimate behind it agrees with the exact count.
+    for c in [
+        tarflow::ModelConfig::new(1, 28, 7, 64, 2, 1, 10),
+        tarflow::ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
+        tarflow::ModelConfig::new(3, 64, 2, 768, 8, 8, 1000),
+    ] {
+        let exact = tarflow::flows::params::count_params(&c) as f64;
+        let rel = (c.approx_params() - exact).abs() / exact;
+        assert!(rel < 0.05, "{c:?}: {} vs {exact}", c.approx_params());
+    }
+}

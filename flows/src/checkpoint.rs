@@ -201,6 +201,18 @@ pub fn validate(
     tensors: &HashMap<String, Tensor>,
     source: &Path,
 ) -> Result<()> {
+    // Each transformer layer has a dozen tensors: a config claiming more layers than the file
+    // has tensors is not this file's, and listing what it expects could exhaust memory.
+    let layers: usize = (0..config.num_blocks).map(|k| config.block_layers(k)).sum();
+    if layers > tensors.len() {
+        return Err(FlowError::checkpoint(
+            source,
+            format!(
+                "the model config claims {layers} transformer layers but the file holds only {} tensors",
+                tensors.len()
+            ),
+        ));
+    }
     let specs = param_specs(config);
     let mut problems = Vec::new();
     for s in &specs {

@@ -155,6 +155,30 @@ impl ModelConfig {
         if self.num_blocks == 0 {
             return bad("num_blocks must be ≥ 1".into());
         }
+        // Far beyond any real model; a config (or a checkpoint's metadata) claiming more is
+        // corrupt, and must not make us enumerate or allocate what it claims.
+        for (key, v, max) in [
+            ("in_channels", self.in_channels, 64),
+            ("img_size", self.img_size, 8192),
+            ("channels", self.channels, 1 << 16),
+            ("num_blocks", self.num_blocks, 1024),
+            ("layers_per_block", self.layers_per_block, 1024),
+            ("mlp_ratio", self.mlp_ratio, 64),
+            ("num_classes", self.num_classes, 1 << 20),
+        ] {
+            if v > max {
+                return bad(format!(
+                    "{key} = {v} is beyond any real model; expected ≤ {max}"
+                ));
+            }
+        }
+        if let Some(l) = self
+            .layers
+            .as_ref()
+            .and_then(|l| l.iter().find(|&&n| n > 1024))
+        {
+            return bad(format!("layers has an entry {l}; expected ≤ 1024"));
+        }
         match &self.layers {
             Some(l) if l.len() != self.num_blocks => bad(format!(
                 "layers has {} entries but num_blocks is {}",
@@ -167,6 +191,22 @@ impl ModelConfig {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Parameter count from the shapes alone (arithmetic, so a huge claimed model costs
+    /// nothing to size); within a few per cent of [`crate::params::count_params`].
+    pub fn approx_params(&self) -> f64 {
+        let (t, c, d) = (
+            self.num_tokens() as f64,
+            self.channels as f64,
+            self.patch_dim() as f64,
+        );
+        let layers: f64 = (0..self.num_blocks)
+            .map(|k| self.block_layers(k) as f64)
+            .sum();
+        let per_layer = 4.0 * c * c + 2.0 * self.mlp_ratio as f64 * c * c;
+        let per_block = t * c + c * d + 2.0 * d * c + self.num_classes as f64 * c;
+        layers * per_layer + self.num_blocks as f64 * per_block
     }
 
     /// Number of tokens T = (S/p)².

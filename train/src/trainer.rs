@@ -172,6 +172,9 @@ impl Trainer {
         let mut warnings = Vec::new();
         let device = tarflow_flows::device::select(&cfg.train.device)?;
         let dtype = pick_dtype(&cfg.train.dtype, &device);
+        if device.is_cpu() {
+            check_memory(&cfg)?;
+        }
         let t = &cfg.train;
         // Data: the training set, and a held-out split or a separate validation source.
         let micro = t.batch_size / t.grad_accum;
@@ -605,6 +608,34 @@ impl Trainer {
             checkpoint: self.last_checkpoint.clone(),
         })
     }
+}
+
+/// Refuses a model whose weights, EMA, gradients and AdamW moments (five f32 copies) cannot
+/// fit in the memory this machine has available, before trying to allocate them.
+fn check_memory(cfg: &TrainConfig) -> Result<()> {
+    let Some(avail) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|kb| kb * 1024.0)
+    }) else {
+        return Ok(()); // not Linux: nothing to compare with
+    };
+    let need = cfg.model.approx_params() * 4.0 * 5.0;
+    if need > avail {
+        const GIB: f64 = (1u64 << 30) as f64;
+        return Err(TrainError::config(
+            "model",
+            format!(
+                "{:.3e} parameters need ~{:.1} GiB for weights, EMA, gradients and optimizer state; \
+                 this machine has {:.1} GiB available (reduce channels, num_blocks or layers)",
+                cfg.model.approx_params(),
+                need / GIB,
+                avail / GIB
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// ml-tarflow's per-dimension loss as bits/dim of 8-bit data: `(loss + ½ln 2π + ln 128)/ln 2`.
