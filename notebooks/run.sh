@@ -5,6 +5,7 @@
 #
 #   bash notebooks/run.sh                 # all notebooks
 #   bash notebooks/run.sh 02-likelihood   # one (name with or without .ipynb)
+#   bash notebooks/run.sh --install-only  # only install (CI starts this early, in the background)
 #
 # Executed copies (with their outputs) go to target/notebooks/. The evcxr build directory is
 # target/evcxr, shared by the notebooks so that only the first one compiles the library.
@@ -33,6 +34,10 @@ if [ ! -f "$JUPYTER_PATH/kernels/rust/kernel.json" ]; then
 {"argv": ["$(command -v evcxr_jupyter)", "--control_file", "{connection_file}"],
  "display_name": "Rust", "language": "rust", "interrupt_mode": "message"}
 JSON
+fi
+
+if [ "${1:-}" = "--install-only" ]; then
+    exit 0
 fi
 
 export EVCXR_TMPDIR="$root/target/evcxr"
