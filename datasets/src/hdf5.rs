@@ -91,6 +91,11 @@ fn read_in_process(path: &Path, opts: &Hdf5Options) -> Result<ImageSet> {
         Layout::Nchw => (a, b, c),
         Layout::Nhwc => (c, a, b),
     };
+    if ch == 0 || h == 0 || w == 0 {
+        return Err(err(format!(
+            "dataset `{name}` has shape {shape:?}: images of zero pixels"
+        )));
+    }
     // The pixels come from the chunks the file stores (perhaps compressed). A shape far beyond
     // them is a corrupt or hostile header and must not make us allocate what it claims.
     let claimed = [n, ch, h, w]

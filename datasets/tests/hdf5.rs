@@ -115,3 +115,14 @@ fn a_file_that_crashes_libhdf5_is_an_error_not_a_crash() {
         "{e}"
     );
 }
+
+#[test]
+fn a_billion_images_of_zero_pixels_is_refused_at_once() {
+    // Found by `fuzz/run.sh hdf5` as a timeout: the read loop walked the claimed count.
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions/hdf5/zero-pixel-images-claimed-by-the-billion.h5");
+    let e = tarflow_datasets::hdf5::read_hdf5(&p, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("zero pixels"), "{e}");
+}
