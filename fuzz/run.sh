@@ -48,6 +48,7 @@ for t in "${targets[@]}"; do
         -max_len=1048576 -print_final_stats=1) >"$log" 2>&1
     rc=$?
     set -e
+    rm -rf /dev/shm/tarflow-fuzz-* 2>/dev/null || true # the harness's scratch files
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo 0)
     took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' || echo "?")
     units=$(ls "fuzz/corpus/$t" | wc -l)

@@ -22,14 +22,24 @@ pub const TARGETS: [&str; 9] = [
     "hdf5",
 ];
 
-/// Writes `data` to a file named `name` in this process's scratch folder and returns its path.
-fn file_with(name: &str, data: &[u8]) -> std::io::Result<PathBuf> {
+/// This process's scratch folder (memory-backed where /dev/shm exists).
+fn scratch() -> PathBuf {
     let base = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
     };
-    let dir = base.join(format!("tarflow-fuzz-{}", std::process::id()));
+    base.join(format!("tarflow-fuzz-{}", std::process::id()))
+}
+
+/// Deletes this process's scratch folder (a replay calls it when done).
+pub fn remove_scratch() {
+    let _ = std::fs::remove_dir_all(scratch());
+}
+
+/// Writes `data` to a file named `name` in this process's scratch folder and returns its path.
+fn file_with(name: &str, data: &[u8]) -> std::io::Result<PathBuf> {
+    let dir = scratch();
     std::fs::create_dir_all(&dir)?;
     let p = dir.join(name);
     std::fs::write(&p, data)?;

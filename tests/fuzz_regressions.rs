@@ -27,5 +27,6 @@ fn committed_fuzz_inputs_never_panic() {
             }
         }
     }
+    tarflow::fuzzing::remove_scratch();
     assert!(replayed >= 15, "only {replayed} inputs found");
 }
