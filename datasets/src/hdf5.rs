@@ -102,13 +102,16 @@ fn read_in_process(path: &Path, opts: &Hdf5Options) -> Result<ImageSet> {
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| err(format!("dataset `{name}` shape {shape:?} overflows")))?;
-    let stored = usize::try_from(ds.storage_size()).unwrap_or(usize::MAX);
+    // What the dataset says it stores is itself a header field: the file's length bounds it.
+    let file_len = std::fs::metadata(path).map_or(0, |m| m.len());
+    let stored = usize::try_from(ds.storage_size().min(file_len)).unwrap_or(usize::MAX);
     if claimed > stored.saturating_mul(MAX_EXPANSION).max(1 << 20) {
         return Err(err(format!(
             "dataset `{name}` claims {claimed} pixels of shape {shape:?} but stores only {stored} bytes; the file is corrupt"
         )));
     }
-    let mut pixels = Vec::with_capacity(claimed);
+    // Grown as chunks arrive rather than reserved from the claim.
+    let mut pixels = Vec::with_capacity(claimed.min(64 << 20));
     let step = opts.chunk.max(1);
     for start in (0..n).step_by(step) {
         let end = (start + step).min(n);
@@ -226,8 +229,13 @@ mod isolated {
         let mut buf = Vec::new();
         let read_res = input.read_to_end(&mut buf);
         let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        // SAFETY: waits for our own child; a signal (a timer, say) interrupting the wait must
+        // not leave the child a zombie or its status unread.
+        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        }
         if libc::WIFSIGNALED(status) {
             return Err(DataError::format(
                 path,
