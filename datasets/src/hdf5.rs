@@ -179,7 +179,14 @@ mod isolated {
     use std::os::fd::FromRawFd;
     use std::path::Path;
 
+    /// One isolated read at a time: a child forked while another read's pipe is open would
+    /// inherit its write end and keep that read from ever seeing the end of its data.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     pub(super) fn run(path: &Path, read: impl FnOnce() -> Result<ImageSet>) -> Result<ImageSet> {
+        let _one = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let io = |e: std::io::Error| DataError::Io {
             path: path.into(),
             source: e,
@@ -189,8 +196,11 @@ mod isolated {
         if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
             return Err(io(std::io::Error::last_os_error()));
         }
+        // Fork while holding libhdf5's global (reentrant) lock: a fork while another thread
+        // holds it would leave the child waiting on it forever. The child's thread owns the
+        // inherited lock, so its own libhdf5 calls re-enter it.
         // SAFETY: the child only reads the file, writes the pipe and `_exit`s.
-        let pid = unsafe { libc::fork() };
+        let pid = hdf5::sync::sync(|| unsafe { libc::fork() });
         if pid < 0 {
             let e = std::io::Error::last_os_error();
             // SAFETY: both descriptors are ours and still open.
