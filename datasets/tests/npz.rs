@@ -98,7 +98,9 @@ fn malformed_batches_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let ok_data = npy("|u1", &[1, 12], &[0; 12]);
-    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, &str)> = vec![
+    // (file name, its members (name, .npy bytes), what the error must say)
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "nodata.npz",
             vec![("labels", npy("<i8", &[1], &1i64.to_le_bytes()))],

@@ -198,7 +198,7 @@ mod tests {
         };
         let x = var(&[1.5, -2.0]);
         let mut opt = AdamW::new(vec![("x".into(), x.clone())], c).unwrap();
-        let mut seen = vec![vec![], vec![]];
+        let mut seen = [vec![], vec![]];
         for _ in 0..5 {
             // loss = Σ x³ → g = 3x²
             let loss = x.as_tensor().powf(3.0).unwrap().sum_all().unwrap();
