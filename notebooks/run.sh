@@ -41,6 +41,14 @@ if [ "${1:-}" = "--install-only" ]; then
 fi
 
 export EVCXR_TMPDIR="$root/target/evcxr"
+# The build folder's artefacts partly live in evcxr's cache (`:cache`); one built against a cache
+# that was since cleared fails with "can't find crate", so it is started afresh then.
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/evcxr"
+stamp="$EVCXR_TMPDIR/.cache-inode"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$(stat -c %i "$cache" 2>/dev/null || echo none)" ]; then
+    echo "notebooks: evcxr's cache changed since the last build; rebuilding target/evcxr"
+    rm -rf "$EVCXR_TMPDIR"
+fi
 mkdir -p "$EVCXR_TMPDIR" target/notebooks
 if [ $# -gt 0 ]; then
     books=()
@@ -48,18 +56,25 @@ if [ $# -gt 0 ]; then
 else
     books=(notebooks/*.ipynb)
 fi
+execute() {
+    "$venv/bin/jupyter-nbconvert" --to notebook --execute \
+        --ExecutePreprocessor.kernel_name=rust --ExecutePreprocessor.timeout=1200 \
+        --output-dir target/notebooks "$1" >"target/notebooks/$(basename "$1" .ipynb).log" 2>&1
+}
 failed=0
 for nb in "${books[@]}"; do
     start=$(date +%s)
-    if "$venv/bin/jupyter-nbconvert" --to notebook --execute \
-        --ExecutePreprocessor.kernel_name=rust --ExecutePreprocessor.timeout=1200 \
-        --output-dir target/notebooks "$nb" >target/notebooks/"$(basename "$nb" .ipynb)".log 2>&1 \
-        && "$venv/bin/python" notebooks/check.py "target/notebooks/$(basename "$nb")"; then
+    log="target/notebooks/$(basename "$nb" .ipynb).log"
+    rm -f "target/notebooks/$(basename "$nb")"
+    ran=0
+    execute "$nb" && ran=1
+    if [ $ran = 1 ] && "$venv/bin/python" notebooks/check.py "target/notebooks/$(basename "$nb")"; then
         echo "notebook $nb: ok ($(( $(date +%s) - start )) s)"
     else
         echo "notebook $nb: FAILED ($(( $(date +%s) - start )) s)"
-        tail -40 target/notebooks/"$(basename "$nb" .ipynb)".log
+        tail -40 "$log"
         failed=1
     fi
 done
+stat -c %i "$cache" >"$stamp" 2>/dev/null || true
 exit $failed
