@@ -300,10 +300,14 @@ mod isolated {
         };
         let (c, h, w, n) = (word(0)?, word(1)?, word(2)?, word(3)?);
         let has_labels = *rest.get(32).ok_or_else(bad)? == 1;
-        let len = c * h * w * n;
+        let len = [c, h, w, n]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(bad)?;
         let pixels = rest.get(33..33 + len).ok_or_else(bad)?.to_vec();
         let labels = if has_labels {
-            let raw = rest.get(33 + len..33 + len + 8 * n).ok_or_else(bad)?;
+            let end = n.checked_mul(8).and_then(|b| b.checked_add(33 + len));
+            let raw = end.and_then(|e| rest.get(33 + len..e)).ok_or_else(bad)?;
             Some(
                 raw.chunks_exact(8)
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))

@@ -102,14 +102,20 @@ fn bad_hdf5_files_are_explained() {
     );
 }
 
+/// The error reading a committed fuzz regression input (`fuzz/regressions/hdf5/NAME`).
+fn regression_error(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions/hdf5")
+        .join(name);
+    read_hdf5(&p, &Hdf5Options::default())
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn a_file_that_crashes_libhdf5_is_an_error_not_a_crash() {
     // Found by `fuzz/run.sh hdf5`: Debian's libhdf5 1.10 segfaults in H5Lexists on it.
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/regressions/hdf5/segv-in-H5Lexists.h5");
-    let e = tarflow_datasets::hdf5::read_hdf5(&p, &Default::default())
-        .unwrap_err()
-        .to_string();
+    let e = regression_error("segv-in-H5Lexists.h5");
     assert!(
         e.contains("segv-in-H5Lexists.h5") && e.contains("libhdf5 crashed"),
         "{e}"
@@ -119,10 +125,6 @@ fn a_file_that_crashes_libhdf5_is_an_error_not_a_crash() {
 #[test]
 fn a_billion_images_of_zero_pixels_is_refused_at_once() {
     // Found by `fuzz/run.sh hdf5` as a timeout: the read loop walked the claimed count.
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/regressions/hdf5/zero-pixel-images-claimed-by-the-billion.h5");
-    let e = tarflow_datasets::hdf5::read_hdf5(&p, &Default::default())
-        .unwrap_err()
-        .to_string();
+    let e = regression_error("zero-pixel-images-claimed-by-the-billion.h5");
     assert!(e.contains("zero pixels"), "{e}");
 }
