@@ -3,6 +3,7 @@
 mod cli;
 
 // candle allocates a fresh buffer per op; mimalloc reuses pages instead of zeroing new ones.
+#[cfg(not(target_os = "macos"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

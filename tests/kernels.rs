@@ -1,13 +1,28 @@
 //! Each fused kernel equals the composed candle ops in values and gradients (f32, random odd
-//! shapes), and a whole model's forward and parameter gradients agree with the kernels on/off.
+//! shapes), and a whole model's forward, parameter gradients and every sampling variant agree
+//! with the kernel switch on and off.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{random_checkpoint, random_images};
+use common::{max_abs_diff, random_checkpoint, random_images};
 use tarflow::flows::kernels;
 use tarflow::flows::rng::{randn, seeded};
 use tarflow::{Cond, ModelConfig, TarFlow};
+
+/// The kernel switch is process-wide: the tests that flip it take turns.
+static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `f` with the CPU kernels and fast path on, then off (the composed ops): (fast, composed).
+fn on_both_paths<T>(f: impl Fn() -> T) -> (T, T) {
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    kernels::set_enabled(true);
+    let fast = f();
+    kernels::set_enabled(false);
+    let composed = f();
+    kernels::set_enabled(true);
+    (fast, composed)
+}
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     randn(&mut seeded(seed), shape.to_vec(), 1.0, &Device::Cpu).unwrap()
@@ -192,13 +207,98 @@ fn a_model_trains_the_same_with_and_without_fused_kernels() {
         grads.sort_by(|a, b| a.0.cmp(&b.0));
         (out.z, loss, grads)
     };
-    kernels::set_enabled(false);
-    let (z0, l0, g0) = run();
-    kernels::set_enabled(true);
-    let (z1, l1, g1) = run();
+    let ((z1, l1, g1), (z0, l0, g0)) = on_both_paths(run);
     close("z", &z1, &z0, 1e-5);
     close("loss", &l1, &l0, 1e-5);
     for ((k, a), (_, b)) in g1.iter().zip(&g0) {
         close(k, a, b, 1e-4);
+    }
+}
+
+#[test]
+fn the_fast_sampler_equals_the_composed_ops_in_every_variant() {
+    use tarflow::flows::GuideWhat;
+    use tarflow::ReverseOptions;
+    // Odd sizes: 3 channels of 6×6 in 3×3 patches (27 dims), 2 heads of 32, 5 samples, a
+    // volume-preserving variant and an unconditional one.
+    let mut shapes = vec![];
+    let mut c = ModelConfig::new(3, 6, 3, 64, 3, 2, 4);
+    c.head_dim = 32;
+    shapes.push(c.clone());
+    c.nvp = false;
+    shapes.push(c.clone());
+    c.nvp = true;
+    c.num_classes = 0;
+    shapes.push(c);
+    for cfg in shapes {
+        let ck = random_checkpoint(&cfg, 3);
+        let m = ck.model(&Device::Cpu, DType::F32).unwrap();
+        let (t, d) = (cfg.num_tokens(), cfg.patch_dim());
+        let z = tarflow::flows::rng::randn(
+            &mut tarflow::flows::rng::seeded(9),
+            (5, t, d),
+            1.0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = [0i64, 3, -1, 2, 1];
+        let conds: Vec<Cond> = if cfg.num_classes > 0 {
+            vec![Cond::Labels(&y), Cond::Null]
+        } else {
+            vec![Cond::Null]
+        };
+        for cond in conds {
+            let mut variants = vec![ReverseOptions::default()];
+            if cfg.num_classes > 0 {
+                for (annealed, guide_what, attn_temp) in [
+                    (false, GuideWhat::Both, 1.0),
+                    (true, GuideWhat::Both, 1.5),
+                    (false, GuideWhat::Alpha, 1.0),
+                    (true, GuideWhat::Mu, 0.8),
+                ] {
+                    variants.push(ReverseOptions {
+                        guidance: 2.0,
+                        annealed,
+                        guide_what,
+                        attn_temp,
+                        ..Default::default()
+                    });
+                }
+            }
+            for o in variants {
+                let (a, b) = on_both_paths(|| m.reverse(&z, cond, &o).unwrap());
+                let diff = max_abs_diff(&a, &b);
+                assert!(
+                    diff < 1e-4,
+                    "nvp {} classes {} {o:?}: {diff}",
+                    cfg.nvp,
+                    cfg.num_classes
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_fast_forward_equals_the_composed_ops() {
+    let mut cfg = ModelConfig::new(3, 6, 3, 64, 3, 2, 4);
+    cfg.head_dim = 32;
+    for nvp in [true, false] {
+        cfg.nvp = nvp;
+        let ck = random_checkpoint(&cfg, 5);
+        let m = ck.model(&Device::Cpu, DType::F32).unwrap();
+        let x = random_images(5, 3, 6, 2);
+        let y = [0i64, 3, -1, 2, 1];
+        for cond in [Cond::Labels(&y), Cond::Null] {
+            let (a, b) = on_both_paths(|| m.forward(&x, cond).unwrap());
+            assert!(max_abs_diff(&a.z, &b.z) < 1e-4, "z");
+            assert!(max_abs_diff(&a.logdets, &b.logdets) < 1e-5, "logdets");
+            for (p, q) in a.blocks.iter().zip(&b.blocks) {
+                assert!(max_abs_diff(&p.out, &q.out) < 1e-4);
+                assert!(max_abs_diff(&p.alpha, &q.alpha) < 1e-5);
+                assert!(max_abs_diff(&p.proj_out, &q.proj_out) < 1e-5);
+                assert!(max_abs_diff(&p.logdet, &q.logdet) < 1e-6);
+            }
+        }
     }
 }

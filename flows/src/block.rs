@@ -212,8 +212,9 @@ impl MetaBlock {
         let x = self.permute(x, 1)?;
         let cls = self.class_cond(cond, x.device())?;
         let (alpha, mu, proj_out) = self.maps(&x, cls.as_ref(), 1.0)?;
-        let z = (x - mu)?.mul(&exp_f32(&alpha.neg()?)?)?;
-        let logdet = alpha
+        let z = affine(&x, &mu, &alpha)?;
+        // The log-det is a mean of α over T·D terms: in f32 whatever the model's dtype.
+        let logdet = at_least_f32(&alpha)?
             .mean_keepdim(2)?
             .mean_keepdim(1)?
             .flatten_all()?
@@ -333,10 +334,23 @@ fn shift(x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[&zero, &x.narrow(1, 0, t - 1)?], 1)?)
 }
 
-/// `exp` evaluated in at least f32, as upstream forces for the scales.
-pub fn exp_f32(x: &Tensor) -> Result<Tensor> {
+/// `x` in f32 when it is bf16/f16; f32 and f64 unchanged.
+pub fn at_least_f32(x: &Tensor) -> Result<Tensor> {
     Ok(match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.exp()?.to_dtype(x.dtype())?,
-        _ => x.exp()?,
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
     })
+}
+
+/// The block's map `z = (x − μ)·exp(−α)`, evaluated in at least f32 (as upstream forces for the
+/// scales: a bf16 `exp(−α)` would round the scale before the product); the result has `x`'s dtype.
+pub fn affine(x: &Tensor, mu: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+    let (xf, mf, af) = (at_least_f32(x)?, at_least_f32(mu)?, at_least_f32(alpha)?);
+    Ok(((xf - mf)? * af.neg()?.exp()?)?.to_dtype(x.dtype())?)
+}
+
+/// The inverse map `x = z·exp(α) + μ`, in at least f32, in `z`'s dtype.
+pub fn unaffine(z: &Tensor, alpha: &Tensor, mu: &Tensor) -> Result<Tensor> {
+    let (zf, af, mf) = (at_least_f32(z)?, at_least_f32(alpha)?, at_least_f32(mu)?);
+    Ok(((zf * af.exp()?)? + mf)?.to_dtype(z.dtype())?)
 }

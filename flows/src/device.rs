@@ -25,3 +25,12 @@ pub fn select(name: &str) -> Result<Device> {
         ))),
     }
 }
+
+/// A short name of `device`: `cpu`, `cuda:N` or `metal:N`.
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

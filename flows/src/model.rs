@@ -1,7 +1,7 @@
 //! The TarFlow model: patchify, K flow blocks, exact likelihood, the KV-cached inverse
 //! with classifier-free guidance, and score-based denoising.
 
-use crate::block::{exp_f32, BlockOutput, Cond, MetaBlock};
+use crate::block::{unaffine, BlockOutput, Cond, MetaBlock};
 use crate::config::ModelConfig;
 use crate::error::{FlowError, Result};
 use crate::patch::{patchify, unpatchify};
@@ -202,8 +202,6 @@ pub struct TarFlow {
     var: Tensor, // (T, D) prior variance, ones for affine models
     device: Device,
     dtype: DType,
-    /// Use the buffer-reusing f32 kernels ([`crate::fast`]) where they apply (CPU, f32, no gradient).
-    fast_path: bool,
     /// Its weight copies, made on first use (only for frozen weights: variables change).
     fast_blocks: std::sync::OnceLock<std::sync::Arc<Vec<crate::fast::FastBlock>>>,
 }
@@ -230,16 +228,8 @@ impl TarFlow {
             var,
             device: vb.device().clone(),
             dtype: vb.dtype(),
-            fast_path: true,
             fast_blocks: std::sync::OnceLock::new(),
         })
-    }
-
-    /// Chooses between the fast CPU path for inference (default: sampling and gradient-free
-    /// forward passes) and the composed candle ops (the reference path, and the only one on
-    /// GPUs, in bf16 and wherever a gradient is taken).
-    pub fn set_fast_path(&mut self, on: bool) {
-        self.fast_path = on;
     }
 
     /// Whether the weights are plain tensors rather than trainable variables.
@@ -252,7 +242,9 @@ impl TarFlow {
 
     /// The fast sampler's blocks when it applies to this model.
     fn fast_blocks(&self) -> Result<Option<std::sync::Arc<Vec<crate::fast::FastBlock>>>> {
-        if !(self.fast_path && self.device.is_cpu() && self.dtype == DType::F32) {
+        // The buffer-reusing f32 path ([`crate::fast`]) serves gradient-free passes on the CPU
+        // unless the one kernel switch ([`crate::kernels::set_enabled`]) is off.
+        if !(crate::kernels::enabled() && self.device.is_cpu() && self.dtype == DType::F32) {
             return Ok(None);
         }
         if let Some(b) = self.fast_blocks.get() {
@@ -443,8 +435,9 @@ impl TarFlow {
 
     /// Per-sample training loss `0.5·mean_{t,d}(z²) − logdets` (N).
     pub fn loss_per_sample(out: &FlowOutput) -> Result<Tensor> {
-        let mse = (out.z.sqr()?.flatten_from(1)?.mean(1)? * 0.5)?;
-        Ok((mse - &out.logdets)?)
+        let z = crate::block::at_least_f32(&out.z)?;
+        let mse = (z.sqr()?.flatten_from(1)?.mean(1)? * 0.5)?;
+        Ok((mse - crate::block::at_least_f32(&out.logdets)?)?)
     }
 
     /// `−log N(z; 0, I)` per image (N) in nats, plus `n·ln 128` when `discrete`.
@@ -630,7 +623,7 @@ impl TarFlow {
                     }
                 }
             }
-            tokens[target] = tokens[target].mul(&exp_f32(&a)?)?.add(&b)?;
+            tokens[target] = unaffine(&tokens[target], &a, &b)?;
         }
         block.permute(&Tensor::cat(&tokens, 1)?, 1)
     }
@@ -735,18 +728,19 @@ impl TarFlow {
                 }
                 let (a, m) = (a.narrow(1, a0, b0 - a0)?, m.narrow(1, a0, b0 - a0)?);
                 let zc = zb.narrow(1, a0, b0 - a0)?;
-                let new = zc.mul(&exp_f32(&a)?)?.add(&m)?;
+                let new = unaffine(&zc, &a, &m)?;
                 let old = x.narrow(1, a0, b0 - a0)?;
+                // Scalars leave the device in f32: Metal has no f64.
                 let num = (&new - &old)?
                     .sqr()?
                     .mean_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()? as f64;
                 let den = new
                     .sqr()?
                     .mean_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()? as f64;
                 last_change = if den > 0.0 { num / den } else { num };
                 x = x.slice_assign(&[0..n, a0..b0, 0..d], &new)?;
                 if !last_change.is_finite() || last_change < j.tol {

@@ -64,9 +64,8 @@ pub struct BenchArgs {
     /// Print one JSON object per config.
     #[arg(long)]
     json: bool,
-    /// cpu, cuda, metal or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    runtime: super::runtime::RuntimeArgs,
 }
 
 fn named_config(spec: &str) -> Result<(String, ModelConfig)> {
@@ -141,9 +140,15 @@ fn cond<'a>(cfg: &ModelConfig, labels: &'a [i64]) -> Cond<'a> {
     }
 }
 
-fn time_train(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Result<f64> {
+fn time_train(
+    cfg: &ModelConfig,
+    batch: usize,
+    iters: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<f64> {
     let (x, labels) = images(cfg, batch, device)?;
-    let (model, varmap) = Checkpoint::init(cfg, 0, device)?.trainable_model(device, DType::F32)?;
+    let (model, varmap) = Checkpoint::init(cfg, 0, device)?.trainable_model(device, dtype)?;
     let vars: Vec<(String, Var)> = varmap
         .data()
         .lock()
@@ -185,7 +190,7 @@ fn time_sample(model: &TarFlow, n: usize, guidance: f64, iters: usize) -> Result
 
 /// Runs the benchmark.
 pub fn run(a: BenchArgs) -> Result<()> {
-    let device = tarflow_flows::device::select(&a.device)?;
+    let (device, dtype) = a.runtime.select()?;
     if a.what == Some(What::Loader) {
         return loader(&a);
     }
@@ -203,8 +208,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let model = match &a.checkpoint {
             Some(p) => tarflow_sample::resolve::resolve(p, true, &device)?
                 .checkpoint
-                .model(&device, DType::F32)?,
-            None => Checkpoint::init(&cfg, 0, &device)?.model(&device, DType::F32)?,
+                .model(&device, dtype)?,
+            None => Checkpoint::init(&cfg, 0, &device)?.model(&device, dtype)?,
         };
         let cfg = model.config().clone();
         let shape = format!(
@@ -220,7 +225,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let Some(what) = a.what else {
             // The reference benchmark: train batch 32 for small, 64 for tiny.
             let train_batch = a.batch.unwrap_or(if name == "tiny" { 64 } else { 32 });
-            let train_s = time_train(&cfg, train_batch, a.iters, &device)?;
+            let train_s = time_train(&cfg, train_batch, a.iters, &device, dtype)?;
             let score_s = time_score(&model, 64, a.iters)?;
             let s16 = time_sample(&model, 16, 0.0, a.iters)?;
             let s16g = if cfg.num_classes > 0 {
@@ -262,7 +267,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             What::Train => {
                 let b = a.batch.unwrap_or(32);
-                (b, time_train(&cfg, b, a.iters, &device)?)
+                (b, time_train(&cfg, b, a.iters, &device, dtype)?)
             }
             What::Loader => unreachable!("handled above"),
         };

@@ -6,6 +6,7 @@ mod experiment;
 mod fd;
 mod import;
 mod info;
+mod runtime;
 mod sample;
 mod score;
 mod train;
@@ -16,6 +17,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "tarflow", version, about)]
 pub struct Cli {
+    /// Run on candle's composed ops even on the CPU (the path CUDA and Metal take) instead of
+    /// the fused CPU kernels; the same switch as TARFLOW_CPU_KERNELS=0.
+    #[arg(long, global = true)]
+    composed: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +50,9 @@ enum Command {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.composed {
+        tarflow_flows::kernels::set_enabled(false);
+    }
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Import(a) => import::run(a),

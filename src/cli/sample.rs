@@ -1,7 +1,6 @@
 //! `tarflow sample`: images from a trained flow, as a grid, single PNGs or a raw tensor.
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -88,9 +87,8 @@ pub struct SampleArgs {
     /// Also write the raw float samples (NCHW, before clamping) and labels to a safetensors file.
     #[arg(long)]
     out_tensor: Option<PathBuf>,
-    /// cpu, cuda, metal or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    runtime: super::runtime::RuntimeArgs,
 }
 
 fn parse_labels(s: &str) -> Result<Labels> {
@@ -111,9 +109,9 @@ fn parse_labels(s: &str) -> Result<Labels> {
 
 /// Runs `tarflow sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
-    let device = tarflow_flows::device::select(&a.device)?;
+    let (device, dtype) = a.runtime.select()?;
     let r = tarflow_sample::resolve::resolve(&a.checkpoint, !a.no_ema, &device)?;
-    let model = r.checkpoint.model(&device, DType::F32)?;
+    let model = r.checkpoint.model(&device, dtype)?;
     let cfg = model.config().clone();
     let denoise = if a.denoise {
         let sigma = a.sigma.or(r.train_noise_std).with_context(|| {

@@ -1,7 +1,6 @@
 //! `tarflow score`: exact NLL and bits/dim of image files, with a per-patch heat map.
 
 use anyhow::{bail, Result};
-use candle_core::DType;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use tarflow_sample::heatmap::{render, rows_of};
@@ -55,9 +54,8 @@ pub struct ScoreArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// cpu, cuda, metal or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    runtime: super::runtime::RuntimeArgs,
 }
 
 /// Runs `tarflow score`.
@@ -65,9 +63,9 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if a.draws == 0 {
         bail!("--draws must be ≥ 1");
     }
-    let device = tarflow_flows::device::select(&a.device)?;
+    let (device, dtype) = a.runtime.select()?;
     let r = tarflow_sample::resolve::resolve(&a.checkpoint, !a.no_ema, &device)?;
-    let model = r.checkpoint.model(&device, DType::F32)?;
+    let model = r.checkpoint.model(&device, dtype)?;
     let cfg = model.config().clone();
     let paths = collect_paths(&a.inputs)?;
     let pixels = paths

@@ -5,11 +5,17 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// Path of a file under `tests/fixtures/`.
+pub mod reference;
+
+/// Path of a file under `tests/fixtures/` (or under `$TARFLOW_FIXTURES`, for a test binary
+/// copied to another machine, as the GPU check does).
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    match std::env::var_os("TARFLOW_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(rel),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel),
+    }
 }
 
 /// All tensors of a fixture safetensors file, on the CPU.

@@ -3,9 +3,14 @@
 //!
 //! Composed candle ops materialise every intermediate on the autograd tape (the training step
 //! spent ~20 % of its time zeroing fresh pages); each kernel here keeps only its inputs and
-//! recomputes what its backward needs. They apply to f32 tensors on the CPU; elsewhere, or
-//! when switched off with [`set_enabled`], the model uses the composed ops, which remain the
-//! reference (tests hold the two equal in values and gradients).
+//! recomputes what its backward needs. They, and the model's buffer-reusing inference path
+//! ([`crate::fast`]), apply to f32 tensors on the CPU; elsewhere (CUDA, Metal, bf16/f16), or
+//! when switched off, the model runs on candle's composed ops, which remain the reference
+//! (tests hold the two equal in values and gradients).
+//!
+//! One switch, process-wide, chooses: [`set_enabled`] from code, `TARFLOW_CPU_KERNELS=0` in
+//! the environment, or the command line's `--composed`. Off, the CPU runs exactly the ops a GPU
+//! runs, so the GPU path is testable on any machine.
 
 pub mod attention;
 pub mod gelu;
@@ -13,18 +18,42 @@ pub mod layer_norm;
 pub mod linear;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+/// 0: not yet read from the environment; 1: on; 2: off.
+static STATE: AtomicU8 = AtomicU8::new(0);
 
-/// Turns the fused kernels on (default) or off process-wide.
+/// The environment variable that turns the CPU kernels off (`0`, `off`, `false`, `no`).
+pub const ENV_VAR: &str = "TARFLOW_CPU_KERNELS";
+
+/// Turns the CPU kernels and the fast inference path on (default) or off, process-wide; this
+/// overrides `TARFLOW_CPU_KERNELS`.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::SeqCst);
+    STATE.store(if on { 1 } else { 2 }, Ordering::SeqCst);
 }
 
-/// Whether the fused kernels are on.
+/// Whether the CPU kernels and the fast inference path are on.
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::SeqCst)
+    match STATE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var(ENV_VAR).is_ok_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "0" | "off" | "false" | "no"
+                )
+            });
+            // A racing set_enabled wins over the environment.
+            let _ = STATE.compare_exchange(
+                0,
+                if off { 2 } else { 1 },
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            STATE.load(Ordering::SeqCst) == 1
+        }
+    }
 }
 
 /// Whether the kernels apply to `x`: switched on, f32, on the CPU.

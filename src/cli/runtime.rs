@@ -1,0 +1,53 @@
+//! The device and precision arguments shared by the commands that run a model.
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+
+/// Precision of the weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit floats (the reference).
+    F32,
+    /// bfloat16 (LayerNorm statistics, exp of log-scales, log-dets and the NLL stay f32).
+    Bf16,
+    /// IEEE half precision (the same f32 islands as bf16).
+    F16,
+}
+
+impl DTypeArg {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+/// `--device` and `--dtype`.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// cpu, cuda, metal or auto (cuda, then metal, then cpu; the choice is printed).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision of the model: f32, bf16 or f16. Below f32 the model runs on candle's composed
+    /// ops (the GPU path), also on the CPU.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+}
+
+impl RuntimeArgs {
+    /// The selected device (saying on stderr which one `auto` picked) and dtype.
+    pub fn select(&self) -> Result<(Device, DType)> {
+        let device = tarflow_flows::device::select(&self.device)?;
+        if self.device == "auto" {
+            eprintln!(
+                "device: {} (auto)",
+                tarflow_flows::device::describe(&device)
+            );
+        }
+        Ok((device, self.dtype.dtype()))
+    }
+}
