@@ -121,9 +121,13 @@ pub fn reference_checkpoint() -> tarflow::Checkpoint {
     .unwrap()
 }
 
-/// Runs the `tarflow` binary with one rayon thread (tests run in parallel).
+/// Runs the `tarflow` binary with one rayon thread (tests run in parallel); `TARFLOW_BIN` names
+/// another copy (a test binary moved to another machine, as the GPU check does).
 pub fn tarflow(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tarflow"))
+    let bin = std::env::var_os("TARFLOW_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tarflow")));
+    std::process::Command::new(bin)
         .args(args)
         .env("RAYON_NUM_THREADS", "1")
         .output()
