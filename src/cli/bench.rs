@@ -183,7 +183,7 @@ fn time_sample(model: &TarFlow, n: usize, guidance: f64, iters: usize) -> Result
     };
     median_time(iters, || {
         let x = model.sample(n, cond(cfg, &labels), 1.0, &mut seeded(1), &opts)?;
-        x.flatten_all()?.to_vec1::<f32>()?;
+        x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(())
     })
 }
@@ -325,6 +325,7 @@ fn jacobi_vs_sequential(model: &TarFlow, n: usize, a: &BenchArgs, name: &str) ->
         .abs()?
         .flatten_all()?
         .max(0)?
+        .to_dtype(DType::F32)?
         .to_scalar::<f32>()?;
     let its: Vec<String> = rep
         .iter()

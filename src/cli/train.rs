@@ -89,11 +89,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
             train_images,
             val_images,
             params,
+            device,
+            dtype,
         } => {
             bar.set_position(step);
+            let ops = if device == "cpu" && dtype == "f32" && tarflow_flows::kernels::enabled() {
+                "CPU kernels"
+            } else {
+                "composed ops"
+            };
             say(format!(
                 "training {params} parameters on {train_images} images ({val_images} held out), \
-                 steps {step}→{max_steps}"
+                 steps {step}→{max_steps}, on {device} in {dtype} ({ops})"
             ));
         }
         Event::Step {

@@ -35,6 +35,10 @@ pub enum Event<'a> {
         val_images: usize,
         /// Learned scalars.
         params: usize,
+        /// Where it runs (`cpu`, `cuda:0`, `metal:0`) and in what precision.
+        device: String,
+        /// The model's dtype (`F32`, `BF16`).
+        dtype: String,
     },
     /// One optimizer step finished.
     Step {
@@ -534,6 +538,8 @@ impl Trainer {
             train_images: self.train_images,
             val_images: self.val.as_ref().map_or(0, Loader::len),
             params: tarflow_flows::params::count_params(&self.cfg.model),
+            device: tarflow_flows::device::describe(&self.device),
+            dtype: format!("{:?}", self.dtype).to_lowercase(),
         });
         let t = self.cfg.train.clone();
         let e = self.cfg.eval.clone();
