@@ -1,7 +1,7 @@
 //! Device selection by name (`cpu`, `cuda`, `metal`, `auto`).
 
 use crate::error::{FlowError, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 /// Returns the device called `name`; `auto` picks CUDA, then Metal, then the CPU.
 pub fn select(name: &str) -> Result<Device> {
@@ -33,4 +33,10 @@ pub fn describe(device: &Device) -> String {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
+}
+
+/// `t` copied to the host and widened to f64, for read-outs. The copy comes first: Metal has no
+/// f64, so a cast on the device would fail there.
+pub fn host_f64(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?)
 }

@@ -3,6 +3,7 @@
 
 use crate::block::{unaffine, BlockOutput, Cond, MetaBlock};
 use crate::config::ModelConfig;
+use crate::device::host_f64;
 use crate::error::{FlowError, Result};
 use crate::patch::{patchify, unpatchify};
 use crate::rng::{randn, FlowRng};
@@ -730,17 +731,8 @@ impl TarFlow {
                 let zc = zb.narrow(1, a0, b0 - a0)?;
                 let new = unaffine(&zc, &a, &m)?;
                 let old = x.narrow(1, a0, b0 - a0)?;
-                // Scalars leave the device in f32: Metal has no f64.
-                let num = (&new - &old)?
-                    .sqr()?
-                    .mean_all()?
-                    .to_dtype(DType::F32)?
-                    .to_scalar::<f32>()? as f64;
-                let den = new
-                    .sqr()?
-                    .mean_all()?
-                    .to_dtype(DType::F32)?
-                    .to_scalar::<f32>()? as f64;
+                let num = host_f64(&(&new - &old)?.sqr()?.mean_all()?)?.to_scalar::<f64>()?;
+                let den = host_f64(&new.sqr()?.mean_all()?)?.to_scalar::<f64>()?;
                 last_change = if den > 0.0 { num / den } else { num };
                 x = x.slice_assign(&[0..n, a0..b0, 0..d], &new)?;
                 if !last_change.is_finite() || last_change < j.tol {

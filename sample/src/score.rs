@@ -2,8 +2,9 @@
 //! bits/dim, per-block log-dets and the per-patch decomposition.
 
 use crate::error::{Result, SampleError};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::path::{Path, PathBuf};
+use tarflow_flows::device::host_f64;
 use tarflow_flows::rng::{seeded, uniform};
 use tarflow_flows::{Cond, ModelConfig, TarFlow};
 
@@ -181,13 +182,8 @@ pub fn score_images<P: AsRef<[u8]>>(
                 Dequant::None => ((k.clone() / 127.5)? - 1.0)?,
             };
             let out = model.forward(&x.to_dtype(model.dtype())?, cond)?;
-            let v = model
-                .nll(&out, true)?
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?;
-            let t = model
-                .nll_per_token(&out, true)?
-                .to_dtype(DType::F64)?
+            let v = host_f64(&model.nll(&out, true)?)?.to_vec1::<f64>()?;
+            let t = host_f64(&model.nll_per_token(&out, true)?)?
                 .flatten_all()?
                 .to_vec1::<f64>()?;
             for (a, v) in nll.iter_mut().zip(v) {
@@ -197,7 +193,7 @@ pub fn score_images<P: AsRef<[u8]>>(
                 *a += v / draws as f64 / std::f64::consts::LN_2;
             }
             for (kb, o) in out.blocks.iter().enumerate() {
-                let ld = o.logdet.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let ld = host_f64(&o.logdet)?.to_vec1::<f64>()?;
                 for (i, v) in ld.into_iter().enumerate() {
                     blocks[i * cfg.num_blocks + kb] += v * n_dims / draws as f64;
                 }

@@ -1,7 +1,7 @@
 //! Shared helpers of the integration tests: fixture paths, tensor comparisons, running the binary.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -23,55 +23,49 @@ pub fn load(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(rel), &Device::Cpu).expect("fixture readable")
 }
 
-/// Max |a − b| over all elements (both cast to f64).
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
+/// The elements of `t` on the host in f64 (copied first: Metal has no f64).
+fn host(t: &Tensor) -> Vec<f64> {
+    tarflow::flows::device::host_f64(t)
         .unwrap()
         .flatten_all()
         .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
+        .to_vec1::<f64>()
         .unwrap()
 }
 
-/// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, printing the worst offender.
+/// Max |a − b| over all elements (in f64, on the host).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    host(a)
+        .iter()
+        .zip(host(b))
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, printing the worst offender; with
+/// `TARFLOW_TEST_REPORT` set, also prints each comparison's max abs diff (to measure tolerances).
 pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
     assert_eq!(a.dims(), b.dims(), "{name}: shape mismatch");
-    let av = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let bv = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let mut worst = (0.0f64, 0usize);
+    let (av, bv) = (host(a), host(b));
+    let (mut worst, mut max_abs) = ((f64::MIN, 0usize), 0f64);
     for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
         assert!(x.is_finite(), "{name}: element {i} is {x}");
+        let d = (x - y).abs();
+        max_abs = max_abs.max(d);
+        let excess = d - (atol + rtol * y.abs());
         if excess > worst.0 {
             worst = (excess, i);
         }
     }
+    if std::env::var_os("TARFLOW_TEST_REPORT").is_some() {
+        eprintln!("{name}: max abs diff {max_abs:.3e} (tolerance {atol:.1e} + {rtol:.1e}·|ref|)");
+    }
     assert!(
         worst.0 <= 0.0,
-        "{name}: element {} is {} but expected {} (atol {atol}, rtol {rtol}; max abs diff {})",
+        "{name}: element {} is {} but expected {} (atol {atol}, rtol {rtol}; max abs diff {max_abs})",
         worst.1,
         av[worst.1],
         bv[worst.1],
-        max_abs_diff(a, b)
     );
 }
 

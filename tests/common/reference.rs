@@ -3,7 +3,7 @@
 //! `tests/composed.rs` on candle's composed ops (the CUDA/Metal path) in f32 and bf16, and the
 //! GPU check (`scripts/gpu-check.sh`) on CUDA.
 
-use super::{fixture, labels, load};
+use super::{labels, load};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use tarflow::flows::model::{BpdConvention, GuideWhat};
@@ -24,8 +24,6 @@ pub struct Prec {
     pub grad: f64,
     /// Relative tolerance of bits/dim.
     pub bpd_rel: f64,
-    /// Print each comparison's worst error instead of only asserting (TARFLOW_TEST_REPORT=1).
-    pub report: bool,
 }
 
 impl Prec {
@@ -38,7 +36,6 @@ impl Prec {
             rev: 1e-3,
             grad: 1e-3,
             bpd_rel: 1e-4,
-            report: std::env::var_os("TARFLOW_TEST_REPORT").is_some(),
         }
     }
 
@@ -71,48 +68,9 @@ impl Prec {
         }
     }
 
-    /// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise (on the host, in f64: Metal has none).
+    /// [`super::assert_close`], the name tagged with the dtype.
     fn close(&self, name: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
-        let host = |t: &Tensor| {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .to_device(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        assert_eq!(a.dims(), b.dims(), "{name}: shape mismatch");
-        let (av, bv) = (host(a), host(b));
-        let mut worst = (f64::MIN, 0usize, 0f64);
-        for (i, (&x, &y)) in av.iter().zip(&bv).enumerate() {
-            let (x, y) = (x as f64, y as f64);
-            assert!(x.is_finite(), "{name}: element {i} is {x}");
-            let d = (x - y).abs();
-            let excess = d - (atol + rtol * y.abs());
-            if excess > worst.0 {
-                worst = (excess, i, d);
-            }
-        }
-        let max_abs = av
-            .iter()
-            .zip(&bv)
-            .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-        if self.report {
-            eprintln!(
-                "[{:?}] {name}: max abs diff {max_abs:.3e} (tolerance {atol:.1e} + {rtol:.1e}·|ref|)",
-                self.dtype
-            );
-        }
-        assert!(
-            worst.0 <= 0.0,
-            "{name} ({:?}): element {} is {} but expected {} (atol {atol}, rtol {rtol}; max abs diff {max_abs})",
-            self.dtype,
-            worst.1,
-            av[worst.1],
-            bv[worst.1],
-        );
+        super::assert_close(&format!("[{:?}] {name}", self.dtype), a, b, atol, rtol);
     }
 
     /// The reference model on this device in this dtype.
@@ -371,9 +329,4 @@ pub fn parameter_gradients(p: &Prec) {
         let rtol = if p.dtype == DType::F32 { 1e-3 } else { 0.0 };
         p.close(&format!("grad {name}"), g, r, atol, rtol);
     }
-}
-
-/// Whether `path` exists among the fixtures (the GPU check copies only some).
-pub fn have_fixtures() -> bool {
-    fixture("tarflow-small/expected.safetensors").is_file()
 }

@@ -2,7 +2,7 @@
 
 use crate::config::{NoiseKind, TrainConfig};
 use crate::error::{Result, TrainError};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::path::Path;
 use tarflow_datasets::loader::Loader;
 use tarflow_flows::rng::seeded;
@@ -30,7 +30,9 @@ pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<f
         };
         let out = model.forward(&x, cond)?;
         let bpd = model.bits_per_dim(&out, BpdConvention::TrueDims)?;
-        sum += bpd.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        sum += tarflow_flows::device::host_f64(&bpd)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         count += bn;
     }
     Ok((count > 0).then(|| sum / count as f64))

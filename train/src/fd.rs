@@ -246,7 +246,7 @@ pub fn to_tensor(set: &ImageSet, idx: &[usize]) -> Result<Tensor> {
 
 /// Mean and covariance (f64) of feature rows.
 fn moments(f: &Tensor) -> Result<(nalgebra::DVector<f64>, nalgebra::DMatrix<f64>)> {
-    let rows = f.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let rows = tarflow_flows::device::host_f64(f)?.to_vec2::<f64>()?;
     let (n, d) = (rows.len(), rows.first().map_or(0, Vec::len));
     let m = nalgebra::DMatrix::from_row_iterator(n, d, rows.into_iter().flatten());
     let mean = m.row_mean().transpose();
