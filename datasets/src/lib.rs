@@ -52,6 +52,23 @@ impl ImageSet {
         }
     }
 
+    /// SHA-256 (hex) of the shape, the pixels and the labels: two figures computed on sets
+    /// with the same count and checksum were computed on the same images.
+    pub fn checksum(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for d in [self.channels, self.height, self.width] {
+            h.update((d as u64).to_le_bytes());
+        }
+        h.update(&self.pixels);
+        if let Some(l) = &self.labels {
+            for v in l {
+                h.update(v.to_le_bytes());
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.pixels.len() / self.image_len().max(1)

@@ -83,7 +83,12 @@ impl Checkpoint {
             path: path.into(),
             source,
         })?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Reads a checkpoint held in memory (an embedded model); `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| FlowError::checkpoint(path, format!("not a safetensors file: {e}")))?;
         let info = meta.metadata().clone().unwrap_or_default();
         let config = match (info.get("format"), info.get("config")) {
@@ -97,7 +102,7 @@ impl Checkpoint {
                 ))
             }
         };
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        let tensors = candle_core::safetensors::load_buffer(bytes, device)
             .map_err(|e| FlowError::checkpoint(path, format!("unreadable tensors: {e}")))?;
         Self::from_tensors(config, tensors, path)
     }
@@ -189,8 +194,7 @@ impl Checkpoint {
         if let Some(v) = &self.var {
             map.insert("var".into(), v.clone());
         }
-        let vb = VarBuilder::from_tensors(map, dtype, device);
-        TarFlow::new(&self.config, vb)
+        TarFlow::from_weights(&self.config, map, device, dtype)
     }
 }
 

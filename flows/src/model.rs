@@ -205,6 +205,9 @@ pub struct TarFlow {
     dtype: DType,
     /// Its weight copies, made on first use (only for frozen weights: variables change).
     fast_blocks: std::sync::OnceLock<std::sync::Arc<Vec<crate::fast::FastBlock>>>,
+    /// The weight map it was built from (checkpoints), kept so that an image whose likelihood
+    /// overflows this dtype can be recomputed in f64 ([`Self::widened`]).
+    weights: Option<std::sync::Arc<std::collections::HashMap<String, Tensor>>>,
 }
 
 const LN_2PI: f64 = 1.837_877_066_409_345_3;
@@ -230,7 +233,34 @@ impl TarFlow {
             device: vb.device().clone(),
             dtype: vb.dtype(),
             fast_blocks: std::sync::OnceLock::new(),
+            weights: None,
         })
+    }
+
+    /// Builds the model from a weight map (every parameter key, plus the `var` buffer where
+    /// the prior variance is not one) and keeps the map for [`Self::widened`].
+    pub fn from_weights(
+        cfg: &ModelConfig,
+        weights: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let weights = std::sync::Arc::new(weights);
+        let vb = VarBuilder::from_tensors((*weights).clone(), dtype, device);
+        let mut model = Self::new(cfg, vb)?;
+        model.weights = Some(weights);
+        Ok(model)
+    }
+
+    /// The same model in f64 on the CPU, where f32 overflows (inputs far from the data make
+    /// `(x − μ)·e^{−α}` exceed 3.4e38 a few blocks in); `None` for a model of variables.
+    pub fn widened(&self) -> Result<Option<TarFlow>> {
+        match &self.weights {
+            Some(w) if self.dtype != DType::F64 || !self.device.is_cpu() => Ok(Some(
+                Self::from_weights(&self.cfg, (**w).clone(), &Device::Cpu, DType::F64)?,
+            )),
+            _ => Ok(None),
+        }
     }
 
     /// Whether the weights are plain tensors rather than trainable variables.
@@ -445,7 +475,7 @@ impl TarFlow {
     fn prior_nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let n = self.cfg.dims_per_image() as f64;
         let constant = n * (0.5 * LN_2PI + if discrete { LN_128 } else { 0.0 });
-        let half_sq = (out.z.to_dtype(DType::F32)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?;
+        let half_sq = (crate::block::at_least_f32(&out.z)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?;
         Ok((half_sq + constant)?)
     }
 
@@ -453,7 +483,7 @@ impl TarFlow {
     /// `½Σz² + ½n·ln 2π − n·Σ_k logdet_k`, plus `n·ln 128` when `discrete` (8-bit bins of width 2/256).
     pub fn nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let n = self.cfg.dims_per_image() as f64;
-        Ok((self.prior_nll(out, discrete)? - (out.logdets.to_dtype(DType::F32)? * n)?)?)
+        Ok((self.prior_nll(out, discrete)? - (crate::block::at_least_f32(&out.logdets)? * n)?)?)
     }
 
     /// Bits per dimension of 8-bit images (N): discrete NLL / (n·ln 2).
@@ -463,7 +493,7 @@ impl TarFlow {
             BpdConvention::Reference => 3 * self.cfg.img_size * self.cfg.img_size,
         } as f64;
         // evaluate_bpd.py: (−log p_prior)/n − logdets, where log p_prior uses the true C·H·W.
-        let nll = ((self.prior_nll(out, true)? / n)? - out.logdets.to_dtype(DType::F32)?)?;
+        let nll = ((self.prior_nll(out, true)? / n)? - crate::block::at_least_f32(&out.logdets)?)?;
         Ok((nll / std::f64::consts::LN_2)?)
     }
 
@@ -472,9 +502,9 @@ impl TarFlow {
     pub fn nll_per_token(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let d = self.cfg.patch_dim() as f64;
         let constant = 0.5 * d * LN_2PI + if discrete { d * LN_128 } else { 0.0 };
-        let mut tok = ((out.z.to_dtype(DType::F32)?.sqr()?.sum(2)? * 0.5)? + constant)?;
+        let mut tok = ((crate::block::at_least_f32(&out.z)?.sqr()?.sum(2)? * 0.5)? + constant)?;
         for (block, o) in self.blocks.iter().zip(&out.blocks) {
-            let a = block.permute(&o.alpha.to_dtype(DType::F32)?.sum(2)?, 1)?; // (N, T)
+            let a = block.permute(&crate::block::at_least_f32(&o.alpha)?.sum(2)?, 1)?; // (N, T)
             tok = (tok + a)?; // −log|det| of the block is +Σα
         }
         Ok(tok)

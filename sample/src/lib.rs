@@ -1,14 +1,18 @@
-//! tarflow-sample: the user-facing ends of a trained flow. [`resolve`] finds the weights,
+//! tarflow-sample: the user-facing ends of a trained flow. [`resolve`] finds the weights
+//! ([`default_model`] when none are named),
 //! [`generate`] draws samples, [`score`] gives exact likelihoods of image files, [`heatmap`]
 //! draws where the bits go, [`grid`] tiles images into a PNG, [`display`] shows pictures inline
 //! in notebooks.
 
+pub mod confusion;
+pub mod default_model;
 pub mod display;
 pub mod error;
 pub mod font;
 pub mod generate;
 pub mod grid;
 pub mod heatmap;
+pub mod ood;
 pub mod resolve;
 pub mod score;
 

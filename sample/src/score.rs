@@ -17,11 +17,47 @@ pub enum Dequant {
     None,
 }
 
+/// How the K dequantisation draws of one image combine into its score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Bound {
+    /// The mean of the per-draw bounds `−log p(x + u_k)` (the variational bound, as training).
+    #[default]
+    Elbo,
+    /// The importance-weighted bound `−log (1/K) Σ_k p(x + u_k)`: never above the ELBO average,
+    /// equal at K = 1, and converging to the discrete NLL as K grows.
+    Iw,
+}
+
+/// Combines the per-draw NLLs (nats) of one image by `bound`.
+pub fn combine_draws(nll: &[f64], bound: Bound) -> f64 {
+    let k = nll.len().max(1) as f64;
+    match bound {
+        Bound::Elbo => nll.iter().sum::<f64>() / k,
+        Bound::Iw => {
+            // −log Σ e^{−v} + ln K, shifted by the least NLL so that no term underflows.
+            let m = nll.iter().copied().fold(f64::INFINITY, f64::min);
+            if !m.is_finite() {
+                return m;
+            }
+            let s: f64 = nll.iter().map(|v| (m - v).exp()).sum();
+            m - (s / k).ln()
+        }
+    }
+}
+
+/// Bits per dimension above which a score is recomputed in f64 even when finite: an 8-bit
+/// image costs at most 8 bits/dim under a uniform model, so past 32 the input is far enough
+/// from the data that f32's intermediate values (scaled by e^{−α} block after block) may have
+/// lost the digits the result depends on.
+pub const WIDEN_ABOVE_BPD: f64 = 32.0;
+
 /// Options of [`score_images`].
 #[derive(Debug, Clone, Copy)]
 pub struct ScoreOptions {
     /// Dequantisation.
     pub dequant: Dequant,
+    /// How the draws combine (uniform dequantisation only).
+    pub bound: Bound,
     /// Seed of the dequantisation noise.
     pub seed: u64,
     /// Class for a conditional model; `None` uses the mean class embedding.
@@ -34,6 +70,7 @@ impl Default for ScoreOptions {
     fn default() -> Self {
         Self {
             dequant: Dequant::Uniform(1),
+            bound: Bound::Elbo,
             seed: 0,
             label: None,
             batch: 64,
@@ -44,16 +81,32 @@ impl Default for ScoreOptions {
 /// The likelihood of one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageScore {
-    /// The file.
+    /// The file (or `SOURCE#index` for an image of a dataset).
     pub path: PathBuf,
-    /// Negative log-likelihood of the 8-bit image in nats.
+    /// Negative log-likelihood of the 8-bit image in nats (+∞ only with `overflow`).
     pub nll_nats: f64,
     /// The same in bits per dimension.
     pub bits_per_dim: f64,
-    /// Log-determinant of each block in nats, x→z order (its share of the NLL is minus this).
+    /// The NLL of each dequantisation draw in nats (one entry without dequantisation).
+    pub draw_nll_nats: Vec<f64>,
+    /// Log-determinant of each block in nats, x→z order (its share of the NLL is minus this),
+    /// averaged over the draws.
     pub block_logdet_nats: Vec<f64>,
-    /// Bits of each patch (raster order); they sum to the total bits `nll_nats / ln 2`.
+    /// Bits of each patch (raster order), averaged over the draws; they sum to the ELBO
+    /// average of the draws in bits.
     pub patch_bits: Vec<f64>,
+    /// Whether this image was recomputed in f64 because its f32 score overflowed or passed
+    /// [`WIDEN_ABOVE_BPD`].
+    pub widened: bool,
+    /// Where even f64 overflowed: the first block (x→z order) whose output is not finite.
+    pub overflow: Option<usize>,
+}
+
+impl ImageScore {
+    /// Whether the score is a finite number (no overflow).
+    pub fn is_finite(&self) -> bool {
+        self.overflow.is_none() && self.nll_nats.is_finite()
+    }
 }
 
 /// Image file extensions that are scored when a folder is given.
@@ -126,11 +179,112 @@ pub fn load_for_model(path: &Path, cfg: &ModelConfig, resize: bool) -> Result<Ve
         .map_err(|e| SampleError::file(path, format!("cannot decode: {e}")))
 }
 
-/// Scores planar 8-bit images (each `cfg.dims_per_image()` bytes) named by `paths`.
+/// Per-image results of one batch: NLL per draw, averaged per-token bits and block log-dets,
+/// and the first block whose output is not finite.
+struct Batch {
+    nll: Vec<Vec<f64>>,    // [image][draw]
+    tok: Vec<Vec<f64>>,    // [image][token], bits averaged over draws
+    blocks: Vec<Vec<f64>>, // [image][block], nats averaged over draws
+    bad_block: Vec<Option<usize>>,
+}
+
+/// Scores the 8-bit images `k` (N, C, S, S) as f32 values under `model`, one forward pass per
+/// dequantisation draw `u` (None: no dequantisation).
+fn score_batch(model: &TarFlow, k: &Tensor, us: &[Option<Tensor>], labels: Option<&[i64]>) -> Result<Batch> {
+    let cfg = model.config();
+    let b = k.dim(0)?;
+    let (nt, nb) = (cfg.num_tokens(), cfg.num_blocks);
+    let n_dims = cfg.dims_per_image() as f64;
+    let draws = us.len() as f64;
+    let cond = match labels {
+        Some(l) => Cond::Labels(l),
+        None => Cond::Null,
+    };
+    let k = k.to_device(model.device())?;
+    let mut r = Batch {
+        nll: vec![Vec::with_capacity(us.len()); b],
+        tok: vec![vec![0.0; nt]; b],
+        blocks: vec![vec![0.0; nb]; b],
+        bad_block: vec![None; b],
+    };
+    for u in us {
+        let x = match u {
+            Some(u) => (((k.clone() + u.to_device(model.device())?)? / 128.0)? - 1.0)?,
+            None => ((k.clone() / 127.5)? - 1.0)?,
+        };
+        let out = model.forward(&x.to_dtype(model.dtype())?, cond)?;
+        let v = host_f64(&model.nll(&out, true)?)?.to_vec1::<f64>()?;
+        let t = host_f64(&model.nll_per_token(&out, true)?)?.to_vec2::<f64>()?;
+        for i in 0..b {
+            r.nll[i].push(v[i]);
+            for (a, v) in r.tok[i].iter_mut().zip(&t[i]) {
+                *a += v / draws / std::f64::consts::LN_2;
+            }
+        }
+        for (kb, o) in out.blocks.iter().enumerate() {
+            let ld = host_f64(&o.logdet)?.to_vec1::<f64>()?;
+            // 0·h is NaN exactly where h is NaN or ±∞.
+            let probe = host_f64(&(o.out.detach() * 0.0)?.flatten_from(1)?.sum(1)?)?
+                .to_vec1::<f64>()?;
+            for i in 0..b {
+                r.blocks[i][kb] += ld[i] * n_dims / draws;
+                if !probe[i].is_finite() && r.bad_block[i].is_none_or(|p| p > kb) {
+                    r.bad_block[i] = Some(kb);
+                }
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Scores planar 8-bit images (each `cfg.dims_per_image()` bytes) named by `paths`. An image
+/// whose f32 score overflows (or passes [`WIDEN_ABOVE_BPD`]) is recomputed in f64 on the CPU
+/// with the same noise; where even f64 overflows, its `overflow` names the block.
 pub fn score_images<P: AsRef<[u8]>>(
     model: &TarFlow,
     paths: &[PathBuf],
     pixels: &[P],
+    opts: &ScoreOptions,
+) -> Result<Vec<ImageScore>> {
+    score_inner(model, paths, pixels, None, opts)
+}
+
+/// [`score_images`] with each image's own class (a dataset's labels): the conditional
+/// likelihood, as validation during training measures it.
+pub fn score_images_labelled<P: AsRef<[u8]>>(
+    model: &TarFlow,
+    paths: &[PathBuf],
+    pixels: &[P],
+    labels: &[i64],
+    opts: &ScoreOptions,
+) -> Result<Vec<ImageScore>> {
+    let k = model.config().num_classes as i64;
+    if k == 0 {
+        return Err(SampleError::Option(
+            "the images' own labels: this model is unconditional (num_classes = 0)".into(),
+        ));
+    }
+    if labels.len() != pixels.len() {
+        return Err(SampleError::Option(format!(
+            "{} labels for {} images",
+            labels.len(),
+            pixels.len()
+        )));
+    }
+    if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l >= k) {
+        return Err(SampleError::Option(format!(
+            "label {l} of image {i}: the model has classes 0..{}",
+            k - 1
+        )));
+    }
+    score_inner(model, paths, pixels, Some(labels), opts)
+}
+
+fn score_inner<P: AsRef<[u8]>>(
+    model: &TarFlow,
+    paths: &[PathBuf],
+    pixels: &[P],
+    per_image: Option<&[i64]>,
     opts: &ScoreOptions,
 ) -> Result<Vec<ImageScore>> {
     let cfg = model.config();
@@ -153,7 +307,9 @@ pub fn score_images<P: AsRef<[u8]>>(
         Dequant::Uniform(k) => k.max(1),
         Dequant::None => 1,
     };
+    let bpd = |nats: f64| nats / (n_dims * std::f64::consts::LN_2);
     let mut rng = seeded(opts.seed);
+    let mut wide: Option<Option<TarFlow>> = None;
     let mut out = Vec::with_capacity(pixels.len());
     for (chunk_i, chunk) in pixels.chunks(opts.batch.max(1)).enumerate() {
         let b = chunk.len();
@@ -162,52 +318,76 @@ pub fn score_images<P: AsRef<[u8]>>(
             .flat_map(|p| p.as_ref().iter())
             .map(|&k| k as f32)
             .collect();
-        let k = Tensor::from_vec(flat, (b, c, s, s), model.device())?;
-        let labels = vec![opts.label.unwrap_or(-1); b];
-        let cond = match opts.label {
-            Some(_) => Cond::Labels(&labels),
-            None => Cond::Null,
+        let cpu = candle_core::Device::Cpu;
+        let k = Tensor::from_vec(flat, (b, c, s, s), &cpu)?;
+        // The noise is drawn on the host so that a recomputation sees the same draws.
+        let us = (0..draws)
+            .map(|_| match opts.dequant {
+                Dequant::Uniform(_) => uniform(&mut rng, (b, c, s, s), 0.0, 1.0, &cpu).map(Some),
+                Dequant::None => Ok(None),
+            })
+            .collect::<tarflow_flows::Result<Vec<_>>>()?;
+        let start = chunk_i * opts.batch.max(1);
+        let labels = match per_image {
+            Some(l) => Some(l[start..start + b].to_vec()),
+            None => opts.label.map(|l| vec![l; b]),
         };
-        let (mut nll, mut tok, mut blocks) = (
-            vec![0f64; b],
-            vec![0f64; b * cfg.num_tokens()],
-            vec![0f64; b * cfg.num_blocks],
-        );
-        for _ in 0..draws {
-            let x = match opts.dequant {
-                Dequant::Uniform(_) => {
-                    let u = uniform(&mut rng, (b, c, s, s), 0.0, 1.0, model.device())?;
-                    (((k.clone() + u)? / 128.0)? - 1.0)?
-                }
-                Dequant::None => ((k.clone() / 127.5)? - 1.0)?,
-            };
-            let out = model.forward(&x.to_dtype(model.dtype())?, cond)?;
-            let v = host_f64(&model.nll(&out, true)?)?.to_vec1::<f64>()?;
-            let t = host_f64(&model.nll_per_token(&out, true)?)?
-                .flatten_all()?
-                .to_vec1::<f64>()?;
-            for (a, v) in nll.iter_mut().zip(v) {
-                *a += v / draws as f64;
+        let mut r = score_batch(model, &k, &us, labels.as_deref())?;
+        let redo: Vec<usize> = (0..b)
+            .filter(|&i| {
+                r.nll[i]
+                    .iter()
+                    .any(|v| !v.is_finite() || bpd(*v) > WIDEN_ABOVE_BPD)
+                    || r.bad_block[i].is_some()
+            })
+            .collect();
+        let mut widened = vec![false; b];
+        if !redo.is_empty() {
+            if wide.is_none() {
+                wide = Some(model.widened()?);
             }
-            for (a, v) in tok.iter_mut().zip(t) {
-                *a += v / draws as f64 / std::f64::consts::LN_2;
-            }
-            for (kb, o) in out.blocks.iter().enumerate() {
-                let ld = host_f64(&o.logdet)?.to_vec1::<f64>()?;
-                for (i, v) in ld.into_iter().enumerate() {
-                    blocks[i * cfg.num_blocks + kb] += v * n_dims / draws as f64;
+            if let Some(Some(w)) = &wide {
+                let idx = Tensor::from_vec(
+                    redo.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    redo.len(),
+                    &cpu,
+                )?;
+                let pick = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.index_select(&idx, 0)?.to_dtype(candle_core::DType::F64)?)
+                };
+                let us_w = us
+                    .iter()
+                    .map(|u| u.as_ref().map(pick).transpose())
+                    .collect::<Result<Vec<_>>>()?;
+                let labels_w = labels.as_ref().map(|l| redo.iter().map(|&i| l[i]).collect::<Vec<_>>());
+                let rw = score_batch(w, &pick(&k)?, &us_w, labels_w.as_deref())?;
+                for (j, &i) in redo.iter().enumerate() {
+                    r.nll[i] = rw.nll[j].clone();
+                    r.tok[i] = rw.tok[j].clone();
+                    r.blocks[i] = rw.blocks[j].clone();
+                    r.bad_block[i] = rw.bad_block[j];
+                    widened[i] = true;
                 }
             }
         }
-        let t = cfg.num_tokens();
         for i in 0..b {
             let idx = chunk_i * opts.batch.max(1) + i;
+            let finite = r.bad_block[i].is_none() && r.nll[i].iter().all(|v| v.is_finite());
+            let overflow = (!finite).then(|| r.bad_block[i].unwrap_or(cfg.num_blocks - 1));
+            let nll = if finite {
+                combine_draws(&r.nll[i], opts.bound)
+            } else {
+                f64::INFINITY
+            };
             out.push(ImageScore {
                 path: paths.get(idx).cloned().unwrap_or_default(),
-                nll_nats: nll[i],
-                bits_per_dim: nll[i] / (n_dims * std::f64::consts::LN_2),
-                block_logdet_nats: blocks[i * cfg.num_blocks..(i + 1) * cfg.num_blocks].to_vec(),
-                patch_bits: tok[i * t..(i + 1) * t].to_vec(),
+                nll_nats: nll,
+                bits_per_dim: bpd(nll),
+                draw_nll_nats: std::mem::take(&mut r.nll[i]),
+                block_logdet_nats: std::mem::take(&mut r.blocks[i]),
+                patch_bits: std::mem::take(&mut r.tok[i]),
+                widened: widened[i],
+                overflow,
             });
         }
     }
@@ -236,11 +416,30 @@ impl Classification {
         w.into_iter().map(|v| v / sum).collect()
     }
 
-    /// The fraction of images whose predicted class is `labels[i]`.
+    /// The fraction of images whose predicted class is `labels[i]`, over the images with a
+    /// prediction (see [`Self::excluded`]).
     pub fn accuracy(&self, labels: &[i64]) -> f64 {
         let n = self.predicted.len().min(labels.len());
+        let scored = (0..n).filter(|&i| self.predicted[i] >= 0).count();
         let hits = (0..n).filter(|&i| self.predicted[i] == labels[i]).count();
-        hits as f64 / n.max(1) as f64
+        hits as f64 / scored.max(1) as f64
+    }
+
+    /// Images without a prediction: their likelihood overflowed under every class.
+    pub fn excluded(&self) -> usize {
+        self.predicted.iter().filter(|&&p| p < 0).count()
+    }
+
+    /// `m[true][predicted]`: counts over the images with a prediction.
+    pub fn confusion(&self, labels: &[i64]) -> Vec<Vec<usize>> {
+        let k = self.nll.first().map_or(0, Vec::len);
+        let mut m = vec![vec![0usize; k]; k];
+        for (&p, &t) in self.predicted.iter().zip(labels) {
+            if p >= 0 && (t as usize) < k && t >= 0 {
+                m[t as usize][p as usize] += 1;
+            }
+        }
+        m
     }
 }
 
@@ -273,11 +472,65 @@ pub fn classify<P: AsRef<[u8]>>(
         .map(|row| {
             row.iter()
                 .enumerate()
+                .filter(|(_, v)| v.is_finite())
                 .min_by(|a, b| a.1.total_cmp(b.1))
                 .map_or(-1, |(k, _)| k as i64)
         })
         .collect();
     Ok(Classification { nll, predicted })
+}
+
+/// Mean, standard error and range of the finite values of a set of scores, and how many
+/// were left out as not finite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    /// Finite values summarised.
+    pub count: usize,
+    /// Values left out (overflow: not a finite number).
+    pub excluded: usize,
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation.
+    pub std: f64,
+    /// Standard error of the mean, `std / √count`.
+    pub stderr: f64,
+    /// Least value.
+    pub min: f64,
+    /// Greatest value.
+    pub max: f64,
+}
+
+impl Summary {
+    /// Summarises the finite entries of `v`.
+    pub fn of(v: &[f64]) -> Summary {
+        let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        let (mean, std) = mean_std(&finite);
+        Summary {
+            count: finite.len(),
+            excluded: v.len() - finite.len(),
+            mean,
+            std,
+            stderr: std / (finite.len().max(1) as f64).sqrt(),
+            // 0 rather than ±∞ for an empty set: a summary never holds a non-number.
+            min: finite.iter().copied().reduce(f64::min).unwrap_or(0.0),
+            max: finite.iter().copied().reduce(f64::max).unwrap_or(0.0),
+        }
+    }
+
+    /// One line: `N images: bits/dim mean M ± SE (std S, min A, max B)`, and the exclusions.
+    pub fn line(&self, what: &str) -> String {
+        let mut s = format!(
+            "{} images: {what} mean {:.4} ± {:.4} (std {:.4}, min {:.4}, max {:.4})",
+            self.count, self.mean, self.stderr, self.std, self.min, self.max
+        );
+        if self.excluded > 0 {
+            s += &format!(
+                "; {} image(s) excluded: their likelihood overflows even in f64",
+                self.excluded
+            );
+        }
+        s
+    }
 }
 
 /// Mean and sample standard deviation.
@@ -290,4 +543,35 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
         0.0
     };
     (m, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iw_combination_against_direct_formulas() {
+        let v = [3.0, 5.0, 4.0];
+        assert_eq!(combine_draws(&v, Bound::Elbo), 4.0);
+        let direct = -((-3f64).exp() + (-5f64).exp() + (-4f64).exp()).ln() + 3f64.ln();
+        assert!((combine_draws(&v, Bound::Iw) - direct).abs() < 1e-12);
+        assert!(combine_draws(&v, Bound::Iw) <= combine_draws(&v, Bound::Elbo));
+        // One draw: both bounds are that draw; equal draws: both equal it.
+        assert_eq!(combine_draws(&[2.5], Bound::Iw), 2.5);
+        assert!((combine_draws(&[7.0; 4], Bound::Iw) - 7.0).abs() < 1e-12);
+        // NLLs of thousands of nats do not underflow the exponentials.
+        let big = [5000.0, 5001.0];
+        let want = 5000.0 - ((1.0 + (-1f64).exp()) / 2.0).ln();
+        assert!((combine_draws(&big, Bound::Iw) - want).abs() < 1e-9);
+    }
+
+    #[test]
+    fn summary_leaves_out_and_counts_non_finite_values() {
+        let s = Summary::of(&[1.0, f64::INFINITY, 3.0, f64::NAN]);
+        assert_eq!((s.count, s.excluded), (2, 2));
+        assert_eq!((s.mean, s.min, s.max), (2.0, 1.0, 3.0));
+        assert!((s.std - 2f64.sqrt()).abs() < 1e-12);
+        assert!((s.stderr - 1.0).abs() < 1e-12);
+        assert!(s.line("bits/dim").contains("2 image(s) excluded"));
+    }
 }

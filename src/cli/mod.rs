@@ -1,11 +1,14 @@
 //! Subcommand definitions and dispatch.
 
 mod bench;
+mod classify;
 mod data;
+mod dataset;
 mod experiment;
 mod fd;
 mod import;
 mod info;
+mod ood;
 mod runtime;
 mod sample;
 mod score;
@@ -40,6 +43,10 @@ enum Command {
     Sample(Box<sample::SampleArgs>),
     /// Exact negative log-likelihood and bits/dim of image files.
     Score(score::ScoreArgs),
+    /// Out-of-distribution detection: AUROC of bits/dim and of the typicality test.
+    Ood(ood::OodArgs),
+    /// Classify labelled images by Bayes' rule with a class-conditional model.
+    Classify(classify::ClassifyArgs),
     /// Fréchet distance of samples to held-out images in a small classifier's feature space.
     Fd(fd::FdArgs),
     /// Run an ablation: variants of a base config, trained and measured, with a results table.
@@ -59,6 +66,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Sample(a) => sample::run(*a),
         Command::Score(a) => score::run(a),
+        Command::Ood(a) => ood::run(a),
+        Command::Classify(a) => classify::run(a),
         Command::Fd(a) => fd::run(a),
         Command::Experiment(a) => experiment::run_cmd(a),
         Command::Bench(a) => bench::run(a),

@@ -11,9 +11,10 @@ use tarflow_sample::grid::to_u8;
 /// Arguments of `tarflow sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
-    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file.
+    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file;
+    /// default: the embedded MNIST likelihood model.
     #[arg(long)]
-    checkpoint: PathBuf,
+    checkpoint: Option<PathBuf>,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     num: usize,
@@ -110,7 +111,11 @@ fn parse_labels(s: &str) -> Result<Labels> {
 /// Runs `tarflow sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
     let (device, dtype) = a.runtime.select()?;
-    let r = tarflow_sample::resolve::resolve(&a.checkpoint, !a.no_ema, &device)?;
+    let r = tarflow_sample::default_model::resolve_or_default(
+        a.checkpoint.as_deref(),
+        !a.no_ema,
+        &device,
+    )?;
     let model = r.checkpoint.model(&device, dtype)?;
     let cfg = model.config().clone();
     let denoise = if a.denoise {

@@ -1,50 +1,84 @@
-//! `tarflow score`: exact NLL and bits/dim of image files, with a per-patch heat map.
+//! `tarflow score`: exact NLL and bits/dim of image files or of a whole dataset, with a
+//! per-patch heat map.
 
+use super::dataset::Dataset;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use tarflow_sample::heatmap::{render, rows_of};
 use tarflow_sample::score::{
-    collect_paths, load_for_model, mean_std, score_images, Dequant, ScoreOptions,
+    collect_paths, load_for_model, score_images, score_images_labelled, Bound, Dequant,
+    ImageScore, ScoreOptions, Summary,
 };
 
 /// Dequantisation of the 8-bit pixels.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DequantArg {
-    /// Uniform noise in each 8-bit bin, averaged over --draws (a bound on the discrete NLL).
+    /// Uniform noise in each 8-bit bin, K draws combined by --bound (a bound on the discrete NLL).
     Uniform,
     /// The density at the pixel values times the bin volume.
     None,
+}
+
+/// How the --draws combine.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BoundArg {
+    /// The mean of the per-draw bounds −log p(x + u_k) (what training minimises).
+    Elbo,
+    /// The importance-weighted bound −log (1/K) Σ_k p(x + u_k): tighter, converges as K grows.
+    Iw,
 }
 
 /// Arguments of `tarflow score`.
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
     /// Image files or folders (searched recursively for png/jpeg/bmp/webp/gif).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "source", conflicts_with = "source")]
     inputs: Vec<PathBuf>,
-    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file.
+    /// Score a whole dataset instead of files: imagenet-npz, hdf5, folder, mnist-idx, cifar10
+    /// or embedded (with --path), as `data inspect` and training read them.
     #[arg(long)]
-    checkpoint: PathBuf,
+    source: Option<String>,
+    /// File or folder of --source.
+    #[arg(long, requires = "source")]
+    path: Option<PathBuf>,
+    /// Score only the first N images of --source.
+    #[arg(long, requires = "source")]
+    limit: Option<usize>,
+    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file;
+    /// default: the embedded MNIST likelihood model.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Dequantisation.
     #[arg(long, value_enum, default_value = "uniform")]
     dequant: DequantArg,
-    /// Uniform dequantisation draws averaged per image.
+    /// Uniform dequantisation draws per image.
     #[arg(long, default_value_t = 1)]
     draws: usize,
+    /// How the draws combine into one score.
+    #[arg(long, value_enum, default_value = "elbo")]
+    bound: BoundArg,
     /// Seed of the dequantisation noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Class for a conditional model (default: none → the mean class embedding, as the
     /// reference's evaluation).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "true_labels")]
     label: Option<i64>,
+    /// With --source: each image's own label (the conditional likelihood, as validation).
+    #[arg(long, requires = "source")]
+    true_labels: bool,
     /// Resize (shorter side), centre-crop and convert channels to fit the model.
     #[arg(long)]
     resize: bool,
-    /// One JSON object per image (path, nll_nats, bits_per_dim, block_logdet_nats, patch_bits).
+    /// One JSON object per image on stdout (path, nll_nats, bits_per_dim, block_logdet_nats,
+    /// patch_bits, precision; an image whose likelihood overflows even f64 has
+    /// `"overflow": true` and the block instead of numbers).
     #[arg(long)]
     json: bool,
+    /// Write the summary (and the dataset's identity) as JSON here.
+    #[arg(long)]
+    summary: Option<PathBuf>,
     /// Draw the per-patch bits of the first 16 images with a colour bar into this PNG.
     #[arg(long)]
     heatmap: Option<PathBuf>,
@@ -58,64 +92,140 @@ pub struct ScoreArgs {
     runtime: super::runtime::RuntimeArgs,
 }
 
+/// One image as a JSON line: numbers only where they are finite.
+pub fn json_line(s: &ImageScore) -> serde_json::Value {
+    let path = s.path.display().to_string();
+    match s.overflow {
+        Some(block) => serde_json::json!({
+            "path": path,
+            "overflow": true,
+            "overflow_block": block,
+            "precision": "f64",
+        }),
+        None => serde_json::json!({
+            "path": path,
+            "nll_nats": s.nll_nats,
+            "bits_per_dim": s.bits_per_dim,
+            "block_logdet_nats": s.block_logdet_nats,
+            "patch_bits": s.patch_bits,
+            "precision": if s.widened { "f64" } else { "f32" },
+        }),
+    }
+}
+
 /// Runs `tarflow score`.
 pub fn run(a: ScoreArgs) -> Result<()> {
     if a.draws == 0 {
         bail!("--draws must be ≥ 1");
     }
     let (device, dtype) = a.runtime.select()?;
-    let r = tarflow_sample::resolve::resolve(&a.checkpoint, !a.no_ema, &device)?;
+    let r = tarflow_sample::default_model::resolve_or_default(
+        a.checkpoint.as_deref(),
+        !a.no_ema,
+        &device,
+    )?;
     let model = r.checkpoint.model(&device, dtype)?;
     let cfg = model.config().clone();
-    let paths = collect_paths(&a.inputs)?;
-    let pixels = paths
-        .iter()
-        .map(|p| load_for_model(p, &cfg, a.resize))
-        .collect::<tarflow_sample::Result<Vec<_>>>()?;
+    let (paths, pixels, labels, identity) = match &a.source {
+        Some(kind) => {
+            let d = Dataset::load(kind, a.path.as_deref(), &cfg, a.limit)?;
+            let labels = if a.true_labels {
+                match &d.set.labels {
+                    Some(l) => Some(l.clone()),
+                    None => bail!("--true-labels: {} has no labels", d.name),
+                }
+            } else {
+                None
+            };
+            let pixels: Vec<Vec<u8>> = d.set.images().into_iter().map(<[u8]>::to_vec).collect();
+            (d.image_names(), pixels, labels, Some(d.identity()))
+        }
+        None => {
+            let paths = collect_paths(&a.inputs)?;
+            let pixels = paths
+                .iter()
+                .map(|p| load_for_model(p, &cfg, a.resize))
+                .collect::<tarflow_sample::Result<Vec<_>>>()?;
+            (paths, pixels, None, None)
+        }
+    };
     let opts = ScoreOptions {
         dequant: match a.dequant {
             DequantArg::Uniform => Dequant::Uniform(a.draws),
             DequantArg::None => Dequant::None,
         },
+        bound: match a.bound {
+            BoundArg::Elbo => Bound::Elbo,
+            BoundArg::Iw => Bound::Iw,
+        },
         seed: a.seed,
         label: a.label,
         batch: a.batch,
     };
-    let scores = score_images(&model, &paths, &pixels, &opts)?;
+    let scores = match &labels {
+        Some(l) => score_images_labelled(&model, &paths, &pixels, l, &opts)?,
+        None => score_images(&model, &paths, &pixels, &opts)?,
+    };
     for s in &scores {
         if a.json {
-            let v = serde_json::json!({
-                "path": s.path.display().to_string(),
-                "nll_nats": s.nll_nats,
-                "bits_per_dim": s.bits_per_dim,
-                "block_logdet_nats": s.block_logdet_nats,
-                "patch_bits": s.patch_bits,
-            });
-            println!("{v}");
+            println!("{}", json_line(s));
+        } else if let Some(block) = s.overflow {
+            println!(
+                "{}\toverflow: the likelihood is below what f64 represents (block {block})",
+                s.path.display()
+            );
         } else {
             println!(
-                "{}\t{:.2} nats\t{:.4} bits/dim",
+                "{}\t{:.2} nats\t{:.4} bits/dim{}",
                 s.path.display(),
                 s.nll_nats,
-                s.bits_per_dim
+                s.bits_per_dim,
+                if s.widened { "\t(f64)" } else { "" }
             );
         }
     }
+    let bpd: Vec<f64> = scores.iter().map(|s| s.bits_per_dim).collect();
+    let sum = Summary::of(&bpd);
     if scores.len() > 1 {
-        let bpd: Vec<f64> = scores.iter().map(|s| s.bits_per_dim).collect();
-        let (m, sd) = mean_std(&bpd);
-        let msg = format!(
-            "{} images: bits/dim mean {m:.4}, std {sd:.4}, min {:.4}, max {:.4}",
-            bpd.len(),
-            bpd.iter().cloned().fold(f64::MAX, f64::min),
-            bpd.iter().cloned().fold(f64::MIN, f64::max)
-        );
+        let msg = sum.line("bits/dim");
         // Keep stdout one JSON object per line when --json is given.
         if a.json {
             eprintln!("{msg}");
         } else {
             println!("{msg}");
         }
+    }
+    let widened = scores.iter().filter(|s| s.widened).count();
+    if widened > 0 {
+        eprintln!("{widened} image(s) recomputed in f64: their f32 likelihood overflowed or lost precision");
+    }
+    if let Some(id) = &identity {
+        eprintln!(
+            "data: {} ({} images, sha256 {})",
+            id["source"].as_str().unwrap_or_default(),
+            id["count"],
+            id["sha256"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(out) = &a.summary {
+        let v = serde_json::json!({
+            "model": r.path.display().to_string(),
+            "data": identity,
+            "dequant": format!("{:?}", a.dequant).to_lowercase(),
+            "draws": a.draws,
+            "bound": format!("{:?}", a.bound).to_lowercase(),
+            "seed": a.seed,
+            "true_labels": a.true_labels,
+            "count": sum.count,
+            "excluded": sum.excluded,
+            "widened": widened,
+            "bits_per_dim": {
+                "mean": sum.mean, "stderr": sum.stderr, "std": sum.std,
+                "min": sum.min, "max": sum.max,
+            },
+        });
+        tarflow_flows::checkpoint::write_atomic(out, format!("{v:#}\n").as_bytes())?;
+        eprintln!("summary: {}", out.display());
     }
     if let Some(out) = &a.heatmap {
         let rows = rows_of(&scores, &pixels, 16);

@@ -1,0 +1,87 @@
+//! A whole dataset as the input of `score`, `ood` and `classify`: `KIND:PATH` (the kinds of
+//! `data inspect` and training), loaded at the model's image size, with its identity.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use tarflow_datasets::folder::FolderOptions;
+use tarflow_datasets::source::{self, SourceKind};
+use tarflow_datasets::ImageSet;
+use tarflow_flows::ModelConfig;
+
+/// A loaded dataset and how it is named in tables and errors.
+pub struct Dataset {
+    /// What the user wrote, e.g. `mnist-idx:data/mnist/t10k-images-idx3-ubyte.gz`.
+    pub name: String,
+    /// The images (the first `limit` when limited).
+    pub set: ImageSet,
+}
+
+impl Dataset {
+    /// Loads `kind` from `path` for `cfg` (a folder is read at the model's size and channels)
+    /// and keeps the first `limit` images (all when None).
+    pub fn load(
+        kind: &str,
+        path: Option<&Path>,
+        cfg: &ModelConfig,
+        limit: Option<usize>,
+    ) -> Result<Dataset> {
+        let k: SourceKind = kind.parse().map_err(|e: String| anyhow!("--source: {e}"))?;
+        let folder = FolderOptions {
+            size: cfg.img_size,
+            channels: cfg.in_channels,
+            class_per_subdir: false,
+            skip_bad: false,
+        };
+        let name = match path {
+            Some(p) => format!("{kind}:{}", p.display()),
+            None => kind.to_string(),
+        };
+        let (set, _) = source::load(k, path, &folder).with_context(|| format!("--source {name}"))?;
+        let want = (cfg.in_channels, cfg.img_size, cfg.img_size);
+        if (set.channels, set.height, set.width) != want {
+            bail!(
+                "{name}: images are {}×{}×{} (C×H×W); the model expects {}×{}×{}",
+                set.channels,
+                set.height,
+                set.width,
+                want.0,
+                want.1,
+                want.2
+            );
+        }
+        let set = match limit {
+            Some(n) if n < set.len() => set.subset(&(0..n).collect::<Vec<_>>()),
+            _ => set,
+        };
+        if set.is_empty() {
+            bail!("{name}: no images");
+        }
+        Ok(Dataset { name, set })
+    }
+
+    /// Parses `KIND:PATH` (or a bare `embedded`) and loads it.
+    pub fn parse(spec: &str, cfg: &ModelConfig, limit: Option<usize>) -> Result<Dataset> {
+        let (kind, path) = match spec.split_once(':') {
+            Some((k, p)) => (k, Some(PathBuf::from(p))),
+            None => (spec, None),
+        };
+        Self::load(kind, path.as_deref(), cfg, limit)
+    }
+
+    /// Names for the images: `NAME#index`.
+    pub fn image_names(&self) -> Vec<PathBuf> {
+        (0..self.set.len())
+            .map(|i| PathBuf::from(format!("{}#{i}", self.name)))
+            .collect()
+    }
+
+    /// Count and SHA-256 of the images and labels: equal identities, equal data.
+    pub fn identity(&self) -> serde_json::Value {
+        serde_json::json!({
+            "source": self.name,
+            "count": self.set.len(),
+            "sha256": self.set.checksum(),
+            "labels": self.set.labels.is_some(),
+        })
+    }
+}
