@@ -12,15 +12,17 @@ use std::path::{Path, PathBuf};
 const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "webp", "jfif"];
 const HELD_OUT: [&str; 3] = ["val", "valid", "test"];
 
-/// How to read a folder.
-#[derive(Debug, Clone, PartialEq)]
+/// How to read a folder. `None` infers, as torchvision's ImageFolder does.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct FolderOptions {
-    /// Output side S in pixels.
-    pub size: usize,
+    /// Output side S in pixels; `None`: the images' own size when they are all the same square
+    /// size, else the least shorter side among them (resized and centre-cropped, with a note).
+    pub size: Option<usize>,
     /// Output channels: 1 (grayscale) or 3 (RGB).
     pub channels: usize,
-    /// Label each image by its top-level sub-folder (sorted names → 0, 1, …).
-    pub class_per_subdir: bool,
+    /// Label each image by its top-level sub-folder (sorted names → 0, 1, …); `None`: when
+    /// every image lies in a sub-folder.
+    pub class_per_subdir: Option<bool>,
     /// Skip unreadable images (counted) instead of failing.
     pub skip_bad: bool,
 }
@@ -34,6 +36,8 @@ pub struct FolderSet {
     pub skipped: Vec<(PathBuf, String)>,
     /// Class names by label.
     pub classes: Vec<String>,
+    /// What was inferred or changed (a resize, the classes), for the user to see.
+    pub notes: Vec<String>,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -114,13 +118,68 @@ pub fn load_image(
     })
 }
 
+/// The side to read `files` at: `want`, or inferred from their headers (see [`FolderOptions`]).
+fn pick_size(
+    files: &[(PathBuf, Option<String>)],
+    want: Option<usize>,
+    notes: &mut Vec<String>,
+) -> Result<usize> {
+    let dims: Vec<Option<(u32, u32)>> = files
+        .par_iter()
+        .map(|(p, _)| {
+            image::ImageReader::open(p)
+                .ok()?
+                .with_guessed_format()
+                .ok()?
+                .into_dimensions()
+                .ok()
+        })
+        .collect();
+    let mut sizes: Vec<(u32, u32)> = dims.iter().flatten().copied().collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let describe = |v: &[(u32, u32)]| {
+        let shown: Vec<String> = v.iter().take(3).map(|(w, h)| format!("{w}×{h}")).collect();
+        format!(
+            "{}{}",
+            shown.join(", "),
+            if v.len() > 3 { ", …" } else { "" }
+        )
+    };
+    match want {
+        Some(s) => {
+            if sizes.iter().any(|&(w, h)| (w as usize, h as usize) != (s, s)) {
+                notes.push(format!(
+                    "images of {} {} resized (shorter side) and centre-cropped to {s}×{s}",
+                    if sizes.len() == 1 { "size" } else { "sizes" },
+                    describe(&sizes)
+                ));
+            }
+            Ok(s)
+        }
+        None => match sizes[..] {
+            [] => Ok(0), // nothing decodable: the read below names the first bad file
+            [(w, h)] if w == h => Ok(w as usize),
+            _ => {
+                let s = sizes.iter().map(|&(w, h)| w.min(h)).min().unwrap_or(0) as usize;
+                notes.push(format!(
+                    "images of {} sizes ({}): resized (shorter side) and centre-cropped to {s}×{s}, the least shorter side; pass --size (data inspect) or set img_size (training) to choose",
+                    sizes.len(),
+                    describe(&sizes)
+                ));
+                Ok(s)
+            }
+        },
+    }
+}
+
 /// Reads every image under `root`.
 pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
-    if !(opts.channels == 1 || opts.channels == 3) || opts.size == 0 {
+    if !(opts.channels == 1 || opts.channels == 3) || opts.size == Some(0) {
         return Err(DataError::format(
             root,
             format!(
-                "folder source: channels must be 1 or 3 and size ≥ 1 (got {}, {})",
+                "folder source: channels must be 1 or 3 and size ≥ 1 (got {}, {:?})",
                 opts.channels, opts.size
             ),
         ));
@@ -135,23 +194,41 @@ pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
             format!("no image files ({}) in this folder", EXTENSIONS.join(", ")),
         ));
     }
+    let mut notes = Vec::new();
+    let all_in_subdirs = files.iter().all(|(_, top)| top.is_some());
+    let by_subdir = opts.class_per_subdir.unwrap_or(all_in_subdirs);
     let mut classes: Vec<String> = Vec::new();
-    if opts.class_per_subdir {
+    if by_subdir {
         if let Some((p, _)) = files.iter().find(|(_, top)| top.is_none()) {
             return Err(DataError::format(
                 p,
-                "image outside a class sub-folder (class_per_subdir is on)",
+                "image outside a class sub-folder (classes from sub-folders were asked for)",
             ));
         }
         classes = files.iter().filter_map(|(_, t)| t.clone()).collect();
         classes.dedup();
+        if opts.class_per_subdir.is_none() {
+            notes.push(format!(
+                "{} classes from the sub-folders ({}{})",
+                classes.len(),
+                classes.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                if classes.len() > 5 { ", …" } else { "" }
+            ));
+        }
     }
+    let size = pick_size(&files, opts.size, &mut notes)?;
+    let opts = &FolderOptions {
+        size: Some(size),
+        class_per_subdir: Some(by_subdir),
+        ..opts.clone()
+    };
+    let size = size.max(1);
     let decoded: Vec<(usize, std::result::Result<Vec<u8>, String>)> = files
         .par_iter()
         .enumerate()
-        .map(|(i, (p, _))| (i, load_image(p, opts.size, opts.channels)))
+        .map(|(i, (p, _))| (i, load_image(p, size, opts.channels)))
         .collect();
-    let mut pixels = Vec::with_capacity(files.len() * opts.channels * opts.size * opts.size);
+    let mut pixels = Vec::with_capacity(files.len() * opts.channels * size * size);
     let mut labels = Vec::new();
     let mut skipped = Vec::new();
     for (i, res) in decoded {
@@ -159,7 +236,7 @@ pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
         match res {
             Ok(px) => {
                 pixels.extend_from_slice(&px);
-                if let Some(t) = top.as_ref().filter(|_| opts.class_per_subdir) {
+                if let Some(t) = top.as_ref().filter(|_| by_subdir) {
                     labels.push(classes.binary_search(t).unwrap_or(0) as i64);
                 }
             }
@@ -177,14 +254,15 @@ pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
     }
     let set = ImageSet {
         channels: opts.channels,
-        height: opts.size,
-        width: opts.size,
+        height: size,
+        width: size,
         pixels,
-        labels: opts.class_per_subdir.then_some(labels),
+        labels: by_subdir.then_some(labels),
     };
     Ok(FolderSet {
         set,
         skipped,
         classes,
+        notes,
     })
 }

@@ -91,15 +91,63 @@ fn mnist_files(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
 /// Unreadable files skipped while loading (only with `skip_bad`): path and reason.
 pub type Skipped = Vec<(PathBuf, String)>;
 
-/// Loads a whole source into memory; `folder` reads with `folder_opts`. Returns the images and
-/// the files skipped as unreadable, for the caller to report.
+/// A source read into memory, with what the caller should tell the user.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The images.
+    pub set: ImageSet,
+    /// Files skipped as unreadable (only with `skip_bad`).
+    pub skipped: Skipped,
+    /// What was inferred or changed on the way (a folder's size and classes).
+    pub notes: Vec<String>,
+}
+
+impl SourceKind {
+    /// What a path of this kind must hold, and where such data comes from.
+    pub fn layout(self) -> &'static str {
+        match self {
+            SourceKind::Embedded => "nothing: the embedded digits need no path",
+            SourceKind::ImagenetNpz => {
+                "the official downsampled ImageNet batches (train_data_batch_1.npz … \
+                 train_data_batch_10.npz, or val_data.npz) in a folder, or one such file; they \
+                 are the \"Downsampled ImageNet 64x64\" download of image-net.org (free \
+                 account). A folder of PNG/JPEG images works too with data.source = \"folder\""
+            }
+            SourceKind::Cifar10 => {
+                "the CIFAR-10 binary batches (data_batch_1.bin … data_batch_5.bin, test_batch.bin) \
+                 in a folder, or one such file: cifar-10-binary.tar.gz from \
+                 www.cs.toronto.edu/~kriz/cifar.html, unpacked"
+            }
+            SourceKind::MnistIdx => {
+                "MNIST-style IDX files (train-images-idx3-ubyte[.gz] and its labels-idx1 sibling) \
+                 in a folder, or the images file itself; this repository ships MNIST in data/mnist/"
+            }
+            SourceKind::Folder => {
+                "a folder of png/jpeg/bmp/webp images, one sub-folder per class for labels"
+            }
+            SourceKind::Hdf5 => {
+                "an HDF5 file with an `images` (or image_data, data, x) dataset, NCHW or NHWC, \
+                 and optional `labels`"
+            }
+        }
+    }
+}
+
+/// Loads a whole source into memory; `folder` reads with `folder_opts`. A path that does not
+/// exist is an error saying what the kind expects there and where such data comes from.
 pub fn load(
     kind: SourceKind,
     path: Option<&Path>,
     folder_opts: &crate::folder::FolderOptions,
-) -> Result<(ImageSet, Skipped)> {
+) -> Result<Loaded> {
     let need =
         || path.ok_or_else(|| DataError::format("<command line>", "this source kind needs a path"));
+    if let Some(p) = path.filter(|p| !p.exists() && kind != SourceKind::Embedded) {
+        return Err(DataError::format(
+            p,
+            format!("no such file or folder; expected {}", kind.layout()),
+        ));
+    }
     let set = match kind {
         SourceKind::Embedded => crate::embedded::mnist10k()?,
         SourceKind::ImagenetNpz => crate::npz::read_imagenet(need()?)?,
@@ -110,7 +158,11 @@ pub fn load(
         }
         SourceKind::Folder => {
             let f = crate::folder::read_folder(need()?, folder_opts)?;
-            return Ok((f.set, f.skipped));
+            return Ok(Loaded {
+                set: f.set,
+                skipped: f.skipped,
+                notes: f.notes,
+            });
         }
         #[cfg(feature = "hdf5")]
         SourceKind::Hdf5 => crate::hdf5::read_hdf5(need()?, &Default::default())?,
@@ -120,5 +172,9 @@ pub fn load(
             "this build has no HDF5 support: rebuild with `--features hdf5` (needs libhdf5-dev)",
         )),
     };
-    Ok((set, Vec::new()))
+    Ok(Loaded {
+        set,
+        skipped: Vec::new(),
+        notes: Vec::new(),
+    })
 }

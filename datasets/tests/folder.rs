@@ -12,9 +12,9 @@ fn solid(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
 
 fn opts(size: usize, channels: usize, classes: bool, skip_bad: bool) -> FolderOptions {
     FolderOptions {
-        size,
+        size: Some(size),
         channels,
-        class_per_subdir: classes,
+        class_per_subdir: Some(classes),
         skip_bad,
     }
 }
@@ -90,4 +90,44 @@ fn bad_files_fail_with_path_and_index_or_are_skipped_and_counted() {
         .to_string();
     assert!(e.contains("no image files"), "{e}");
     assert!(read_folder(&r.join("missing"), &opts(4, 3, false, false)).is_err());
+}
+
+#[test]
+fn size_and_classes_are_inferred_as_imagefolder_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    for (i, class) in ["cat", "dog"].iter().enumerate() {
+        for k in 0..2 + i {
+            solid(&r.join(format!("{class}/{k}.png")), 16, 16, [k as u8, 0, 0]);
+        }
+    }
+    let infer = FolderOptions {
+        size: None,
+        channels: 3,
+        class_per_subdir: None,
+        skip_bad: false,
+    };
+    let f = read_folder(r, &infer).unwrap();
+    assert_eq!((f.set.len(), f.set.height, f.set.width), (5, 16, 16));
+    assert_eq!(f.set.labels, Some(vec![0, 0, 1, 1, 1]));
+    assert_eq!(f.classes, vec!["cat", "dog"]);
+    assert!(f.notes.iter().any(|n| n.contains("2 classes")), "{:?}", f.notes);
+    assert!(!f.notes.iter().any(|n| n.contains("resized")), "{:?}", f.notes);
+    // Flags override: no labels, and an explicit size (said in a note).
+    let f = read_folder(
+        r,
+        &FolderOptions {
+            size: Some(8),
+            class_per_subdir: Some(false),
+            ..infer.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!((f.set.height, f.set.labels.is_none()), (8, true));
+    assert!(f.notes.iter().any(|n| n.contains("resized")), "{:?}", f.notes);
+    // Sizes that differ: the least shorter side, said; an image outside a sub-folder: no labels.
+    solid(&r.join("loose.png"), 20, 12, [1, 2, 3]);
+    let f = read_folder(r, &infer).unwrap();
+    assert_eq!((f.set.height, f.set.labels.is_none()), (12, true));
+    assert!(f.notes.iter().any(|n| n.contains("2 sizes")), "{:?}", f.notes);
 }

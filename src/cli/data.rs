@@ -25,15 +25,19 @@ pub struct InspectArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Folder source: output side S (shorter side resized to S, centre crop).
-    #[arg(long, default_value_t = 64)]
-    size: usize,
+    /// Folder source: output side S (shorter side resized to S, centre crop); default: the
+    /// images' own size when they all agree.
+    #[arg(long)]
+    size: Option<usize>,
     /// Folder source: 1 (grayscale) or 3 (RGB) channels.
     #[arg(long, default_value_t = 3)]
     channels: usize,
-    /// Folder source: one class per top-level sub-folder.
-    #[arg(long)]
+    /// Folder source: one class per top-level sub-folder (default: when every image is in one).
+    #[arg(long, conflicts_with = "no_classes")]
     classes: bool,
+    /// Folder source: no labels, even when the images are in sub-folders.
+    #[arg(long)]
+    no_classes: bool,
     /// Folder source: skip unreadable images (counted) instead of failing.
     #[arg(long)]
     skip_bad: bool,
@@ -54,10 +58,18 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let folder = FolderOptions {
         size: a.size,
         channels: a.channels,
-        class_per_subdir: a.classes,
+        class_per_subdir: match (a.classes, a.no_classes) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         skip_bad: a.skip_bad,
     };
-    let (set, skipped) = source::load(kind, a.path.as_deref(), &folder)?;
+    let loaded = source::load(kind, a.path.as_deref(), &folder)?;
+    for n in &loaded.notes {
+        eprintln!("note: {n}");
+    }
+    let (set, skipped) = (loaded.set, loaded.skipped);
     if let Some((first, why)) = skipped.first() {
         eprintln!(
             "warning: skipped {} unreadable image(s); first: {} ({why})",

@@ -27,16 +27,20 @@ impl Dataset {
     ) -> Result<Dataset> {
         let k: SourceKind = kind.parse().map_err(|e: String| anyhow!("--source: {e}"))?;
         let folder = FolderOptions {
-            size: cfg.img_size,
+            size: Some(cfg.img_size),
             channels: cfg.in_channels,
-            class_per_subdir: false,
+            class_per_subdir: None,
             skip_bad: false,
         };
         let name = match path {
             Some(p) => format!("{kind}:{}", p.display()),
             None => kind.to_string(),
         };
-        let (set, _) = source::load(k, path, &folder).with_context(|| format!("--source {name}"))?;
+        let loaded = source::load(k, path, &folder).with_context(|| format!("--source {name}"))?;
+        for n in &loaded.notes {
+            eprintln!("note: {name}: {n}");
+        }
+        let set = loaded.set;
         let want = (cfg.in_channels, cfg.img_size, cfg.img_size);
         if (set.channels, set.height, set.width) != want {
             bail!(

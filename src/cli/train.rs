@@ -25,7 +25,7 @@ pub struct TrainArgs {
     /// cpu, cuda, metal or auto (overrides train.device).
     #[arg(long)]
     device: Option<String>,
-    /// Only check the config and the data, then stop.
+    /// Only check the config and that its data paths exist, then stop.
     #[arg(long)]
     check: bool,
 }
@@ -41,7 +41,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         (Some(c), None) => {
             let cfg = TrainConfig::load(c, &sets)?;
             if a.check {
-                println!("config {c}: ok");
+                tarflow_train::data::check_path(&cfg, cfg.data.path.as_deref(), "data.path")?;
+                tarflow_train::data::check_path(
+                    &cfg,
+                    cfg.data.val_path.as_deref(),
+                    "data.val_path",
+                )?;
+                println!(
+                    "config {c}: ok (the data paths exist; their images are read and checked against [model] when training starts)"
+                );
                 return Ok(());
             }
             Trainer::start(cfg)?

@@ -11,20 +11,59 @@ use tarflow_datasets::loader::{Batch, Loader};
 use tarflow_datasets::transform::{Noise, Transform};
 use tarflow_datasets::ImageSet;
 
-/// Loads the images of one source path named by `key`.
+/// Checks that the data path named by `key` exists; otherwise says what the source kind
+/// expects there, where such data comes from, and how to point the config at it.
+pub fn check_path(cfg: &TrainConfig, path: Option<&Path>, key: &str) -> Result<()> {
+    let kind: tarflow_datasets::source::SourceKind = cfg.data.source.into();
+    match path {
+        Some(p) if !p.exists() => Err(TrainError::config(
+            key,
+            format!(
+                "\"{}\": no such file or folder (data.source = \"{}\"). Expected {}. \
+                 Point the config at your copy with --set {key}=PATH",
+                p.display(),
+                kind_name(cfg),
+                kind.layout()
+            ),
+        )),
+        None if kind != tarflow_datasets::source::SourceKind::Embedded && key == "data.path" => {
+            Err(TrainError::config(
+                key,
+                format!(
+                    "data.source = \"{}\" needs data.path: {}",
+                    kind_name(cfg),
+                    kind.layout()
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn kind_name(cfg: &TrainConfig) -> String {
+    serde_json::to_value(cfg.data.source)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Loads the images of one source path named by `key`; returns them, the number of files
+/// skipped as unreadable and what was inferred (a folder's classes, a resize).
 pub(crate) fn load_images(
     cfg: &TrainConfig,
     path: Option<&Path>,
     key: &str,
-) -> Result<(ImageSet, usize)> {
+) -> Result<(ImageSet, usize, Vec<String>)> {
     let m = &cfg.model;
+    check_path(cfg, path, key)?;
     let opts = FolderOptions {
-        size: m.img_size,
+        size: Some(m.img_size),
         channels: m.in_channels,
-        class_per_subdir: true,
+        class_per_subdir: None,
         skip_bad: cfg.data.skip_bad,
     };
-    let (set, skipped) = tarflow_datasets::source::load(cfg.data.source.into(), path, &opts)?;
+    let loaded = tarflow_datasets::source::load(cfg.data.source.into(), path, &opts)?;
+    let set = loaded.set;
     let origin = path.map_or("the embedded dataset".into(), |p| p.display().to_string());
     if (set.channels, set.height, set.width) != (m.in_channels, m.img_size, m.img_size) {
         return Err(TrainError::config(
@@ -56,7 +95,8 @@ pub(crate) fn load_images(
     if set.is_empty() {
         return Err(TrainError::config(key, format!("{origin} holds no image")));
     }
-    Ok((set, skipped.len()))
+    let notes = loaded.notes.iter().map(|n| format!("{key}: {n}")).collect();
+    Ok((set, loaded.skipped.len(), notes))
 }
 
 /// The training loader (micro-batches, augmented) and the validation loader (uniform
@@ -67,7 +107,8 @@ pub fn loaders(
     warnings: &mut Vec<String>,
 ) -> Result<(Loader, Option<Loader>)> {
     let t = &cfg.train;
-    let (set, skipped) = load_images(cfg, cfg.data.path.as_deref(), "data.path")?;
+    let (set, skipped, notes) = load_images(cfg, cfg.data.path.as_deref(), "data.path")?;
+    warnings.extend(notes);
     if skipped > 0 {
         warnings.push(format!(
             "skipped {skipped} unreadable image files (data.skip_bad)"
@@ -82,7 +123,8 @@ pub fn loaders(
     };
     let (train, val) = match &cfg.data.val_path {
         Some(vp) => {
-            let (vset, vskipped) = load_images(cfg, Some(vp), "data.val_path")?;
+            let (vset, vskipped, vnotes) = load_images(cfg, Some(vp), "data.val_path")?;
+            warnings.extend(vnotes);
             if vskipped > 0 {
                 warnings.push(format!("skipped {vskipped} unreadable validation files"));
             }

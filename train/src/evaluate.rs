@@ -9,33 +9,51 @@ use tarflow_flows::rng::seeded;
 use tarflow_flows::{BpdConvention, Cond, ReverseOptions, TarFlow};
 
 /// Mean bits/dim of the first `batches` batches of `val` (all when 0), with the images' own
-/// labels for a conditional model; `None` when the loader holds no full batch.
-pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<f64>> {
+/// labels for a conditional model, and how many images were left out; `None` when the loader
+/// holds no full batch. A batch with a non-finite score is recomputed in f64 (f32 overflows for
+/// images far from what the model has learnt); images still not finite are left out and counted.
+pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(f64, usize)>> {
     let order = val.epoch_order(0);
     let n = match batches {
         0 => val.batches_per_epoch(),
         k => k.min(val.batches_per_epoch()),
     };
     let conditional = model.config().num_classes > 0;
-    let (mut sum, mut count) = (0.0, 0usize);
-    for i in 0..n {
-        let b = val.make_batch(&order, 0, i);
-        let [bn, c, h, w] = b.shape;
-        let x =
-            Tensor::from_vec(b.images, (bn, c, h, w), model.device())?.to_dtype(model.dtype())?;
-        let cond = if conditional && !b.labels.is_empty() {
-            Cond::Labels(&b.labels)
+    let (mut sum, mut count, mut excluded) = (0.0, 0usize, 0usize);
+    let mut wide: Option<Option<TarFlow>> = None;
+    let bpd_of = |m: &TarFlow, images: &[f32], shape: [usize; 4], labels: &[i64]| -> Result<Vec<f64>> {
+        let [bn, c, h, w] = shape;
+        let x = Tensor::from_slice(images, (bn, c, h, w), m.device())?.to_dtype(m.dtype())?;
+        let cond = if conditional && !labels.is_empty() {
+            Cond::Labels(labels)
         } else {
             Cond::Null
         };
-        let out = model.forward(&x, cond)?;
-        let bpd = model.bits_per_dim(&out, BpdConvention::TrueDims)?;
-        sum += tarflow_flows::device::host_f64(&bpd)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        count += bn;
+        let out = m.forward(&x, cond)?;
+        let bpd = m.bits_per_dim(&out, BpdConvention::TrueDims)?;
+        Ok(tarflow_flows::device::host_f64(&bpd)?.to_vec1::<f64>()?)
+    };
+    for i in 0..n {
+        let b = val.make_batch(&order, 0, i);
+        let mut v = bpd_of(model, &b.images, b.shape, &b.labels)?;
+        if v.iter().any(|x| !x.is_finite()) {
+            if wide.is_none() {
+                wide = Some(model.widened()?);
+            }
+            if let Some(Some(w)) = &wide {
+                v = bpd_of(w, &b.images, b.shape, &b.labels)?;
+            }
+        }
+        for x in v {
+            if x.is_finite() {
+                sum += x;
+                count += 1;
+            } else {
+                excluded += 1;
+            }
+        }
     }
-    Ok((count > 0).then(|| sum / count as f64))
+    Ok((count + excluded > 0).then(|| (sum / count.max(1) as f64, excluded)))
 }
 
 /// Samples `eval.num_samples` images (labels cycling through the classes, `eval.guidance`,

@@ -5,7 +5,7 @@
 //! shows); [`run`] reads a run directory back for analysis.
 
 pub mod config;
-mod data;
+pub mod data;
 pub mod ema;
 pub mod error;
 pub mod evaluate;

@@ -36,6 +36,10 @@ pub struct Record {
     /// Held-out bits/dim of the EMA weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_bpd_ema: Option<f64>,
+    /// Held-out images left out of `val_bpd`/`val_bpd_ema` because their likelihood
+    /// overflowed even in f64 (absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_excluded: Option<usize>,
 }
 
 /// Appends records to a run's `metrics.jsonl`.

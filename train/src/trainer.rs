@@ -149,6 +149,9 @@ impl Trainer {
     pub fn resume(root: &Path, sets: &[String]) -> Result<(Self, Vec<String>)> {
         let run = RunDir::new(root);
         let cp = run.config_path();
+        if !cp.is_file() {
+            return Err(not_a_run(root));
+        }
         let text = std::fs::read_to_string(&cp).map_err(|e| TrainError::io(&cp, e))?;
         let cfg = TrainConfig::from_toml(&text, &cp.display().to_string(), sets)?;
         let device = tarflow_flows::device::select(&cfg.train.device)?;
@@ -452,8 +455,8 @@ impl Trainer {
         })
     }
 
-    /// Mean held-out bits/dim of `weights`.
-    fn val_bpd(&self, weights: &Checkpoint) -> Result<Option<f64>> {
+    /// Mean held-out bits/dim of `weights`, and the images left out as not finite.
+    fn val_bpd(&self, weights: &Checkpoint) -> Result<Option<(f64, usize)>> {
         let Some(val) = &self.val else {
             return Ok(None);
         };
@@ -467,14 +470,16 @@ impl Trainer {
             Some(e) => self.val_bpd(&e)?,
             None => None,
         };
-        if raw.is_none() {
+        let Some((raw, raw_excluded)) = raw else {
             return Ok(());
-        }
+        };
+        let excluded = raw_excluded.max(ema.map_or(0, |e| e.1));
         let rec = Record {
             step: self.state.step,
             epoch: self.epoch_f(),
-            val_bpd: raw,
-            val_bpd_ema: ema,
+            val_bpd: Some(raw),
+            val_bpd_ema: ema.map(|e| e.0),
+            val_excluded: (excluded > 0).then_some(excluded),
             ..Default::default()
         };
         self.metrics.push(&rec)?;
@@ -648,4 +653,35 @@ fn check_memory(cfg: &TrainConfig) -> Result<()> {
 pub fn loss_to_bpd(loss: f64) -> f64 {
     let c = 0.5 * (2.0 * std::f64::consts::PI).ln() + 128f64.ln();
     (loss + c) / std::f64::consts::LN_2
+}
+
+/// The error for `--resume DIR` where DIR holds no run: the runs inside it, if any, or what a
+/// run directory holds.
+fn not_a_run(root: &Path) -> TrainError {
+    let mut runs: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("config.toml").is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    runs.sort();
+    let msg = if !root.exists() {
+        "no such folder".to_string()
+    } else if runs.is_empty() {
+        "not a run directory: a run holds config.toml, latest and checkpoints/ (written by \
+         `tarflow train --config …`)"
+            .to_string()
+    } else {
+        format!(
+            "not a run directory but a folder of runs: {}; resume one of them, e.g. --resume {}",
+            runs.join(", "),
+            runs[0]
+        )
+    };
+    TrainError::Run {
+        path: root.to_path_buf(),
+        msg,
+    }
 }
