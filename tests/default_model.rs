@@ -19,14 +19,29 @@ fn score_and_sample_work_without_a_checkpoint_and_name_the_model() {
     let grid = tempfile::tempdir().unwrap();
     // Draw digits from the default model, then score them and a real test digit.
     let o = tarflow(&[
-        "sample", "--num", "4", "--labels", "0,1,2,3", "--out-dir",
-        dir.path().to_str().unwrap(), "--out", grid.path().join("grid.png").to_str().unwrap(),
+        "sample",
+        "--num",
+        "4",
+        "--labels",
+        "0,1,2,3",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+        "--out",
+        grid.path().join("grid.png").to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(stderr(&o).contains("model: the default model tarflow-mnist-bpd"), "{}", text(&o));
+    assert!(
+        stderr(&o).contains("model: the default model tarflow-mnist-bpd"),
+        "{}",
+        text(&o)
+    );
     let o = tarflow(&["score", dir.path().to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(stderr(&o).contains("model: the default model"), "{}", text(&o));
+    assert!(
+        stderr(&o).contains("model: the default model"),
+        "{}",
+        text(&o)
+    );
     let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -34,7 +49,10 @@ fn score_and_sample_work_without_a_checkpoint_and_name_the_model() {
     assert_eq!(rows.len(), 4);
     for r in &rows {
         let b = r["bits_per_dim"].as_f64().unwrap();
-        assert!(b > 0.0 && b < 4.0, "a sample of the model scores {b} bits/dim");
+        assert!(
+            b > 0.0 && b < 4.0,
+            "a sample of the model scores {b} bits/dim"
+        );
     }
 }
 
@@ -44,8 +62,18 @@ fn a_dataset_source_scores_with_its_identity_and_standard_error() {
     let summary = dir.path().join("s.json");
     let run = |bound: &str, draws: &str| {
         let o = tarflow(&[
-            "score", "--source", "mnist-idx", "--path", &repo("data/mnist/t10k-images-idx3-ubyte.gz"),
-            "--limit", "40", "--draws", draws, "--bound", bound, "--summary",
+            "score",
+            "--source",
+            "mnist-idx",
+            "--path",
+            &repo("data/mnist/t10k-images-idx3-ubyte.gz"),
+            "--limit",
+            "40",
+            "--draws",
+            draws,
+            "--bound",
+            bound,
+            "--summary",
             summary.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", text(&o));
@@ -58,7 +86,11 @@ fn a_dataset_source_scores_with_its_identity_and_standard_error() {
     assert_eq!(elbo["data"]["count"], 40);
     let sha = elbo["data"]["sha256"].as_str().unwrap();
     assert_eq!(sha.len(), 64);
-    assert_eq!(sha, iw["data"]["sha256"].as_str().unwrap(), "same data, same identity");
+    assert_eq!(
+        sha,
+        iw["data"]["sha256"].as_str().unwrap(),
+        "same data, same identity"
+    );
     let (e, i) = (
         elbo["bits_per_dim"]["mean"].as_f64().unwrap(),
         iw["bits_per_dim"]["mean"].as_f64().unwrap(),
@@ -74,11 +106,28 @@ fn a_dataset_source_scores_with_its_identity_and_standard_error() {
 #[test]
 fn ood_separates_digits_from_inverted_digits_and_noise() {
     let o = tarflow(&[
-        "ood", "--in", &format!("mnist-idx:{}", repo("data/mnist/t10k-images-idx3-ubyte.gz")),
-        "--train", &format!("mnist-idx:{}", repo("data/mnist/train-images-idx3-ubyte.gz")),
-        "--ood", "inverted", "--ood", "noise", "--ood",
-        &format!("mnist-idx:{}", repo("data/fashion-mnist/t10k-images-idx3-ubyte.gz")),
-        "--limit", "40", "--typical-batch", "1,5", "--json",
+        "ood",
+        "--in",
+        &format!("mnist-idx:{}", repo("data/mnist/t10k-images-idx3-ubyte.gz")),
+        "--train",
+        &format!(
+            "mnist-idx:{}",
+            repo("data/mnist/train-images-idx3-ubyte.gz")
+        ),
+        "--ood",
+        "inverted",
+        "--ood",
+        "noise",
+        "--ood",
+        &format!(
+            "mnist-idx:{}",
+            repo("data/fashion-mnist/t10k-images-idx3-ubyte.gz")
+        ),
+        "--limit",
+        "40",
+        "--typical-batch",
+        "1,5",
+        "--json",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -88,7 +137,10 @@ fn ood_separates_digits_from_inverted_digits_and_noise() {
         let a = r["auroc_bpd"].as_f64().unwrap();
         assert!(a > 0.9, "{}: AUROC {a}", r["set"]);
         assert!(r["auroc_typicality_m5"].as_f64().is_some(), "{r}");
-        assert_eq!(r["count"].as_u64().unwrap() + r["excluded"].as_u64().unwrap(), 40);
+        assert_eq!(
+            r["count"].as_u64().unwrap() + r["excluded"].as_u64().unwrap(),
+            40
+        );
     }
     assert_eq!(v["in"]["count"], 40);
 }
@@ -98,8 +150,14 @@ fn classify_by_likelihood_beats_chance_and_draws_the_confusion_matrix() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("confusion.png");
     let o = tarflow(&[
-        "classify", "--data", &format!("mnist-idx:{}", repo("data/mnist/t10k-images-idx3-ubyte.gz")),
-        "--limit", "30", "--json", "--confusion", png.to_str().unwrap(),
+        "classify",
+        "--data",
+        &format!("mnist-idx:{}", repo("data/mnist/t10k-images-idx3-ubyte.gz")),
+        "--limit",
+        "30",
+        "--json",
+        "--confusion",
+        png.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -162,11 +162,17 @@ fn an_image_that_overflows_f32_scores_finite_and_exact_in_f64() {
         .unwrap()
         - 1.0;
     let raw = model
-        .nll(&model.forward(&x.unwrap(), tarflow::Cond::Null).unwrap(), true)
+        .nll(
+            &model.forward(&x.unwrap(), tarflow::Cond::Null).unwrap(),
+            true,
+        )
         .unwrap()
         .to_vec1::<f32>()
         .unwrap()[0];
-    assert!(!raw.is_finite(), "f32 NLL {raw}: the fixture no longer overflows");
+    assert!(
+        !raw.is_finite(),
+        "f32 NLL {raw}: the fixture no longer overflows"
+    );
     for composed in [false, true] {
         let r = &score_json(&path, &img, composed)[0];
         let nll = r["nll_nats"].as_f64().unwrap_or_else(|| panic!("{r}"));
@@ -202,7 +208,12 @@ fn an_image_beyond_f64_is_reported_as_overflow_with_its_block() {
     std::fs::create_dir(&ok).unwrap();
     save_gray(&digitish(1), &ok.join("a.png"));
     save_gray(&digitish(2), &ok.join("b.png"));
-    let o = tarflow(&["score", "--checkpoint", ck.to_str().unwrap(), ok.to_str().unwrap()]);
+    let o = tarflow(&[
+        "score",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        ok.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!out.contains("inf") && !out.contains("NaN"), "{out}");
@@ -230,10 +241,22 @@ fn iw_bound_is_below_the_elbo_average_and_equal_at_one_draw() {
         assert!((e.nll_nats - i.nll_nats).abs() < 1e-9 * e.nll_nats.abs());
     }
     for (e, i) in run(16, Elbo).iter().zip(run(16, Iw)) {
-        assert_eq!(e.draw_nll_nats, i.draw_nll_nats, "same noise for both bounds");
-        assert!(i.nll_nats <= e.nll_nats + 1e-9, "{} > {}", i.nll_nats, e.nll_nats);
+        assert_eq!(
+            e.draw_nll_nats, i.draw_nll_nats,
+            "same noise for both bounds"
+        );
+        assert!(
+            i.nll_nats <= e.nll_nats + 1e-9,
+            "{} > {}",
+            i.nll_nats,
+            e.nll_nats
+        );
         // Never below the best single draw minus ln K.
-        let best = i.draw_nll_nats.iter().copied().fold(f64::INFINITY, f64::min);
+        let best = i
+            .draw_nll_nats
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
         assert!(i.nll_nats >= best - (16f64).ln() - 1e-9);
     }
     // The CLI takes --bound and --draws.
@@ -243,8 +266,15 @@ fn iw_bound_is_below_the_elbo_average_and_equal_at_one_draw() {
     ck.save(&p).unwrap();
     let nll = |bound: &str| -> f64 {
         let o = tarflow(&[
-            "score", "--checkpoint", p.to_str().unwrap(), "--draws", "8", "--bound", bound,
-            "--json", img.to_str().unwrap(),
+            "score",
+            "--checkpoint",
+            p.to_str().unwrap(),
+            "--draws",
+            "8",
+            "--bound",
+            bound,
+            "--json",
+            img.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", text(&o));
         let v: serde_json::Value =

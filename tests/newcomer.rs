@@ -11,7 +11,10 @@ fn err(o: &std::process::Output) -> String {
 
 #[test]
 fn missing_data_names_the_key_the_layout_and_the_fix_once() {
-    let cfg = format!("{}/experiments/tarflow-imagenet64.toml", env!("CARGO_MANIFEST_DIR"));
+    let cfg = format!(
+        "{}/experiments/tarflow-imagenet64.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("Imagenet64_train_npz");
     let set = format!("data.path={}", missing.display());
@@ -25,7 +28,12 @@ fn missing_data_names_the_key_the_layout_and_the_fix_once() {
         let o = tarflow(&args);
         assert!(!o.status.success(), "{}", text(&o));
         let e = err(&o);
-        for want in ["data.path", "train_data_batch_1.npz", "--set data.path=", "no such file"] {
+        for want in [
+            "data.path",
+            "train_data_batch_1.npz",
+            "--set data.path=",
+            "no such file",
+        ] {
             assert!(e.contains(want), "check {check}: missing {want:?} in {e}");
         }
         assert!(!e.contains("os error"), "the OS error is not repeated: {e}");
@@ -60,20 +68,40 @@ fn a_folder_of_class_subfolders_keeps_its_size_and_labels() {
         }
     }
     let p = dir.path().to_str().unwrap();
-    let o = tarflow(&["data", "inspect", "--source", "folder", "--path", p, "--json"]);
+    let o = tarflow(&[
+        "data", "inspect", "--source", "folder", "--path", p, "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((v["count"].as_u64(), v["height"].as_u64()), (Some(5), Some(16)));
+    assert_eq!(
+        (v["count"].as_u64(), v["height"].as_u64()),
+        (Some(5), Some(16))
+    );
     assert_eq!(v["num_classes"], 2);
-    assert!(err(&o).contains("2 classes from the sub-folders"), "{}", text(&o));
+    assert!(
+        err(&o).contains("2 classes from the sub-folders"),
+        "{}",
+        text(&o)
+    );
     // Flags override the inference, and a resize is said.
     let o = tarflow(&[
-        "data", "inspect", "--source", "folder", "--path", p, "--json", "--size", "8",
+        "data",
+        "inspect",
+        "--source",
+        "folder",
+        "--path",
+        p,
+        "--json",
+        "--size",
+        "8",
         "--no-classes",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((v["height"].as_u64(), v["num_classes"].as_u64()), (Some(8), Some(0)));
+    assert_eq!(
+        (v["height"].as_u64(), v["num_classes"].as_u64()),
+        (Some(8), Some(0))
+    );
     assert!(err(&o).contains("resized"), "{}", text(&o));
 }
 
@@ -82,7 +110,11 @@ fn score_without_a_checkpoint_uses_the_default_model() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("digit.png");
     image::GrayImage::from_fn(28, 28, |x, y| {
-        image::Luma([if (10..18).contains(&x) && (4..24).contains(&y) { 255 } else { 0 }])
+        image::Luma([if (10..18).contains(&x) && (4..24).contains(&y) {
+            255
+        } else {
+            0
+        }])
     })
     .save(&img)
     .unwrap();

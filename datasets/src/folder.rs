@@ -148,7 +148,10 @@ fn pick_size(
     };
     match want {
         Some(s) => {
-            if sizes.iter().any(|&(w, h)| (w as usize, h as usize) != (s, s)) {
+            if sizes
+                .iter()
+                .any(|&(w, h)| (w as usize, h as usize) != (s, s))
+            {
                 notes.push(format!(
                     "images of {} {} resized (shorter side) and centre-cropped to {s}×{s}",
                     if sizes.len() == 1 { "size" } else { "sizes" },
@@ -211,7 +214,12 @@ pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
             notes.push(format!(
                 "{} classes from the sub-folders ({}{})",
                 classes.len(),
-                classes.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                classes
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 if classes.len() > 5 { ", …" } else { "" }
             ));
         }

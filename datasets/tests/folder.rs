@@ -111,8 +111,16 @@ fn size_and_classes_are_inferred_as_imagefolder_does() {
     assert_eq!((f.set.len(), f.set.height, f.set.width), (5, 16, 16));
     assert_eq!(f.set.labels, Some(vec![0, 0, 1, 1, 1]));
     assert_eq!(f.classes, vec!["cat", "dog"]);
-    assert!(f.notes.iter().any(|n| n.contains("2 classes")), "{:?}", f.notes);
-    assert!(!f.notes.iter().any(|n| n.contains("resized")), "{:?}", f.notes);
+    assert!(
+        f.notes.iter().any(|n| n.contains("2 classes")),
+        "{:?}",
+        f.notes
+    );
+    assert!(
+        !f.notes.iter().any(|n| n.contains("resized")),
+        "{:?}",
+        f.notes
+    );
     // Flags override: no labels, and an explicit size (said in a note).
     let f = read_folder(
         r,
@@ -124,10 +132,18 @@ fn size_and_classes_are_inferred_as_imagefolder_does() {
     )
     .unwrap();
     assert_eq!((f.set.height, f.set.labels.is_none()), (8, true));
-    assert!(f.notes.iter().any(|n| n.contains("resized")), "{:?}", f.notes);
+    assert!(
+        f.notes.iter().any(|n| n.contains("resized")),
+        "{:?}",
+        f.notes
+    );
     // Sizes that differ: the least shorter side, said; an image outside a sub-folder: no labels.
     solid(&r.join("loose.png"), 20, 12, [1, 2, 3]);
     let f = read_folder(r, &infer).unwrap();
     assert_eq!((f.set.height, f.set.labels.is_none()), (12, true));
-    assert!(f.notes.iter().any(|n| n.contains("2 sizes")), "{:?}", f.notes);
+    assert!(
+        f.notes.iter().any(|n| n.contains("2 sizes")),
+        "{:?}",
+        f.notes
+    );
 }

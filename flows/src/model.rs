@@ -475,7 +475,11 @@ impl TarFlow {
     fn prior_nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let n = self.cfg.dims_per_image() as f64;
         let constant = n * (0.5 * LN_2PI + if discrete { LN_128 } else { 0.0 });
-        let half_sq = (crate::block::at_least_f32(&out.z)?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?;
+        let half_sq = (crate::block::at_least_f32(&out.z)?
+            .sqr()?
+            .flatten_from(1)?
+            .sum(1)?
+            * 0.5)?;
         Ok((half_sq + constant)?)
     }
 

@@ -7,6 +7,18 @@ use std::path::Path;
 
 /// Draws `m[true][predicted]` into a PNG at `path` (atomically), with `title` above it.
 pub fn render(m: &[Vec<usize>], title: &str, path: &Path) -> Result<()> {
+    let img = render_image(m, title)?;
+    crate::display::save_png_atomic(&img, path)
+        .map_err(|e| SampleError::file(path, format!("cannot write the confusion matrix: {e}")))
+}
+
+/// The confusion matrix as an in-memory picture (a notebook shows it without a file).
+pub fn render_png(m: &[Vec<usize>], title: &str) -> Result<crate::display::Png> {
+    crate::display::Png::from_rgb(&render_image(m, title)?)
+}
+
+/// Draws the confusion matrix into an RGB image.
+pub fn render_image(m: &[Vec<usize>], title: &str) -> Result<image::RgbImage> {
     crate::font::register();
     let k = m.len();
     if k == 0 || m.iter().any(|r| r.len() != k) {
@@ -17,7 +29,7 @@ pub fn render(m: &[Vec<usize>], title: &str, path: &Path) -> Result<()> {
     let cell = 44usize;
     let (left, top, pad) = (70usize, 70usize, 20usize);
     let (width, height) = (left + k * cell + pad, top + k * cell + pad + 20);
-    let err = |e: String| SampleError::file(path, format!("cannot draw the confusion matrix: {e}"));
+    let err = |e: String| SampleError::Option(format!("cannot draw the confusion matrix: {e}"));
     let mut buf = vec![255u8; width * height * 3];
     {
         let root =
@@ -73,8 +85,6 @@ pub fn render(m: &[Vec<usize>], title: &str, path: &Path) -> Result<()> {
         }
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    let img = image::RgbImage::from_raw(width as u32, height as u32, buf)
-        .ok_or_else(|| err("buffer size".into()))?;
-    crate::display::save_png_atomic(&img, path)
-        .map_err(|e| SampleError::file(path, format!("cannot write the confusion matrix: {e}")))
+    image::RgbImage::from_raw(width as u32, height as u32, buf)
+        .ok_or_else(|| err("buffer size".into()))
 }

@@ -76,7 +76,13 @@ mod tests {
         let mut s = 0.0;
         for x in a {
             for y in b {
-                s += if y > x { 1.0 } else if y == x { 0.5 } else { 0.0 };
+                s += if y > x {
+                    1.0
+                } else if y == x {
+                    0.5
+                } else {
+                    0.0
+                };
             }
         }
         assert!((auroc(&a, &b) - s / 24.0).abs() < 1e-12);

@@ -190,7 +190,12 @@ struct Batch {
 
 /// Scores the 8-bit images `k` (N, C, S, S) as f32 values under `model`, one forward pass per
 /// dequantisation draw `u` (None: no dequantisation).
-fn score_batch(model: &TarFlow, k: &Tensor, us: &[Option<Tensor>], labels: Option<&[i64]>) -> Result<Batch> {
+fn score_batch(
+    model: &TarFlow,
+    k: &Tensor,
+    us: &[Option<Tensor>],
+    labels: Option<&[i64]>,
+) -> Result<Batch> {
     let cfg = model.config();
     let b = k.dim(0)?;
     let (nt, nb) = (cfg.num_tokens(), cfg.num_blocks);
@@ -224,8 +229,8 @@ fn score_batch(model: &TarFlow, k: &Tensor, us: &[Option<Tensor>], labels: Optio
         for (kb, o) in out.blocks.iter().enumerate() {
             let ld = host_f64(&o.logdet)?.to_vec1::<f64>()?;
             // 0·h is NaN exactly where h is NaN or ±∞.
-            let probe = host_f64(&(o.out.detach() * 0.0)?.flatten_from(1)?.sum(1)?)?
-                .to_vec1::<f64>()?;
+            let probe =
+                host_f64(&(o.out.detach() * 0.0)?.flatten_from(1)?.sum(1)?)?.to_vec1::<f64>()?;
             for i in 0..b {
                 r.blocks[i][kb] += ld[i] * n_dims / draws;
                 if !probe[i].is_finite() && r.bad_block[i].is_none_or(|p| p > kb) {
@@ -359,7 +364,9 @@ fn score_inner<P: AsRef<[u8]>>(
                     .iter()
                     .map(|u| u.as_ref().map(pick).transpose())
                     .collect::<Result<Vec<_>>>()?;
-                let labels_w = labels.as_ref().map(|l| redo.iter().map(|&i| l[i]).collect::<Vec<_>>());
+                let labels_w = labels
+                    .as_ref()
+                    .map(|l| redo.iter().map(|&i| l[i]).collect::<Vec<_>>());
                 let rw = score_batch(w, &pick(&k)?, &us_w, labels_w.as_deref())?;
                 for (j, &i) in redo.iter().enumerate() {
                     r.nll[i] = rw.nll[j].clone();

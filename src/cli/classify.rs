@@ -44,11 +44,8 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         bail!("--draws must be ≥ 1");
     }
     let (device, dtype) = a.runtime.select()?;
-    let r = tarflow_sample::default_model::resolve_or_default(
-        a.checkpoint.as_deref(),
-        true,
-        &device,
-    )?;
+    let r =
+        tarflow_sample::default_model::resolve_or_default(a.checkpoint.as_deref(), true, &device)?;
     let model = r.checkpoint.model(&device, dtype)?;
     let cfg = model.config().clone();
     if cfg.num_classes == 0 {
@@ -58,7 +55,10 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     let Some(labels) = d.set.labels.clone() else {
         bail!("{}: has no labels to measure the accuracy against", d.name);
     };
-    if let Some(l) = labels.iter().find(|&&l| l < 0 || l >= cfg.num_classes as i64) {
+    if let Some(l) = labels
+        .iter()
+        .find(|&&l| l < 0 || l >= cfg.num_classes as i64)
+    {
         bail!(
             "{}: label {l} is outside the model's classes 0..{}",
             d.name,

@@ -70,11 +70,8 @@ pub fn run(a: OodArgs) -> Result<()> {
         bail!("--draws must be ≥ 1");
     }
     let (device, dtype) = a.runtime.select()?;
-    let r = tarflow_sample::default_model::resolve_or_default(
-        a.checkpoint.as_deref(),
-        true,
-        &device,
-    )?;
+    let r =
+        tarflow_sample::default_model::resolve_or_default(a.checkpoint.as_deref(), true, &device)?;
     let model = r.checkpoint.model(&device, dtype)?;
     let cfg = model.config().clone();
     let opts = ScoreOptions {
@@ -83,9 +80,8 @@ pub fn run(a: OodArgs) -> Result<()> {
         batch: a.batch,
         ..Default::default()
     };
-    let owned = |d: &Dataset| -> Vec<Vec<u8>> {
-        d.set.images().into_iter().map(<[u8]>::to_vec).collect()
-    };
+    let owned =
+        |d: &Dataset| -> Vec<Vec<u8>> { d.set.images().into_iter().map(<[u8]>::to_vec).collect() };
     let inl = Dataset::parse(&a.inliers, &cfg, Some(a.limit))?;
     let train = Dataset::parse(&a.train, &cfg, Some(a.limit))?;
     let in_px = owned(&inl);
@@ -104,7 +100,10 @@ pub fn run(a: OodArgs) -> Result<()> {
     rows.push(summary(&format!("{} (in)", inl.name), &in_bpd));
     for spec in &a.outliers {
         let (name, px) = match spec.as_str() {
-            "inverted" => (format!("inverted {}", inl.name), in_px.iter().map(|p| invert(p)).collect()),
+            "inverted" => (
+                format!("inverted {}", inl.name),
+                in_px.iter().map(|p| invert(p)).collect(),
+            ),
             "noise" => (
                 "uniform noise".to_string(),
                 uniform_noise(in_px.len(), cfg.dims_per_image(), a.seed ^ 0x0dd),
@@ -136,7 +135,11 @@ pub fn run(a: OodArgs) -> Result<()> {
         return Ok(());
     }
     let mut t = String::new();
-    let ms: Vec<String> = a.typical_batch.iter().map(|m| format!("typicality M={m}")).collect();
+    let ms: Vec<String> = a
+        .typical_batch
+        .iter()
+        .map(|m| format!("typicality M={m}"))
+        .collect();
     let _ = writeln!(
         t,
         "| set | images | excluded | bits/dim (mean ± s.e.) | AUROC bits/dim | {} |",

@@ -7,8 +7,8 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use tarflow_sample::heatmap::{render, rows_of};
 use tarflow_sample::score::{
-    collect_paths, load_for_model, score_images, score_images_labelled, Bound, Dequant,
-    ImageScore, ScoreOptions, Summary,
+    collect_paths, load_for_model, score_images, score_images_labelled, Bound, Dequant, ImageScore,
+    ScoreOptions, Summary,
 };
 
 /// Dequantisation of the 8-bit pixels.
@@ -196,6 +196,25 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         }
     }
     let widened = scores.iter().filter(|s| s.widened).count();
+    // Both bounds of the same draws, so that a table of K shows them on equal noise.
+    let per_bound = |b: Bound| -> Summary {
+        let n_dims = cfg.dims_per_image() as f64 * std::f64::consts::LN_2;
+        let v: Vec<f64> = scores
+            .iter()
+            .map(|s| match s.overflow {
+                Some(_) => f64::INFINITY,
+                None => tarflow_sample::score::combine_draws(&s.draw_nll_nats, b) / n_dims,
+            })
+            .collect();
+        Summary::of(&v)
+    };
+    let (elbo, iw) = (per_bound(Bound::Elbo), per_bound(Bound::Iw));
+    if a.draws > 1 && scores.len() > 1 {
+        eprintln!(
+            "K = {} draws: ELBO average {:.4} ± {:.4}, IW bound {:.4} ± {:.4} bits/dim",
+            a.draws, elbo.mean, elbo.stderr, iw.mean, iw.stderr
+        );
+    }
     if widened > 0 {
         eprintln!("{widened} image(s) recomputed in f64: their f32 likelihood overflowed or lost precision");
     }
@@ -223,6 +242,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 "mean": sum.mean, "stderr": sum.stderr, "std": sum.std,
                 "min": sum.min, "max": sum.max,
             },
+            "elbo_bits_per_dim": {"mean": elbo.mean, "stderr": elbo.stderr},
+            "iw_bits_per_dim": {"mean": iw.mean, "stderr": iw.stderr},
         });
         tarflow_flows::checkpoint::write_atomic(out, format!("{v:#}\n").as_bytes())?;
         eprintln!("summary: {}", out.display());

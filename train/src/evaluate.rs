@@ -21,18 +21,19 @@ pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(
     let conditional = model.config().num_classes > 0;
     let (mut sum, mut count, mut excluded) = (0.0, 0usize, 0usize);
     let mut wide: Option<Option<TarFlow>> = None;
-    let bpd_of = |m: &TarFlow, images: &[f32], shape: [usize; 4], labels: &[i64]| -> Result<Vec<f64>> {
-        let [bn, c, h, w] = shape;
-        let x = Tensor::from_slice(images, (bn, c, h, w), m.device())?.to_dtype(m.dtype())?;
-        let cond = if conditional && !labels.is_empty() {
-            Cond::Labels(labels)
-        } else {
-            Cond::Null
+    let bpd_of =
+        |m: &TarFlow, images: &[f32], shape: [usize; 4], labels: &[i64]| -> Result<Vec<f64>> {
+            let [bn, c, h, w] = shape;
+            let x = Tensor::from_slice(images, (bn, c, h, w), m.device())?.to_dtype(m.dtype())?;
+            let cond = if conditional && !labels.is_empty() {
+                Cond::Labels(labels)
+            } else {
+                Cond::Null
+            };
+            let out = m.forward(&x, cond)?;
+            let bpd = m.bits_per_dim(&out, BpdConvention::TrueDims)?;
+            Ok(tarflow_flows::device::host_f64(&bpd)?.to_vec1::<f64>()?)
         };
-        let out = m.forward(&x, cond)?;
-        let bpd = m.bits_per_dim(&out, BpdConvention::TrueDims)?;
-        Ok(tarflow_flows::device::host_f64(&bpd)?.to_vec1::<f64>()?)
-    };
     for i in 0..n {
         let b = val.make_batch(&order, 0, i);
         let mut v = bpd_of(model, &b.images, b.shape, &b.labels)?;
