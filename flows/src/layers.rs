@@ -1,7 +1,7 @@
 //! Transformer building blocks: Linear, LayerNorm, causal attention with a KV cache, MLP.
 //!
 //! Each op picks candle's fused kernels when no gradient is being tracked, and plain
-//! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward, DESIGN §8).
+//! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward; see ARCHITECTURE.md).
 
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};

@@ -448,7 +448,7 @@ impl TarFlow {
 
     /// ml-tarflow's training loss `0.5·mean(z²) − mean(logdets)` (per-dimension nats, no constant).
     pub fn loss(out: &FlowOutput) -> Result<Tensor> {
-        // Reduced in f32 whatever the model's dtype (DESIGN §7): a bf16 mean over 10⁵ terms drifts.
+        // Reduced in f32 whatever the model's dtype (ARCHITECTURE.md, "Numerics"): a bf16 mean over 10⁵ terms drifts.
         let mse = (out.z.to_dtype(DType::F32)?.sqr()?.mean_all()? * 0.5)?;
         Ok((mse - out.logdets.to_dtype(DType::F32)?.mean_all()?)?)
     }

@@ -377,22 +377,22 @@ fn score_inner<P: AsRef<[u8]>>(
                 }
             }
         }
-        for i in 0..b {
-            let idx = chunk_i * opts.batch.max(1) + i;
-            let finite = r.bad_block[i].is_none() && r.nll[i].iter().all(|v| v.is_finite());
-            let overflow = (!finite).then(|| r.bad_block[i].unwrap_or(cfg.num_blocks - 1));
+        let rows = r.nll.into_iter().zip(r.tok).zip(r.blocks).zip(r.bad_block);
+        for (i, (((draws, tok), blocks), bad)) in rows.enumerate() {
+            let finite = bad.is_none() && draws.iter().all(|v| v.is_finite());
+            let overflow = (!finite).then(|| bad.unwrap_or(cfg.num_blocks - 1));
             let nll = if finite {
-                combine_draws(&r.nll[i], opts.bound)
+                combine_draws(&draws, opts.bound)
             } else {
                 f64::INFINITY
             };
             out.push(ImageScore {
-                path: paths.get(idx).cloned().unwrap_or_default(),
+                path: paths.get(start + i).cloned().unwrap_or_default(),
                 nll_nats: nll,
                 bits_per_dim: bpd(nll),
-                draw_nll_nats: std::mem::take(&mut r.nll[i]),
-                block_logdet_nats: std::mem::take(&mut r.blocks[i]),
-                patch_bits: std::mem::take(&mut r.tok[i]),
+                draw_nll_nats: draws,
+                block_logdet_nats: blocks,
+                patch_bits: tok,
                 widened: widened[i],
                 overflow,
             });

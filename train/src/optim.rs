@@ -1,5 +1,5 @@
 //! AdamW (PyTorch semantics, decoupled weight decay) whose moments can be saved and restored,
-//! which candle_nn's AdamW does not allow (DESIGN §8).
+//! which candle_nn's AdamW does not allow (ARCHITECTURE.md).
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 use std::collections::HashMap;

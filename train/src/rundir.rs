@@ -1,4 +1,4 @@
-//! The run directory (DESIGN §4): `config.toml`, `metrics.jsonl`, `plots/`, `samples/`,
+//! The run directory: `config.toml`, `metrics.jsonl`, `plots/`, `samples/`,
 //! `checkpoints/step-XXXXXXX/{model,ema,optimizer}.safetensors + state.json` and `latest`.
 //!
 //! A checkpoint is written into a hidden temporary folder, every file fsynced, the folder renamed
