@@ -123,3 +123,24 @@ fn score_without_a_checkpoint_uses_the_default_model() {
     assert!(err(&o).contains("default model"), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("bits/dim"));
 }
+
+#[test]
+fn info_takes_a_run_directory_and_defaults_to_the_shipped_model() {
+    let run = format!("{}/notebooks/quickstart-run", env!("CARGO_MANIFEST_DIR"));
+    let o = tarflow(&["info", &run, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["path"].as_str().unwrap().ends_with("ema.safetensors"),
+        "{v}"
+    );
+    assert_eq!(v["config"]["patch_size"], 7);
+    let o = tarflow(&["info"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        err(&o).contains("default model tarflow-mnist-bpd"),
+        "{}",
+        text(&o)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1×28×28"));
+}

@@ -4,13 +4,13 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 use std::path::PathBuf;
-use tarflow_flows::Checkpoint;
 
 /// Arguments of `tarflow info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// A tarflow checkpoint (.safetensors written by `tarflow import` or training).
-    checkpoint: PathBuf,
+    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file
+    /// (written by `tarflow import` or training); default: the embedded MNIST likelihood model.
+    checkpoint: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -18,15 +18,22 @@ pub struct InfoArgs {
 
 /// Prints the config and parameter count of a checkpoint.
 pub fn run(a: InfoArgs) -> Result<()> {
-    let ckpt = Checkpoint::load(&a.checkpoint, &Device::Cpu)?;
+    let r = tarflow_sample::default_model::resolve_or_default(
+        a.checkpoint.as_deref(),
+        true,
+        &Device::Cpu,
+    )?;
+    let ckpt = &r.checkpoint;
     let c = &ckpt.config;
     if a.json {
-        let v = serde_json::json!({ "config": c, "num_params": ckpt.num_params() });
+        let v = serde_json::json!({
+            "path": r.path.display().to_string(), "config": c, "num_params": ckpt.num_params(),
+        });
         println!("{v}");
         return Ok(());
     }
     let layers: Vec<usize> = (0..c.num_blocks).map(|k| c.block_layers(k)).collect();
-    println!("checkpoint   {}", a.checkpoint.display());
+    println!("checkpoint   {}", r.path.display());
     println!(
         "image        {}×{}×{}",
         c.in_channels, c.img_size, c.img_size

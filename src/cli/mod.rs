@@ -39,9 +39,9 @@ enum Command {
     Data(data::DataCommand),
     /// Train a model from a TOML config (or resume a run).
     Train(train::TrainArgs),
-    /// Generate images from a trained flow.
+    /// Generate images from a trained flow (default: the embedded MNIST model).
     Sample(Box<sample::SampleArgs>),
-    /// Exact negative log-likelihood and bits/dim of image files.
+    /// Exact negative log-likelihood and bits/dim of image files or a dataset (default model: the embedded MNIST one).
     Score(score::ScoreArgs),
     /// Out-of-distribution detection: AUROC of bits/dim and of the typicality test.
     Ood(ood::OodArgs),
@@ -51,7 +51,7 @@ enum Command {
     Fd(fd::FdArgs),
     /// Run an ablation: variants of a base config, trained and measured, with a results table.
     Experiment(experiment::ExperimentArgs),
-    /// Measure scoring or sampling throughput.
+    /// Measure training, scoring, sampling and loader throughput.
     Bench(bench::BenchArgs),
 }
 
