@@ -172,3 +172,51 @@ fn classify_by_likelihood_beats_chance_and_draws_the_confusion_matrix() {
     let img = image::open(&png).unwrap();
     assert!(img.width() > 400 && img.height() > 400);
 }
+
+#[test]
+fn a_folder_source_is_scored_like_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = repo("data/mnist-samples");
+    for e in std::fs::read_dir(&samples).unwrap().flatten().take(3) {
+        if e.path().extension().is_some_and(|x| x == "png") {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let summary = dir.path().join("s.json");
+    let o = tarflow(&[
+        "score",
+        "--source",
+        "folder",
+        "--path",
+        dir.path().to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let by_source: Vec<f64> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["bits_per_dim"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let o = tarflow(&["score", dir.path().to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let by_files: Vec<f64> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["bits_per_dim"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(by_source.len(), by_files.len());
+    for (a, b) in by_source.iter().zip(&by_files) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(v["data"]["count"].as_u64(), Some(by_files.len() as u64));
+}

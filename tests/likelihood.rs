@@ -283,3 +283,47 @@ fn iw_bound_is_below_the_elbo_average_and_equal_at_one_draw() {
     };
     assert!(nll("iw") < nll("elbo"));
 }
+
+#[test]
+fn the_class_mixture_lies_within_ln_c_of_the_best_class() {
+    use tarflow::sample::score::{score_marginal, Bound};
+    let mut cfg = config();
+    cfg.num_classes = 3;
+    let model = common::random_checkpoint(&cfg, 9)
+        .model(&Device::Cpu, DType::F32)
+        .unwrap();
+    let px: Vec<Vec<u8>> = (0..4).map(digitish).collect();
+    let opts = ScoreOptions {
+        dequant: Dequant::Uniform(2),
+        bound: Bound::Iw,
+        seed: 3,
+        ..Default::default()
+    };
+    let mix = score_marginal(&model, &[], &px, &opts).unwrap();
+    let per: Vec<Vec<tarflow::sample::score::ImageScore>> = (0..3)
+        .map(|k| {
+            let o = ScoreOptions {
+                label: Some(k),
+                ..opts
+            };
+            score_images(&model, &[], &px, &o).unwrap()
+        })
+        .collect();
+    for (i, m) in mix.iter().enumerate() {
+        // Per draw: −log (1/3) Σ_k e^{−nll_k}, by hand.
+        for d in 0..2 {
+            let s: f64 = per.iter().map(|c| (-c[i].draw_nll_nats[d]).exp()).sum();
+            let want = -(s / 3.0).ln();
+            assert!((m.draw_nll_nats[d] - want).abs() < 1e-6 * want.abs());
+        }
+        let best = per
+            .iter()
+            .map(|c| c[i].nll_nats)
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            m.nll_nats <= best + 3f64.ln() + 1e-9,
+            "{} vs {best}",
+            m.nll_nats
+        );
+    }
+}

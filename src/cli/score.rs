@@ -7,8 +7,8 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use tarflow_sample::heatmap::{render, rows_of};
 use tarflow_sample::score::{
-    collect_paths, load_for_model, score_images, score_images_labelled, Bound, Dequant, ImageScore,
-    ScoreOptions, Summary,
+    collect_paths, load_for_model, score_images, score_images_labelled, score_marginal, Bound,
+    Dequant, ImageScore, ScoreOptions, Summary,
 };
 
 /// Dequantisation of the 8-bit pixels.
@@ -68,6 +68,10 @@ pub struct ScoreArgs {
     /// With --source: each image's own label (the conditional likelihood, as validation).
     #[arg(long, requires = "source")]
     true_labels: bool,
+    /// The class mixture p(x) = (1/C) Σ_k p(x | k) of a class-conditional model: its exact
+    /// likelihood as an unconditional model (C forward passes per draw).
+    #[arg(long, conflicts_with_all = ["label", "true_labels"])]
+    marginal: bool,
     /// Resize (shorter side), centre-crop and convert channels to fit the model.
     #[arg(long)]
     resize: bool,
@@ -164,6 +168,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     };
     let scores = match &labels {
         Some(l) => score_images_labelled(&model, &paths, &pixels, l, &opts)?,
+        None if a.marginal => score_marginal(&model, &paths, &pixels, &opts)?,
         None => score_images(&model, &paths, &pixels, &opts)?,
     };
     for s in &scores {
@@ -235,6 +240,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             "bound": format!("{:?}", a.bound).to_lowercase(),
             "seed": a.seed,
             "true_labels": a.true_labels,
+            "marginal": a.marginal,
             "count": sum.count,
             "excluded": sum.excluded,
             "widened": widened,
