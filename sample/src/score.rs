@@ -608,16 +608,23 @@ impl Summary {
     }
 }
 
-/// Mean and sample standard deviation.
+/// Mean and sample standard deviation, scaled by the largest magnitude first so that values
+/// near f64's range (the scores of images far from the data reach 1e289 bits/dim) do not
+/// overflow in the squares.
 pub fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
+    let scale = v.iter().fold(0f64, |a, x| a.max(x.abs()));
+    if scale == 0.0 || !scale.is_finite() {
+        let m = v.iter().sum::<f64>() / n;
+        return (m, if scale == 0.0 { 0.0 } else { f64::NAN });
+    }
+    let m = v.iter().map(|x| x / scale).sum::<f64>() / n;
     let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+        v.iter().map(|x| (x / scale - m).powi(2)).sum::<f64>() / (n - 1.0)
     } else {
         0.0
     };
-    (m, var.sqrt())
+    (m * scale, var.sqrt() * scale)
 }
 
 #[cfg(test)]
@@ -648,5 +655,8 @@ mod tests {
         assert!((s.std - 2f64.sqrt()).abs() < 1e-12);
         assert!((s.stderr - 1.0).abs() < 1e-12);
         assert!(s.line("bits/dim").contains("2 image(s) excluded"));
+        // Values near f64's range keep a finite spread.
+        let big = Summary::of(&[1e300, 3e300]);
+        assert!((big.mean - 2e300).abs() < 1e286 && (big.std - 2f64.sqrt() * 1e300).abs() < 1e287);
     }
 }

@@ -37,6 +37,25 @@ pub fn line_plot_png(title: &str, x_label: &str, y_label: &str, series: &[Series
     Png::from_rgb(&img).map_err(|e| err(e.to_string()))
 }
 
+/// The y range to draw, within [`lo`, `hi`] (the data's extremes): a loss spike of 10⁷ would
+/// flatten the rest of the curve, so the range stops four inter-decile ranges beyond the
+/// deciles; whether that clipped anything.
+fn y_range(series: &[Series], lo: f64, hi: f64) -> (f64, f64, bool) {
+    let mut ys: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(_, y)| y))
+        .filter(|y| y.is_finite())
+        .collect();
+    if ys.is_empty() {
+        return (lo, hi, false);
+    }
+    ys.sort_by(f64::total_cmp);
+    let q = |f: f64| ys[((ys.len() - 1) as f64 * f).round() as usize];
+    let spread = (q(0.9) - q(0.1)).max(1e-9);
+    let (a, b) = (lo.max(q(0.1) - 4.0 * spread), hi.min(q(0.9) + 4.0 * spread));
+    (a, b, a > lo || b < hi)
+}
+
 /// Draws the plot into an 800×500 RGB image; `None` when no series has a finite point.
 fn line_plot_image(
     title: &str,
@@ -62,8 +81,15 @@ fn line_plot_image(
     if x1 - x0 < 1e-9 {
         x1 = x0 + 1.0;
     }
+    let (y0, y1, clipped) = y_range(series, y0, y1);
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let (y0, y1) = (y0 - pad, y1 + pad);
+    let title = if clipped {
+        format!("{title} (outliers drawn at the edge)")
+    } else {
+        title.to_string()
+    };
+    let clamp = move |(x, y): (f64, f64)| (x, y.clamp(y0, y1));
     let err = |e: String| format!("cannot draw the plot: {e}");
     let (w, h) = (800u32, 500u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
@@ -71,7 +97,7 @@ fn line_plot_image(
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 24))
+            .caption(&title, ("sans-serif", 24))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
@@ -89,7 +115,8 @@ fn line_plot_image(
             let finite = p
                 .iter()
                 .copied()
-                .filter(|(x, y)| x.is_finite() && y.is_finite());
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .map(clamp);
             chart
                 .draw_series(LineSeries::new(finite, color.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?
@@ -149,6 +176,24 @@ pub fn run_plots(history: &[Record], dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_spike_is_clipped_but_the_start_of_a_curve_is_kept() {
+        // bits/dim falling from 8.6 to 1.7 with one spike of 1.2e7 at a tenth of the run.
+        let mut p: Vec<(f64, f64)> = (0..200)
+            .map(|i| (i as f64, 1.7 + 6.9 * (-(i as f64) / 20.0).exp()))
+            .collect();
+        p[33].1 = 1.2e7;
+        let s: Vec<super::Series> = vec![("bpd", &p)];
+        let (lo, hi, clipped) = super::y_range(&s, 1.7, 1.2e7);
+        assert!(
+            clipped && lo == 1.7 && (8.6..20.0).contains(&hi),
+            "{lo} {hi}"
+        );
+        let line: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, i as f64)).collect();
+        let smooth: Vec<super::Series> = vec![("bpd", &line)];
+        assert_eq!(super::y_range(&smooth, 0.0, 49.0), (0.0, 49.0, false));
+    }
+
     #[test]
     fn writes_a_png() {
         let dir = tempfile::tempdir().unwrap();
