@@ -9,6 +9,18 @@ fn repo(rel: &str) -> String {
     format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The `bits_per_dim` of each JSON line of `score --json`.
+fn bits_per_dim_lines(o: &std::process::Output) -> Vec<f64> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["bits_per_dim"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -196,24 +208,10 @@ fn a_folder_source_is_scored_like_its_files() {
         "--json",
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    let by_source: Vec<f64> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["bits_per_dim"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let by_source: Vec<f64> = bits_per_dim_lines(&o);
     let o = tarflow(&["score", dir.path().to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", text(&o));
-    let by_files: Vec<f64> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["bits_per_dim"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let by_files: Vec<f64> = bits_per_dim_lines(&o);
     assert_eq!(by_source.len(), by_files.len());
     for (a, b) in by_source.iter().zip(&by_files) {
         assert!((a - b).abs() < 1e-9, "{a} vs {b}");

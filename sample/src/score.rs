@@ -226,15 +226,22 @@ fn score_batch(
                 *a += v / draws / std::f64::consts::LN_2;
             }
         }
+        // Where a score is not finite, the first block whose output is not: read only then, so
+        // the common case pays no extra pass over the block outputs.
+        let any_bad = v.iter().any(|x| !x.is_finite());
         for (kb, o) in out.blocks.iter().enumerate() {
             let ld = host_f64(&o.logdet)?.to_vec1::<f64>()?;
-            // 0·h is NaN exactly where h is NaN or ±∞.
-            let probe =
-                host_f64(&(o.out.detach() * 0.0)?.flatten_from(1)?.sum(1)?)?.to_vec1::<f64>()?;
             for i in 0..b {
                 r.blocks[i][kb] += ld[i] * n_dims / draws;
-                if !probe[i].is_finite() && r.bad_block[i].is_none_or(|p| p > kb) {
-                    r.bad_block[i] = Some(kb);
+            }
+            if any_bad {
+                // 0·h is NaN exactly where h is NaN or ±∞.
+                let probe = host_f64(&(o.out.detach() * 0.0)?.flatten_from(1)?.sum(1)?)?
+                    .to_vec1::<f64>()?;
+                for (i, p) in probe.iter().enumerate() {
+                    if !p.is_finite() && r.bad_block[i].is_none_or(|q| q > kb) {
+                        r.bad_block[i] = Some(kb);
+                    }
                 }
             }
         }
@@ -450,6 +457,33 @@ impl Classification {
     }
 }
 
+/// Every image scored under every class of a class-conditional model on the same
+/// dequantisation draws: `[class][image]`. `what` names the use in the error for an
+/// unconditional model.
+fn per_class<P: AsRef<[u8]>>(
+    model: &TarFlow,
+    paths: &[PathBuf],
+    pixels: &[P],
+    opts: &ScoreOptions,
+    what: &str,
+) -> Result<Vec<Vec<ImageScore>>> {
+    let k = model.config().num_classes;
+    if k == 0 {
+        return Err(SampleError::Option(format!(
+            "{what} needs a class-conditional model; this one has num_classes = 0"
+        )));
+    }
+    (0..k as i64)
+        .map(|class| {
+            let o = ScoreOptions {
+                label: Some(class),
+                ..*opts
+            };
+            score_images(model, paths, pixels, &o)
+        })
+        .collect()
+}
+
 /// Scores 8-bit images under the class mixture `p(x) = (1/C) Σ_k p(x | k)` of a
 /// class-conditional model: the exact likelihood of the model used unconditionally, at most
 /// `ln C` nats above the best class's. Every class sees the same dequantisation draws; each
@@ -461,22 +495,7 @@ pub fn score_marginal<P: AsRef<[u8]>>(
     pixels: &[P],
     opts: &ScoreOptions,
 ) -> Result<Vec<ImageScore>> {
-    let k = model.config().num_classes;
-    if k == 0 {
-        return Err(SampleError::Option(
-            "the class mixture needs a class-conditional model; this one has num_classes = 0"
-                .into(),
-        ));
-    }
-    let per_class = (0..k as i64)
-        .map(|class| {
-            let o = ScoreOptions {
-                label: Some(class),
-                ..*opts
-            };
-            score_images(model, paths, pixels, &o)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let per_class = per_class(model, paths, pixels, opts, "the class mixture")?;
     let n_dims = model.config().dims_per_image() as f64;
     let mut out = Vec::with_capacity(pixels.len());
     for i in 0..pixels.len() {
@@ -490,18 +509,19 @@ pub fn score_marginal<P: AsRef<[u8]>>(
             out.push(rows[0].clone()); // overflow under every class: reported as such
             continue;
         };
-        let draws = best.draw_nll_nats.len();
-        // −log (1/C) Σ_k e^{−nll_k} for each draw: the IW combination over classes.
-        let draw_nll: Vec<f64> = (0..draws)
+        // −log (1/C) Σ_k e^{−nll_k} for each draw (the IW combination over classes); a class
+        // whose score overflowed contributes e^{−∞} = 0.
+        let draw_nll: Vec<f64> = (0..best.draw_nll_nats.len())
             .map(|d| {
                 let v: Vec<f64> = rows
                     .iter()
-                    .filter(|r| r.is_finite())
-                    .map(|r| r.draw_nll_nats[d])
-                    .chain(std::iter::repeat_n(
-                        f64::INFINITY,
-                        rows.iter().filter(|r| !r.is_finite()).count(),
-                    ))
+                    .map(|r| {
+                        if r.is_finite() {
+                            r.draw_nll_nats[d]
+                        } else {
+                            f64::INFINITY
+                        }
+                    })
                     .collect();
                 combine_draws(&v, Bound::Iw)
             })
@@ -525,23 +545,10 @@ pub fn classify<P: AsRef<[u8]>>(
     pixels: &[P],
     opts: &ScoreOptions,
 ) -> Result<Classification> {
-    let k = model.config().num_classes;
-    if k == 0 {
-        return Err(SampleError::Option(
-            "classification by likelihood needs a class-conditional model; this one has num_classes = 0"
-                .into(),
-        ));
-    }
-    let mut nll = vec![Vec::with_capacity(k); pixels.len()];
-    for class in 0..k as i64 {
-        let o = ScoreOptions {
-            label: Some(class),
-            ..*opts
-        };
-        for (row, s) in nll.iter_mut().zip(score_images(model, &[], pixels, &o)?) {
-            row.push(s.nll_nats);
-        }
-    }
+    let per_class = per_class(model, &[], pixels, opts, "classification by likelihood")?;
+    let nll: Vec<Vec<f64>> = (0..pixels.len())
+        .map(|i| per_class.iter().map(|c| c[i].nll_nats).collect())
+        .collect();
     let predicted = nll
         .iter()
         .map(|row| {

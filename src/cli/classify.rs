@@ -25,9 +25,6 @@ pub struct ClassifyArgs {
     /// Draw the confusion matrix into this PNG.
     #[arg(long)]
     confusion: Option<PathBuf>,
-    /// A run directory or checkpoint; default: the embedded MNIST likelihood model.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
     /// Print one JSON object (accuracy, confusion matrix, data identity).
     #[arg(long)]
     json: bool,
@@ -35,7 +32,7 @@ pub struct ClassifyArgs {
     #[arg(long, default_value_t = 64)]
     batch: usize,
     #[command(flatten)]
-    runtime: super::runtime::RuntimeArgs,
+    model: super::runtime::ModelArgs,
 }
 
 /// Runs `tarflow classify`.
@@ -43,10 +40,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     if a.draws == 0 {
         bail!("--draws must be ≥ 1");
     }
-    let (device, dtype) = a.runtime.select()?;
-    let r =
-        tarflow_sample::default_model::resolve_or_default(a.checkpoint.as_deref(), true, &device)?;
-    let model = r.checkpoint.model(&device, dtype)?;
+    let (r, model) = a.model.load()?;
     let cfg = model.config().clone();
     if cfg.num_classes == 0 {
         bail!("{}: the model is unconditional (num_classes = 0); classification by likelihood needs a class-conditional model", r.path.display());

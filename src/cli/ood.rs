@@ -6,7 +6,6 @@ use super::dataset::Dataset;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use tarflow_flows::TarFlow;
 use tarflow_sample::ood::{auroc, invert, typicality, uniform_noise};
 use tarflow_sample::score::{score_images, Dequant, ScoreOptions, Summary};
@@ -36,9 +35,6 @@ pub struct OodArgs {
     /// Seed of the dequantisation noise, the noise images and the typicality batches.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A run directory or checkpoint; default: the embedded MNIST likelihood model.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
     /// Print the table as JSON instead of markdown.
     #[arg(long)]
     json: bool,
@@ -46,7 +42,7 @@ pub struct OodArgs {
     #[arg(long, default_value_t = 64)]
     batch: usize,
     #[command(flatten)]
-    runtime: super::runtime::RuntimeArgs,
+    model: super::runtime::ModelArgs,
 }
 
 /// Bits/dim of every image of a set (overflows as +∞, left out of every statistic).
@@ -69,10 +65,7 @@ pub fn run(a: OodArgs) -> Result<()> {
     if a.draws == 0 {
         bail!("--draws must be ≥ 1");
     }
-    let (device, dtype) = a.runtime.select()?;
-    let r =
-        tarflow_sample::default_model::resolve_or_default(a.checkpoint.as_deref(), true, &device)?;
-    let model = r.checkpoint.model(&device, dtype)?;
+    let (r, model) = a.model.load()?;
     let cfg = model.config().clone();
     let opts = ScoreOptions {
         dequant: Dequant::Uniform(a.draws),

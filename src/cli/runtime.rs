@@ -3,6 +3,9 @@
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use tarflow_flows::TarFlow;
+use tarflow_sample::resolve::Resolved;
 
 /// Precision of the weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,5 +52,34 @@ impl RuntimeArgs {
             );
         }
         Ok((device, self.dtype.dtype()))
+    }
+}
+
+/// The model a command runs: `--checkpoint` (or the embedded default), `--no-ema`, `--device`,
+/// `--dtype`; shared by `sample`, `score`, `ood` and `classify`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file;
+    /// default: the embedded MNIST likelihood model.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Use the trained weights even where the run kept an EMA.
+    #[arg(long)]
+    pub no_ema: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+impl ModelArgs {
+    /// Resolves the weights (saying on stderr which model answered) and builds the model.
+    pub fn load(&self) -> Result<(Resolved, TarFlow)> {
+        let (device, dtype) = self.runtime.select()?;
+        let r = tarflow_sample::default_model::resolve_or_default(
+            self.checkpoint.as_deref(),
+            !self.no_ema,
+            &device,
+        )?;
+        let model = r.checkpoint.model(&device, dtype)?;
+        Ok((r, model))
     }
 }

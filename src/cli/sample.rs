@@ -11,10 +11,6 @@ use tarflow_sample::grid::to_u8;
 /// Arguments of `tarflow sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
-    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file;
-    /// default: the embedded MNIST likelihood model.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     num: usize,
@@ -73,9 +69,6 @@ pub struct SampleArgs {
     /// σ of the denoising step (default: the training noise of the checkpoint's run).
     #[arg(long)]
     sigma: Option<f64>,
-    /// Use the trained weights even where the run kept an EMA.
-    #[arg(long)]
-    no_ema: bool,
     /// Output grid PNG.
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
@@ -89,7 +82,7 @@ pub struct SampleArgs {
     #[arg(long)]
     out_tensor: Option<PathBuf>,
     #[command(flatten)]
-    runtime: super::runtime::RuntimeArgs,
+    model: super::runtime::ModelArgs,
 }
 
 fn parse_labels(s: &str) -> Result<Labels> {
@@ -110,13 +103,7 @@ fn parse_labels(s: &str) -> Result<Labels> {
 
 /// Runs `tarflow sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
-    let (device, dtype) = a.runtime.select()?;
-    let r = tarflow_sample::default_model::resolve_or_default(
-        a.checkpoint.as_deref(),
-        !a.no_ema,
-        &device,
-    )?;
-    let model = r.checkpoint.model(&device, dtype)?;
+    let (r, model) = a.model.load()?;
     let cfg = model.config().clone();
     let denoise = if a.denoise {
         let sigma = a.sigma.or(r.train_noise_std).with_context(|| {

@@ -45,10 +45,6 @@ pub struct ScoreArgs {
     /// Score only the first N images of --source.
     #[arg(long, requires = "source")]
     limit: Option<usize>,
-    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file;
-    /// default: the embedded MNIST likelihood model.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
     /// Dequantisation.
     #[arg(long, value_enum, default_value = "uniform")]
     dequant: DequantArg,
@@ -86,14 +82,11 @@ pub struct ScoreArgs {
     /// Draw the per-patch bits of the first 16 images with a colour bar into this PNG.
     #[arg(long)]
     heatmap: Option<PathBuf>,
-    /// Use the trained weights even where the run kept an EMA.
-    #[arg(long)]
-    no_ema: bool,
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
     #[command(flatten)]
-    runtime: super::runtime::RuntimeArgs,
+    model: super::runtime::ModelArgs,
 }
 
 /// One image as a JSON line: numbers only where they are finite.
@@ -122,13 +115,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if a.draws == 0 {
         bail!("--draws must be ≥ 1");
     }
-    let (device, dtype) = a.runtime.select()?;
-    let r = tarflow_sample::default_model::resolve_or_default(
-        a.checkpoint.as_deref(),
-        !a.no_ema,
-        &device,
-    )?;
-    let model = r.checkpoint.model(&device, dtype)?;
+    let (r, model) = a.model.load()?;
     let cfg = model.config().clone();
     let (paths, pixels, labels, identity) = match &a.source {
         Some(kind) => {
