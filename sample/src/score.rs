@@ -231,8 +231,8 @@ fn score_batch(
         let any_bad = v.iter().any(|x| !x.is_finite());
         for (kb, o) in out.blocks.iter().enumerate() {
             let ld = host_f64(&o.logdet)?.to_vec1::<f64>()?;
-            for i in 0..b {
-                r.blocks[i][kb] += ld[i] * n_dims / draws;
+            for (row, l) in r.blocks.iter_mut().zip(&ld) {
+                row[kb] += l * n_dims / draws;
             }
             if any_bad {
                 // 0·h is NaN exactly where h is NaN or ±∞.
