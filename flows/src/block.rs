@@ -4,6 +4,7 @@
 use crate::config::{ModelConfig, ScaleHead};
 use crate::error::{FlowError, Result};
 use crate::layers::{AttentionBlock, Linear, RmsNorm};
+use crate::quant::QuantWeights;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
@@ -68,6 +69,16 @@ pub struct MetaBlock {
 impl MetaBlock {
     /// Loads block `index` of `cfg` (odd blocks flip the token order).
     pub fn new(cfg: &ModelConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load(cfg, index, vb, None)
+    }
+
+    /// [`Self::new`] with Linear weights taken from `quant` where it holds them.
+    pub fn load(
+        cfg: &ModelConfig,
+        index: usize,
+        vb: VarBuilder,
+        quant: Option<&QuantWeights>,
+    ) -> Result<Self> {
         let (t, c, d) = (cfg.num_tokens(), cfg.channels, cfg.patch_dim());
         let class_embed = if cfg.block_conditional(index) {
             Some(
@@ -79,7 +90,13 @@ impl MetaBlock {
         };
         let layers = (0..cfg.block_layers(index))
             .map(|l| {
-                AttentionBlock::new(c, cfg.head_dim, cfg.mlp_ratio, vb.pp("attn_blocks").pp(l))
+                AttentionBlock::new(
+                    c,
+                    cfg.head_dim,
+                    cfg.mlp_ratio,
+                    vb.pp("attn_blocks").pp(l),
+                    quant,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let dev = vb.device();
@@ -100,11 +117,11 @@ impl MetaBlock {
             .collect();
         let out_dim = if cfg.nvp { 2 * d } else { d };
         Ok(Self {
-            proj_in: Linear::new(d, c, vb.pp("proj_in"))?,
+            proj_in: Linear::load(d, c, vb.pp("proj_in"), quant)?,
             pos_embed: vb.get((t, c), "pos_embed")?,
             class_embed,
             layers,
-            proj_out: Linear::new(c, out_dim, vb.pp("proj_out"))?,
+            proj_out: Linear::load(c, out_dim, vb.pp("proj_out"), quant)?,
             flip,
             mask: Tensor::from_vec(mask, (t, t), dev)?.to_dtype(vb.dtype())?,
             patch_dim: d,
@@ -144,17 +161,22 @@ impl MetaBlock {
         })
     }
 
-    /// The block's weights.
-    pub fn parts(&self) -> BlockParts<'_> {
-        BlockParts {
-            proj_in: self.proj_in.parts(),
+    /// The block's weights (an error where a Linear layer is quantised).
+    pub fn parts(&self) -> Result<BlockParts<'_>> {
+        Ok(BlockParts {
+            proj_in: self.proj_in.parts()?,
             pos_embed: &self.pos_embed,
             class_embed: self.class_embed.as_ref(),
             layers: &self.layers,
-            proj_out: self.proj_out.parts(),
+            proj_out: self.proj_out.parts()?,
             patch_dim: self.patch_dim,
             nvp: self.nvp,
-        }
+        })
+    }
+
+    /// Whether the weights are trainable variables (a model being trained).
+    pub fn is_trainable(&self) -> bool {
+        self.pos_embed.is_variable()
     }
 
     /// Whether this block reverses the token order.

@@ -5,6 +5,7 @@ use crate::config::ModelConfig;
 use crate::error::{FlowError, Result};
 use crate::model::TarFlow;
 use crate::params::{buffers, count_params, init_params, is_buffer, param_specs};
+use crate::quant::QuantWeights;
 use candle_core::Var;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -24,6 +25,9 @@ pub struct Checkpoint {
     pub tensors: HashMap<String, Tensor>,
     /// The prior variance buffer `var` when it is not all ones (volume-preserving models).
     pub var: Option<Tensor>,
+    /// Reduced-precision Linear weights (a `tarflow quantize` GGUF file); they are absent
+    /// from `tensors`.
+    pub quant: Option<std::sync::Arc<QuantWeights>>,
 }
 
 impl Checkpoint {
@@ -34,13 +38,25 @@ impl Checkpoint {
             config: config.clone(),
             tensors: init_params(config, seed, device)?,
             var: None,
+            quant: None,
         })
     }
 
     /// Wraps `tensors` after checking them against `config`; `source` names them in errors.
     pub fn from_tensors(
         config: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        source: &Path,
+    ) -> Result<Self> {
+        Self::from_tensors_with_quant(config, tensors, &HashMap::new(), source)
+    }
+
+    /// [`Self::from_tensors`] where the weights in `quant` (a GGUF file's) complete `tensors`;
+    /// the caller attaches them.
+    pub fn from_tensors_with_quant(
+        config: ModelConfig,
         mut tensors: HashMap<String, Tensor>,
+        quant: &HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
         source: &Path,
     ) -> Result<Self> {
         config
@@ -48,7 +64,14 @@ impl Checkpoint {
             .map_err(|e| FlowError::checkpoint(source, e.to_string()))?;
         let var = tensors.remove("var");
         tensors.retain(|k, _| !is_buffer(k));
-        validate(&config, &tensors, source)?;
+        let mut shapes: HashMap<String, (Vec<usize>, DType)> = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.dtype())))
+            .collect();
+        for (k, q) in quant {
+            shapes.insert(k.clone(), (q.shape().dims().to_vec(), DType::F32));
+        }
+        validate_shapes(&config, &shapes, source)?;
         let var = match var {
             Some(v) => {
                 let want = [config.num_tokens(), config.patch_dim()];
@@ -73,21 +96,48 @@ impl Checkpoint {
             config,
             tensors,
             var,
+            quant: None,
         })
     }
 
-    /// Loads one of our checkpoints (`format = tarflow/1` metadata).
+    /// Loads one of our checkpoints: safetensors with `format = tarflow/1` metadata, or a
+    /// GGUF file of `tarflow quantize` (told apart by its magic bytes).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| FlowError::Io {
+        let io = |source| FlowError::Io {
             path: path.into(),
             source,
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut head = [0u8; 4];
+        let n = std::io::Read::read(&mut file, &mut head).map_err(io)?;
+        if crate::quant::is_gguf(&head[..n]) {
+            std::io::Seek::rewind(&mut file).map_err(io)?;
+            let mut reader = std::io::BufReader::new(file);
+            return Self::on_device(crate::quant::read_gguf(&mut reader, path)?, device);
+        }
+        drop(file);
+        let bytes = std::fs::read(path).map_err(io)?;
         Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Dense tensors moved to `device` (quantised ones move when the model is built).
+    fn on_device(mut ck: Self, device: &Device) -> Result<Self> {
+        if !device.is_cpu() {
+            for t in ck.tensors.values_mut() {
+                *t = t.to_device(device)?;
+            }
+            ck.var = ck.var.map(|v| v.to_device(device)).transpose()?;
+        }
+        Ok(ck)
     }
 
     /// Reads a checkpoint held in memory (an embedded model); `path` names it in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
+        if crate::quant::is_gguf(bytes) {
+            let ck = crate::quant::read_gguf(&mut std::io::Cursor::new(bytes), path)?;
+            return Self::on_device(ck, device);
+        }
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| FlowError::checkpoint(path, format!("not a safetensors file: {e}")))?;
         let info = meta.metadata().clone().unwrap_or_default();
@@ -129,6 +179,9 @@ impl Checkpoint {
     /// Writes the checkpoint atomically: weights, buffers and the config in the metadata.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        if self.quant.is_some() {
+            return write_atomic(path, &crate::quant::gguf_bytes(self)?);
+        }
         let mut all: BTreeMap<String, Tensor> = self
             .tensors
             .iter()
@@ -166,6 +219,16 @@ impl Checkpoint {
 
     /// Builds a trainable model: every parameter becomes a [`candle_core::Var`] in the returned map.
     pub fn trainable_model(&self, device: &Device, dtype: DType) -> Result<(TarFlow, VarMap)> {
+        if let Some(q) = &self.quant {
+            return Err(FlowError::Config(format!(
+                "a quantised model ({}) cannot be trained: train or fine-tune the f32 checkpoint{}",
+                q.recipe.describe(),
+                q.source
+                    .as_deref()
+                    .map(|s| format!(" it came from ({s})"))
+                    .unwrap_or_default()
+            )));
+        }
         let varmap = VarMap::new();
         {
             let mut data = varmap
@@ -194,7 +257,7 @@ impl Checkpoint {
         if let Some(v) = &self.var {
             map.insert("var".into(), v.clone());
         }
-        TarFlow::from_weights(&self.config, map, device, dtype)
+        TarFlow::from_parts(&self.config, map, self.quant.clone(), device, dtype)
     }
 }
 
@@ -203,6 +266,19 @@ impl Checkpoint {
 pub fn validate(
     config: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
+    let shapes = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.dtype())))
+        .collect();
+    validate_shapes(config, &shapes, source)
+}
+
+/// [`validate`] over (shape, dtype) by key.
+fn validate_shapes(
+    config: &ModelConfig,
+    tensors: &HashMap<String, (Vec<usize>, DType)>,
     source: &Path,
 ) -> Result<()> {
     // Each transformer layer has a dozen tensors: a config claiming more layers than the file
@@ -225,22 +301,16 @@ pub fn validate(
                 "missing key `{}` (expected shape {:?})",
                 s.name, s.shape
             )),
-            Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
+            Some((dims, _)) if dims != &s.shape => problems.push(format!(
                 "key `{}` has shape {:?}, expected {:?}",
-                s.name,
-                t.dims(),
-                s.shape
+                s.name, dims, s.shape
             )),
-            Some(t)
-                if !matches!(
-                    t.dtype(),
-                    DType::F32 | DType::F16 | DType::BF16 | DType::F64
-                ) =>
+            Some((_, dtype))
+                if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) =>
             {
                 problems.push(format!(
                     "key `{}` has dtype {:?}, expected a float type",
-                    s.name,
-                    t.dtype()
+                    s.name, dtype
                 ))
             }
             _ => {}

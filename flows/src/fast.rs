@@ -161,7 +161,7 @@ pub struct FastBlock {
 impl FastBlock {
     /// Copies the weights of `block` (any dtype) into f32 buffers.
     pub fn new(block: &MetaBlock) -> Result<Self> {
-        let p = block.parts();
+        let p = block.parts()?;
         let (t, c) = p.pos_embed.dims2()?;
         let cls = match p.class_embed {
             Some(table) => {
@@ -178,7 +178,7 @@ impl FastBlock {
         let mut layers = Vec::new();
         let mut hd = 64;
         for l in p.layers {
-            let a = l.parts();
+            let a = l.parts()?;
             hd = a.head_dim;
             layers.push(Layer {
                 ln1: Norm::new(a.ln1.0, a.ln1.1)?,

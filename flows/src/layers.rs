@@ -4,49 +4,118 @@
 //! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward; see ARCHITECTURE.md).
 
 use crate::error::Result;
-use candle_core::{DType, Tensor, D};
+use crate::quant::{QuantType, QuantWeights};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 
-/// `y = x Wᵀ + b` with PyTorch's (out, in) weight layout.
+/// `y = x Wᵀ + b` with PyTorch's (out, in) weight layout; the weight may be a block-quantised
+/// `QTensor` (a `tarflow quantize` file).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
+    quantised: Option<std::sync::Arc<QTensor>>,
 }
 
 impl Linear {
     /// Loads `weight` (out, in) and `bias` (out) under `vb`.
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load(in_dim, out_dim, vb, None)
+    }
+
+    /// [`Self::new`], taking the weight from `quant` where it holds `{prefix}.weight`.
+    pub fn load(
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        quant: Option<&QuantWeights>,
+    ) -> Result<Self> {
+        let key = format!("{}.weight", vb.prefix());
+        let bias = vb.get(out_dim, "bias")?;
+        let Some(qt) = quant.and_then(|q| q.tensors.get(&key)) else {
+            return Ok(Self {
+                weight: vb.get((out_dim, in_dim), "weight")?,
+                bias,
+                quantised: None,
+            });
+        };
+        if qt.shape().dims() != [out_dim, in_dim] {
+            return Err(crate::error::FlowError::Config(format!(
+                "quantised `{key}` has shape {:?}, expected [{out_dim}, {in_dim}]",
+                qt.shape().dims()
+            )));
+        }
+        let qt = crate::quant::to_device(qt, vb.device())?;
+        // Half-precision storage is upcast once: the dense path (and the CPU kernels) run it.
+        if !QuantType::from_ggml(qt.dtype()).is_some_and(QuantType::is_quantised) {
+            return Ok(Self {
+                weight: qt.dequantize(vb.device())?.to_dtype(vb.dtype())?,
+                bias,
+                quantised: None,
+            });
+        }
         Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: vb.get(out_dim, "bias")?,
+            // Nothing reads it (an empty stand-in keeps the dense accessors total).
+            weight: Tensor::zeros((0, in_dim), vb.dtype(), vb.device())?,
+            bias,
+            quantised: Some(qt),
         })
     }
 
-    /// The (out, in) weight and the bias.
-    pub fn parts(&self) -> (&Tensor, &Tensor) {
-        (&self.weight, &self.bias)
+    /// The (out, in) weight and the bias; an error for a quantised layer (no dense weight).
+    pub fn parts(&self) -> Result<(&Tensor, &Tensor)> {
+        if self.quantised.is_some() {
+            return Err(crate::error::FlowError::Config(
+                "a quantised layer has no dense weight".into(),
+            ));
+        }
+        Ok((&self.weight, &self.bias))
+    }
+
+    /// Whether the weight is block-quantised.
+    pub fn is_quantised(&self) -> bool {
+        self.quantised.is_some()
     }
 
     /// Applies the layer to the last dimension of `x` (any rank ≥ 2).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if crate::kernels::applies(x) && self.weight.dtype() == candle_core::DType::F32 {
-            return Ok(crate::kernels::linear::linear(x, &self.weight, &self.bias)?);
+        let Some(q) = &self.quantised else {
+            return dense(x, &self.weight, &self.bias);
+        };
+        if crate::quant::native_matmul() {
+            // candle's integer matmul quantises the activations too (f32 in, its dot type inside).
+            let dtype = x.dtype();
+            let m = QMatMul::from_arc(q.clone())?;
+            let y = m.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+            return Ok(y.to_dtype(dtype)?.broadcast_add(&self.bias)?);
         }
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim.max(1);
-        // One large GEMM over all tokens is much faster than a batched one.
-        let y = x
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.bias.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        // Weights-only: the layer's blocks are expanded for this call and dropped after it, so the
+        // model stays small in memory, the map stays continuous in x (exactly invertible), and
+        // the GEMM is the dense one.
+        let w = q.dequantize(x.device())?.to_dtype(x.dtype())?;
+        dense(x, &w, &self.bias)
     }
+}
+
+/// `x Wᵀ + b` over the last dimension of `x` with a dense (out, in) weight.
+fn dense(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(x) && weight.dtype() == candle_core::DType::F32 {
+        return Ok(crate::kernels::linear::linear(x, weight, bias)?);
+    }
+    let dims = x.dims().to_vec();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim.max(1);
+    // One large GEMM over all tokens is much faster than a batched one.
+    let y = x
+        .reshape((rows, in_dim))?
+        .matmul(&weight.t()?)?
+        .broadcast_add(bias)?;
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = bias.dim(0)?;
+    Ok(y.reshape(out_dims)?)
 }
 
 /// LayerNorm over the last dimension, eps 1e-5, evaluated in at least f32.
@@ -150,11 +219,16 @@ pub struct Attention {
 
 impl Attention {
     /// Loads the layer for width `channels` and heads of `head_dim`.
-    pub fn new(channels: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        head_dim: usize,
+        vb: VarBuilder,
+        quant: Option<&QuantWeights>,
+    ) -> Result<Self> {
         Ok(Self {
             norm: LayerNorm::new(channels, vb.pp("norm"))?,
-            qkv: Linear::new(channels, 3 * channels, vb.pp("qkv"))?,
-            proj: Linear::new(channels, channels, vb.pp("proj"))?,
+            qkv: Linear::load(channels, 3 * channels, vb.pp("qkv"), quant)?,
+            proj: Linear::load(channels, channels, vb.pp("proj"), quant)?,
             num_heads: channels / head_dim,
             head_dim,
         })
@@ -233,11 +307,16 @@ pub struct Mlp {
 
 impl Mlp {
     /// Loads the MLP of width `channels` and hidden width `hidden`.
-    pub fn new(channels: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        hidden: usize,
+        vb: VarBuilder,
+        quant: Option<&QuantWeights>,
+    ) -> Result<Self> {
         Ok(Self {
             norm: LayerNorm::new(channels, vb.pp("norm"))?,
-            fc1: Linear::new(channels, hidden, vb.pp("main").pp("0"))?,
-            fc2: Linear::new(hidden, channels, vb.pp("main").pp("2"))?,
+            fc1: Linear::load(channels, hidden, vb.pp("main").pp("0"), quant)?,
+            fc2: Linear::load(hidden, channels, vb.pp("main").pp("2"), quant)?,
         })
     }
 
@@ -275,24 +354,30 @@ pub struct AttentionBlock {
 
 impl AttentionBlock {
     /// Loads `attention.*` and `mlp.*` under `vb`.
-    pub fn new(channels: usize, head_dim: usize, mlp_ratio: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        head_dim: usize,
+        mlp_ratio: usize,
+        vb: VarBuilder,
+        quant: Option<&QuantWeights>,
+    ) -> Result<Self> {
         Ok(Self {
-            attention: Attention::new(channels, head_dim, vb.pp("attention"))?,
-            mlp: Mlp::new(channels, channels * mlp_ratio, vb.pp("mlp"))?,
+            attention: Attention::new(channels, head_dim, vb.pp("attention"), quant)?,
+            mlp: Mlp::new(channels, channels * mlp_ratio, vb.pp("mlp"), quant)?,
         })
     }
 
-    /// The layer's weights.
-    pub fn parts(&self) -> LayerParts<'_> {
-        LayerParts {
+    /// The layer's weights (an error where one is quantised).
+    pub fn parts(&self) -> Result<LayerParts<'_>> {
+        Ok(LayerParts {
             ln1: self.attention.norm.parts(),
-            qkv: self.attention.qkv.parts(),
-            proj: self.attention.proj.parts(),
+            qkv: self.attention.qkv.parts()?,
+            proj: self.attention.proj.parts()?,
             ln2: self.mlp.norm.parts(),
-            fc1: self.mlp.fc1.parts(),
-            fc2: self.mlp.fc2.parts(),
+            fc1: self.mlp.fc1.parts()?,
+            fc2: self.mlp.fc2.parts()?,
             head_dim: self.attention.head_dim,
-        }
+        })
     }
 
     /// Causal pass over (N, T, C); `attn_temp` divides the attention scores.

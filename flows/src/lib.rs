@@ -16,6 +16,7 @@ pub mod model;
 pub mod params;
 pub mod patch;
 pub mod pickle_guard;
+pub mod quant;
 pub mod rng;
 
 pub use block::Cond;

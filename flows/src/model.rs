@@ -6,6 +6,7 @@ use crate::config::ModelConfig;
 use crate::device::host_f64;
 use crate::error::{FlowError, Result};
 use crate::patch::{patchify, unpatchify};
+use crate::quant::QuantWeights;
 use crate::rng::{randn, FlowRng};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -208,6 +209,8 @@ pub struct TarFlow {
     /// The weight map it was built from (checkpoints), kept so that an image whose likelihood
     /// overflows this dtype can be recomputed in f64 ([`Self::widened`]).
     weights: Option<std::sync::Arc<std::collections::HashMap<String, Tensor>>>,
+    /// Reduced-precision Linear weights (already inside the layers; kept for [`Self::widened`]).
+    quant: Option<std::sync::Arc<QuantWeights>>,
 }
 
 const LN_2PI: f64 = 1.837_877_066_409_345_3;
@@ -216,9 +219,17 @@ const LN_128: f64 = 4.852_030_263_919_617;
 impl TarFlow {
     /// Builds the model from `vb`, which must hold every key of [`crate::params::param_specs`].
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, vb, None)
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        quant: Option<std::sync::Arc<QuantWeights>>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let blocks = (0..cfg.num_blocks)
-            .map(|k| MetaBlock::new(cfg, k, vb.pp("blocks").pp(k)))
+            .map(|k| MetaBlock::load(cfg, k, vb.pp("blocks").pp(k), quant.as_deref()))
             .collect::<Result<Vec<_>>>()?;
         let shape = (cfg.num_tokens(), cfg.patch_dim());
         let var = if vb.contains_tensor("var") {
@@ -234,6 +245,7 @@ impl TarFlow {
             dtype: vb.dtype(),
             fast_blocks: std::sync::OnceLock::new(),
             weights: None,
+            quant,
         })
     }
 
@@ -245,37 +257,68 @@ impl TarFlow {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::from_parts(cfg, weights, None, device, dtype)
+    }
+
+    /// [`Self::from_weights`] where `quant` holds the reduced-precision Linear weights
+    /// (absent from `weights`).
+    pub fn from_parts(
+        cfg: &ModelConfig,
+        weights: std::collections::HashMap<String, Tensor>,
+        quant: Option<std::sync::Arc<QuantWeights>>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let weights = std::sync::Arc::new(weights);
         let vb = VarBuilder::from_tensors((*weights).clone(), dtype, device);
-        let mut model = Self::new(cfg, vb)?;
+        let mut model = Self::build(cfg, vb, quant)?;
         model.weights = Some(weights);
         Ok(model)
     }
 
     /// The same model in f64 on the CPU, where f32 overflows (inputs far from the data make
     /// `(x − μ)·e^{−α}` exceed 3.4e38 a few blocks in); `None` for a model of variables.
+    /// Quantised weights are dequantised into it (the activations are then not quantised).
     pub fn widened(&self) -> Result<Option<TarFlow>> {
         match &self.weights {
-            Some(w) if self.dtype != DType::F64 || !self.device.is_cpu() => Ok(Some(
-                Self::from_weights(&self.cfg, (**w).clone(), &Device::Cpu, DType::F64)?,
-            )),
+            Some(w) if self.dtype != DType::F64 || !self.device.is_cpu() => {
+                let mut all = (**w).clone();
+                if let Some(q) = &self.quant {
+                    for (k, t) in &q.tensors {
+                        all.insert(k.clone(), t.dequantize(&Device::Cpu)?);
+                    }
+                }
+                Ok(Some(Self::from_weights(
+                    &self.cfg,
+                    all,
+                    &Device::Cpu,
+                    DType::F64,
+                )?))
+            }
             _ => Ok(None),
         }
     }
 
+    /// The reduced-precision weights, for a model loaded from a `tarflow quantize` file.
+    pub fn quant(&self) -> Option<&QuantWeights> {
+        self.quant.as_deref()
+    }
+
     /// Whether the weights are plain tensors rather than trainable variables.
     fn frozen(&self) -> bool {
-        !self
-            .blocks
-            .iter()
-            .any(|b| b.parts().proj_in.0.is_variable())
+        !self.blocks.iter().any(MetaBlock::is_trainable)
     }
 
     /// The fast sampler's blocks when it applies to this model.
     fn fast_blocks(&self) -> Result<Option<std::sync::Arc<Vec<crate::fast::FastBlock>>>> {
         // The buffer-reusing f32 path ([`crate::fast`]) serves gradient-free passes on the CPU
-        // unless the one kernel switch ([`crate::kernels::set_enabled`]) is off.
-        if !(crate::kernels::enabled() && self.device.is_cpu() && self.dtype == DType::F32) {
+        // unless the one kernel switch ([`crate::kernels::set_enabled`]) is off; quantised
+        // weights run candle's QMatMul on the layer path.
+        if !(crate::kernels::enabled()
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && self.quant.is_none())
+        {
             return Ok(None);
         }
         if let Some(b) = self.fast_blocks.get() {
@@ -287,11 +330,7 @@ impl TarFlow {
                 .map(crate::fast::FastBlock::new)
                 .collect::<Result<Vec<_>>>()?,
         );
-        let frozen = !self
-            .blocks
-            .iter()
-            .any(|b| b.parts().proj_in.0.is_variable());
-        if frozen {
+        if self.frozen() {
             let _ = self.fast_blocks.set(blocks.clone());
         }
         Ok(Some(blocks))

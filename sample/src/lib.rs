@@ -13,6 +13,7 @@ pub mod generate;
 pub mod grid;
 pub mod heatmap;
 pub mod ood;
+pub mod quantize;
 pub mod resolve;
 pub mod score;
 

@@ -46,13 +46,15 @@ pub fn resolve(path: &Path, prefer_ema: bool, device: &Device) -> Result<Resolve
     }
     let (dir, run) = if path.is_file() {
         let ck = Checkpoint::load(path, device)?;
-        // A file inside runs/NAME/checkpoints/step-…/ still knows its run.
+        // A file inside runs/NAME/checkpoints/step-…/ still knows its run; a quantised file
+        // carries σ in its metadata.
         let run = path.parent().and_then(Path::parent).and_then(Path::parent);
+        let quant_noise = ck.quant.as_ref().and_then(|q| q.train_noise_std);
         return Ok(Resolved {
+            ema: path.file_name().is_some_and(|n| n == "ema.safetensors"),
+            train_noise_std: quant_noise.or_else(|| run.and_then(train_noise)),
             checkpoint: ck,
             path: path.into(),
-            ema: path.file_name().is_some_and(|n| n == "ema.safetensors"),
-            train_noise_std: run.and_then(train_noise),
         });
     } else if path.join("latest").is_file() {
         let name = std::fs::read_to_string(path.join("latest"))
@@ -74,7 +76,7 @@ pub fn resolve(path: &Path, prefer_ema: bool, device: &Device) -> Result<Resolve
     } else {
         return Err(SampleError::file(
             path,
-            "not a checkpoint: expected a .safetensors file, a run directory (with `latest`) \
+            "not a checkpoint: expected a .safetensors or quantised .gguf file, a run directory (with `latest`) \
              or a checkpoint folder (with model.safetensors)",
         ));
     };

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 /// Arguments of `tarflow info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file
-    /// (written by `tarflow import` or training); default: the embedded MNIST likelihood model.
+    /// A run directory (its latest checkpoint), a checkpoint folder, a .safetensors file
+    /// (written by `tarflow import` or training) or a .gguf of `tarflow quantize`; default: the
+    /// embedded MNIST likelihood model.
     checkpoint: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -26,9 +27,15 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let ckpt = &r.checkpoint;
     let c = &ckpt.config;
     if a.json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "path": r.path.display().to_string(), "config": c, "num_params": ckpt.num_params(),
         });
+        if let Some(q) = &ckpt.quant {
+            v["quantisation"] = serde_json::json!({
+                "recipe": q.recipe, "plan": q.plan, "weight_bytes": q.bytes(),
+                "source": q.source, "train_noise_std": q.train_noise_std,
+            });
+        }
         println!("{v}");
         return Ok(());
     }
@@ -74,5 +81,13 @@ pub fn run(a: InfoArgs) -> Result<()> {
         ckpt.num_params(),
         ckpt.num_params() as f64 / 1e6
     );
+    if let Some(q) = &ckpt.quant {
+        for line in super::quantize::describe(q, super::quantize::f32_linear_bytes(q)) {
+            println!("{line}");
+        }
+        if let Some(s) = &q.source {
+            println!("quantised    from {s}");
+        }
+    }
     Ok(())
 }

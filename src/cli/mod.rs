@@ -9,6 +9,7 @@ mod fd;
 mod import;
 mod info;
 mod ood;
+mod quantize;
 mod runtime;
 mod sample;
 mod score;
@@ -24,6 +25,11 @@ pub struct Cli {
     /// the fused CPU kernels; the same switch as TARFLOW_CPU_KERNELS=0.
     #[arg(long, global = true)]
     composed: bool,
+    /// Run block-quantised layers (a `tarflow quantize` .gguf) on candle's integer matmul, which
+    /// quantises the activations too (not exactly invertible), instead of expanding each layer's
+    /// weights for the call; the same switch as TARFLOW_QMATMUL=native.
+    #[arg(long, global = true)]
+    native_qmatmul: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,12 +59,18 @@ enum Command {
     Experiment(experiment::ExperimentArgs),
     /// Measure training, scoring, sampling and loader throughput.
     Bench(bench::BenchArgs),
+    /// Store the Linear weights in reduced precision (f16, bf16, q8_0, q4_0, q4k, …) as a .gguf
+    /// that every command loads, and measure the exact bits/dim it costs.
+    Quantize(Box<quantize::QuantizeArgs>),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.composed {
         tarflow_flows::kernels::set_enabled(false);
+    }
+    if cli.native_qmatmul {
+        tarflow_flows::quant::set_native_matmul(true);
     }
     match cli.command {
         Command::Info(a) => info::run(a),
@@ -71,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fd(a) => fd::run(a),
         Command::Experiment(a) => experiment::run_cmd(a),
         Command::Bench(a) => bench::run(a),
+        Command::Quantize(a) => quantize::run(*a),
         Command::Data(c) => data::run(c),
     }
 }

@@ -59,8 +59,8 @@ impl RuntimeArgs {
 /// `--dtype`; shared by `sample`, `score`, `ood` and `classify`.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A run directory (its latest checkpoint), a checkpoint folder or a .safetensors file;
-    /// default: the embedded MNIST likelihood model.
+    /// A run directory (its latest checkpoint), a checkpoint folder, a .safetensors file or a
+    /// .gguf of `tarflow quantize`; default: the embedded MNIST likelihood model.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Use the trained weights even where the run kept an EMA.

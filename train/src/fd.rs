@@ -355,6 +355,33 @@ impl Reference {
             count: real.len(),
         })
     }
+
+    /// The Fréchet distance of `features` (from [`features_of`]) to the held-out images.
+    pub fn fd_to(&self, features: &Tensor) -> Result<f64> {
+        frechet_distance(features, &self.features)
+    }
+}
+
+/// Features of `opts.num` images sampled from `model` (scored as images: clamped to [-1, 1]
+/// and rounded to 8 bits), with the sampling seconds and the images left non-finite.
+pub fn sample_features(
+    model: &tarflow_flows::TarFlow,
+    opts: &tarflow_sample::generate::SampleOptions,
+    fx: &dyn FeatureExtractor,
+) -> Result<(Tensor, f64, usize)> {
+    let t0 = std::time::Instant::now();
+    let s = tarflow_sample::generate::generate(model, opts, None, &mut |_, _| {})
+        .map_err(|e| TrainError::config("fd", e.to_string()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let px = tarflow_sample::grid::to_u8(&s.images)?;
+    let gen = Tensor::from_vec(
+        px.into_iter()
+            .map(|k| k as f32 / 127.5 - 1.0)
+            .collect::<Vec<_>>(),
+        s.images.dims(),
+        &Device::Cpu,
+    )?;
+    Ok((features_of(fx, &gen)?, secs, s.non_finite))
 }
 
 /// Samples `opts.num` images from `model` and measures their FD to `real` under `fx`.
@@ -364,27 +391,15 @@ pub fn measure(
     real: &Reference,
     fx: &dyn FeatureExtractor,
 ) -> Result<FdReport> {
-    let t0 = std::time::Instant::now();
-    let s = tarflow_sample::generate::generate(model, opts, None, &mut |_, _| {})
-        .map_err(|e| TrainError::config("fd", e.to_string()))?;
-    let secs = t0.elapsed().as_secs_f64();
-    // Generated images are scored as images: clamped to [-1, 1] and rounded to 8 bits.
-    let px = tarflow_sample::grid::to_u8(&s.images)?;
-    let gen = Tensor::from_vec(
-        px.into_iter()
-            .map(|k| k as f32 / 127.5 - 1.0)
-            .collect::<Vec<_>>(),
-        s.images.dims(),
-        &Device::Cpu,
-    )?;
-    let fg = features_of(fx, &gen)?;
+    let (fg, secs, non_finite) = sample_features(model, opts, fx)?;
+    let n = fg.dim(0)?;
     Ok(FdReport {
         fd: frechet_distance(&fg, &real.features)?,
-        generated: s.images.dim(0)?,
+        generated: n,
         real: real.count,
         features: fx.name(),
-        sample_s_per_image: secs / s.images.dim(0)?.max(1) as f64,
-        non_finite: s.non_finite,
+        sample_s_per_image: secs / n.max(1) as f64,
+        non_finite,
     })
 }
 

@@ -444,6 +444,7 @@ impl Trainer {
             config: self.cfg.model.clone(),
             tensors: self.opt.weights()?,
             var: None,
+            quant: None,
         })
     }
 
@@ -452,6 +453,7 @@ impl Trainer {
             config: self.cfg.model.clone(),
             tensors: e.weights().clone(),
             var: None,
+            quant: None,
         })
     }
 

@@ -1,0 +1,575 @@
+//! Reduced-precision and quantised weights: which Linear layer gets which storage type (a
+//! [`Recipe`]), the layers quantised with candle's `QTensor`s, and the GGUF file that holds them
+//! with the model config and the recipe in its metadata.
+//!
+//! Only Linear weights change type: they hold ~95 % of the bytes, and candle's `QMatMul` runs
+//! them on CPU, CUDA and Metal. Norms, biases, embeddings and the prior variance stay f32. A
+//! flow with quantised weights is still an exact flow: its bits/dim is exact, not a proxy.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{FlowError, Result};
+use crate::params::param_specs;
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek};
+use std::path::Path;
+use std::sync::Arc;
+
+static NATIVE_MATMUL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Runs block-quantised layers on candle's integer `QMatMul` (activations quantised too) instead
+/// of the default weights-only path (each layer's weights expanded to the activations' dtype for
+/// the call). Process-wide; `TARFLOW_QMATMUL=native` in the environment sets it.
+pub fn set_native_matmul(on: bool) {
+    NATIVE_MATMUL.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_native_matmul`] (or `TARFLOW_QMATMUL=native`) is in force.
+pub fn native_matmul() -> bool {
+    match NATIVE_MATMUL.load(std::sync::atomic::Ordering::Relaxed) {
+        2 => {
+            let on = std::env::var("TARFLOW_QMATMUL").is_ok_and(|v| v == "native");
+            set_native_matmul(on);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Value of the `tarflow.format` metadata key of our GGUF files.
+pub const GGUF_FORMAT: &str = "tarflow-gguf/1";
+
+/// Storage type of a Linear weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum QuantType {
+    /// 32-bit float (unchanged).
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit, one f16 scale per 32 weights (8.5 bits/weight).
+    Q8_0,
+    /// 4-bit, one f16 scale per 32 weights (4.5 bits/weight).
+    Q4_0,
+    /// 4-bit with scale and minimum per 32 (5 bits/weight).
+    Q4_1,
+    /// 5-bit, scale per 32 (5.5 bits/weight).
+    Q5_0,
+    /// 5-bit, scale and minimum per 32 (6 bits/weight).
+    Q5_1,
+    /// 2-bit k-quant, super-blocks of 256 (2.625 bits/weight).
+    Q2k,
+    /// 3-bit k-quant, super-blocks of 256 (3.4375 bits/weight).
+    Q3k,
+    /// 4-bit k-quant, super-blocks of 256 (4.5 bits/weight).
+    Q4k,
+    /// 5-bit k-quant, super-blocks of 256 (5.5 bits/weight).
+    Q5k,
+    /// 6-bit k-quant, super-blocks of 256 (6.5625 bits/weight).
+    Q6k,
+}
+
+const ALL: [QuantType; 13] = [
+    QuantType::F32,
+    QuantType::F16,
+    QuantType::Bf16,
+    QuantType::Q8_0,
+    QuantType::Q4_0,
+    QuantType::Q4_1,
+    QuantType::Q5_0,
+    QuantType::Q5_1,
+    QuantType::Q2k,
+    QuantType::Q3k,
+    QuantType::Q4k,
+    QuantType::Q5k,
+    QuantType::Q6k,
+];
+
+impl QuantType {
+    /// Every type, in the order `--help` lists them.
+    pub fn all() -> &'static [QuantType] {
+        &ALL
+    }
+
+    /// The name used on the command line and in metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::F32 => "f32",
+            QuantType::F16 => "f16",
+            QuantType::Bf16 => "bf16",
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q4_0 => "q4_0",
+            QuantType::Q4_1 => "q4_1",
+            QuantType::Q5_0 => "q5_0",
+            QuantType::Q5_1 => "q5_1",
+            QuantType::Q2k => "q2k",
+            QuantType::Q3k => "q3k",
+            QuantType::Q4k => "q4k",
+            QuantType::Q5k => "q5k",
+            QuantType::Q6k => "q6k",
+        }
+    }
+
+    /// candle's GGUF type.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QuantType::F32 => GgmlDType::F32,
+            QuantType::F16 => GgmlDType::F16,
+            QuantType::Bf16 => GgmlDType::BF16,
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
+            QuantType::Q5_1 => GgmlDType::Q5_1,
+            QuantType::Q2k => GgmlDType::Q2K,
+            QuantType::Q3k => GgmlDType::Q3K,
+            QuantType::Q4k => GgmlDType::Q4K,
+            QuantType::Q5k => GgmlDType::Q5K,
+            QuantType::Q6k => GgmlDType::Q6K,
+        }
+    }
+
+    /// The type of a GGUF tensor, when tarflow runs it.
+    pub fn from_ggml(t: GgmlDType) -> Option<Self> {
+        ALL.iter().copied().find(|q| q.ggml() == t)
+    }
+
+    /// Weights per quantisation block: a row's length must be a multiple of it.
+    pub fn block(self) -> usize {
+        self.ggml().block_size()
+    }
+
+    /// Bytes of a (rows, cols) matrix in this type (cols a multiple of [`Self::block`]).
+    pub fn bytes(self, rows: usize, cols: usize) -> usize {
+        let g = self.ggml();
+        rows * cols / g.block_size() * g.type_size()
+    }
+
+    /// Whether the type is a block quantisation (run by `QMatMul`) rather than a float format.
+    pub fn is_quantised(self) -> bool {
+        !matches!(self, QuantType::F32 | QuantType::F16 | QuantType::Bf16)
+    }
+}
+
+impl std::fmt::Display for QuantType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for QuantType {
+    type Err = FlowError;
+    fn from_str(s: &str) -> Result<Self> {
+        // llama.cpp spells the k-quants q4_k; accept both.
+        let norm = s.trim().to_ascii_lowercase().replace("_k", "k");
+        ALL.iter()
+            .copied()
+            .find(|q| q.name() == norm)
+            .ok_or_else(|| {
+                FlowError::Config(format!(
+                    "unknown quantisation type `{s}`; expected one of {}",
+                    ALL.map(QuantType::name).join(", ")
+                ))
+            })
+    }
+}
+
+impl TryFrom<String> for QuantType {
+    type Error = FlowError;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<QuantType> for String {
+    fn from(q: QuantType) -> String {
+        q.name().to_string()
+    }
+}
+
+/// `PATTERN=TYPE`: Linear layers whose name matches the glob get this type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Glob over layer names such as `blocks.0.attn_blocks.1.mlp.main.0` (`*` matches dots too).
+    pub pattern: String,
+    /// The storage type of the matching layers.
+    pub to: QuantType,
+}
+
+impl std::str::FromStr for Rule {
+    type Err = FlowError;
+    fn from_str(s: &str) -> Result<Self> {
+        let (pattern, to) = s.rsplit_once('=').ok_or_else(|| {
+            FlowError::Config(format!(
+                "rule `{s}`: expected PATTERN=TYPE, e.g. `*.mlp.*=q8_0`"
+            ))
+        })?;
+        let rule = Rule {
+            pattern: pattern.trim().to_string(),
+            to: to.parse()?,
+        };
+        rule.glob()?;
+        Ok(rule)
+    }
+}
+
+impl Rule {
+    fn glob(&self) -> Result<glob::Pattern> {
+        glob::Pattern::new(&self.pattern)
+            .map_err(|e| FlowError::Config(format!("pattern `{}`: {e}", self.pattern)))
+    }
+}
+
+/// Which storage type each Linear layer gets: the first matching rule, else `base`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    /// The type of layers no rule matches.
+    pub base: QuantType,
+    /// Exceptions, first match wins (`--keep P` is the rule `P=f32`).
+    pub rules: Vec<Rule>,
+}
+
+impl Recipe {
+    /// Every Linear layer in `base`.
+    pub fn uniform(base: QuantType) -> Self {
+        Self {
+            base,
+            rules: Vec::new(),
+        }
+    }
+
+    /// The type asked for `layer`.
+    pub fn type_for(&self, layer: &str) -> Result<QuantType> {
+        for r in &self.rules {
+            if r.glob()?.matches(layer) {
+                return Ok(r.to);
+            }
+        }
+        Ok(self.base)
+    }
+
+    /// One line: `q4_0, *.mlp.*=q8_0, blocks.0.*=f32`.
+    pub fn describe(&self) -> String {
+        let mut s = self.base.name().to_string();
+        for r in &self.rules {
+            s.push_str(&format!(", {}={}", r.pattern, r.to));
+        }
+        s
+    }
+}
+
+/// What one Linear layer was asked to become and what it is stored as.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerPlan {
+    /// Layer name (its weight is `{layer}.weight`).
+    pub layer: String,
+    /// (out, in).
+    pub shape: [usize; 2],
+    /// The recipe's type for it.
+    pub asked: QuantType,
+    /// The type it is stored in: `asked`, or f32 where the rows do not fit its blocks.
+    pub stored: QuantType,
+    /// Bytes of the stored weight.
+    pub bytes: usize,
+    /// Why `stored` differs from `asked`.
+    pub note: Option<String>,
+}
+
+/// Every Linear layer of `cfg` as (name, [out, in]), in parameter order.
+pub fn linear_layers(cfg: &ModelConfig) -> Vec<(String, [usize; 2])> {
+    param_specs(cfg)
+        .into_iter()
+        .filter(|s| s.shape.len() == 2 && s.name.ends_with(".weight"))
+        .map(|s| {
+            let layer = s.name.trim_end_matches(".weight").to_string();
+            (layer, [s.shape[0], s.shape[1]])
+        })
+        .collect()
+}
+
+/// Applies `recipe` to the layers of `cfg`; a rule that matches no layer is an error (a typo
+/// would otherwise silently quantise everything).
+pub fn plan(cfg: &ModelConfig, recipe: &Recipe) -> Result<Vec<LayerPlan>> {
+    let layers = linear_layers(cfg);
+    for r in &recipe.rules {
+        let g = r.glob()?;
+        if !layers.iter().any(|(l, _)| g.matches(l)) {
+            return Err(FlowError::Config(format!(
+                "rule `{}={}` matches no Linear layer; layers are named like `{}` \
+                 (`*.attention.*`, `*.mlp.*`, `*.proj_in`, `*.proj_out`, `blocks.0.*`)",
+                r.pattern,
+                r.to,
+                layers
+                    .get(2)
+                    .or(layers.first())
+                    .map(|(l, _)| l.as_str())
+                    .unwrap_or("blocks.0.proj_in")
+            )));
+        }
+    }
+    layers
+        .into_iter()
+        .map(|(layer, shape)| {
+            let asked = recipe.type_for(&layer)?;
+            let fits = shape[1] % asked.block() == 0;
+            let stored = if fits { asked } else { QuantType::F32 };
+            let note = (!fits).then(|| {
+                format!(
+                    "rows of {} are not a multiple of {asked}'s block of {}",
+                    shape[1],
+                    asked.block()
+                )
+            });
+            Ok(LayerPlan {
+                bytes: stored.bytes(shape[0], shape[1]),
+                layer,
+                shape,
+                asked,
+                stored,
+                note,
+            })
+        })
+        .collect()
+}
+
+/// The reduced-precision Linear weights of a checkpoint, with how they were chosen.
+#[derive(Debug)]
+pub struct QuantWeights {
+    /// `{layer}.weight` → its tensor, on the CPU (moved to the model's device when it is built).
+    pub tensors: HashMap<String, Arc<QTensor>>,
+    /// The recipe asked for.
+    pub recipe: Recipe,
+    /// Every Linear layer's outcome.
+    pub plan: Vec<LayerPlan>,
+    /// σ of the Gaussian noise the model was trained with, when known (for denoising).
+    pub train_noise_std: Option<f64>,
+    /// The file it was made from.
+    pub source: Option<String>,
+}
+
+impl QuantWeights {
+    /// Bytes of the reduced-precision weights.
+    pub fn bytes(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|t| t.storage_size_in_bytes())
+            .sum()
+    }
+
+    /// Layers kept in f32 although the recipe asked for another type.
+    pub fn kept_f32(&self) -> impl Iterator<Item = &LayerPlan> {
+        self.plan
+            .iter()
+            .filter(|p| p.stored != p.asked && p.stored == QuantType::F32)
+    }
+}
+
+/// `qt` on `device` (a copy of its blocks unless it is already there).
+pub fn to_device(qt: &Arc<QTensor>, device: &Device) -> Result<Arc<QTensor>> {
+    if qt.device().same_device(device) {
+        return Ok(qt.clone());
+    }
+    let storage = QStorage::from_data(qt.data()?, device, qt.dtype())?;
+    Ok(Arc::new(QTensor::new(storage, qt.shape().clone())?))
+}
+
+/// `ck`'s Linear weights quantised by `recipe` (f32 where a layer's rows do not fit).
+pub fn quantize(ck: &Checkpoint, recipe: &Recipe) -> Result<Checkpoint> {
+    if let Some(q) = &ck.quant {
+        return Err(FlowError::Config(format!(
+            "the checkpoint is already quantised ({}); quantise the f32 checkpoint it came from{}",
+            q.recipe.describe(),
+            q.source
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default()
+        )));
+    }
+    let plan = plan(&ck.config, recipe)?;
+    let mut dense = ck.tensors.clone();
+    let mut tensors = HashMap::new();
+    for p in plan.iter().filter(|p| p.stored != QuantType::F32) {
+        let key = format!("{}.weight", p.layer);
+        let w = dense
+            .remove(&key)
+            .ok_or_else(|| FlowError::Config(format!("the checkpoint has no `{key}`")))?;
+        let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        tensors.insert(key, Arc::new(QTensor::quantize(&w, p.stored.ggml())?));
+    }
+    Ok(Checkpoint {
+        config: ck.config.clone(),
+        tensors: dense,
+        var: ck.var.clone(),
+        quant: Some(Arc::new(QuantWeights {
+            tensors,
+            recipe: recipe.clone(),
+            plan,
+            train_noise_std: None,
+            source: None,
+        })),
+    })
+}
+
+fn meta_str(v: &str) -> gguf_file::Value {
+    gguf_file::Value::String(v.to_string())
+}
+
+/// The GGUF file of a quantised checkpoint: every tensor (dense ones as F32), the config, the
+/// recipe and the per-layer plan in `tarflow.*` metadata.
+pub fn gguf_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
+    let q = ck
+        .quant
+        .as_ref()
+        .ok_or_else(|| FlowError::Config("not a quantised checkpoint".into()))?;
+    let json = |v: &dyn erased::Json| v.json();
+    let mut meta: Vec<(String, gguf_file::Value)> = vec![
+        ("general.architecture".into(), meta_str("tarflow")),
+        ("tarflow.format".into(), meta_str(GGUF_FORMAT)),
+        ("tarflow.config".into(), meta_str(&json(&ck.config)?)),
+        ("tarflow.recipe".into(), meta_str(&json(&q.recipe)?)),
+        ("tarflow.plan".into(), meta_str(&json(&q.plan)?)),
+    ];
+    if let Some(s) = q.train_noise_std {
+        meta.push(("tarflow.train_noise_std".into(), gguf_file::Value::F64(s)));
+    }
+    if let Some(s) = &q.source {
+        meta.push(("tarflow.source".into(), meta_str(s)));
+    }
+    let mut all: BTreeMap<String, Arc<QTensor>> = q
+        .tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut dense: Vec<(&String, &Tensor)> = ck.tensors.iter().collect();
+    let var_key = "var".to_string();
+    if let Some(v) = &ck.var {
+        dense.push((&var_key, v));
+    }
+    for (k, v) in dense {
+        let v = v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        all.insert(k.clone(), Arc::new(QTensor::quantize(&v, GgmlDType::F32)?));
+    }
+    let meta_refs: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        all.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs)?;
+    Ok(out.into_inner())
+}
+
+/// Serialisation to JSON with a flow error (the metadata strings).
+mod erased {
+    use crate::error::{FlowError, Result};
+    pub trait Json {
+        fn json(&self) -> Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Result<String> {
+            serde_json::to_string(self)
+                .map_err(|e| FlowError::Config(format!("cannot encode metadata: {e}")))
+        }
+    }
+}
+
+/// Whether `head` (a file's first bytes) is a GGUF file's magic.
+pub fn is_gguf(head: &[u8]) -> bool {
+    head.starts_with(b"GGUF")
+}
+
+/// Reads a GGUF file written by [`gguf_bytes`]; `path` names it in errors. Tensors are read
+/// one by one (the file is never held whole in memory).
+pub fn read_gguf<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Checkpoint> {
+    let bad = |msg: String| FlowError::checkpoint(path, msg);
+    let content = gguf_file::Content::read(reader).map_err(|e| {
+        bad(format!(
+            "not a readable GGUF file (truncated or corrupt?): {e}"
+        ))
+    })?;
+    let text = |key: &str| -> Result<Option<String>> {
+        match content.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_string()
+                .map(|s| Some(s.clone()))
+                .map_err(|_| bad(format!("metadata `{key}` is not a string"))),
+        }
+    };
+    match text("tarflow.format")? {
+        Some(f) if f == GGUF_FORMAT => {}
+        Some(f) => {
+            return Err(bad(format!(
+                "GGUF format `{f}`, expected `{GGUF_FORMAT}`: written by a newer tarflow?"
+            )))
+        }
+        None => {
+            return Err(bad(
+                "a GGUF file without tarflow metadata (`tarflow.format`): only files written by \
+                 `tarflow quantize` hold a flow"
+                    .into(),
+            ))
+        }
+    }
+    let need = |key: &str| -> Result<String> {
+        text(key)?.ok_or_else(|| bad(format!("metadata `{key}` is missing")))
+    };
+    let config: ModelConfig = serde_json::from_str(&need("tarflow.config")?)
+        .map_err(|e| bad(format!("bad model config in `tarflow.config`: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| bad(format!("`tarflow.config`: {e}")))?;
+    let recipe: Recipe = serde_json::from_str(&need("tarflow.recipe")?)
+        .map_err(|e| bad(format!("bad `tarflow.recipe`: {e}")))?;
+    let plan: Vec<LayerPlan> = serde_json::from_str(&need("tarflow.plan")?)
+        .map_err(|e| bad(format!("bad `tarflow.plan`: {e}")))?;
+    let stored: HashMap<String, QuantType> = plan
+        .iter()
+        .map(|p| (format!("{}.weight", p.layer), p.stored))
+        .collect();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut dense = HashMap::new();
+    let mut quant = HashMap::new();
+    for name in names {
+        let info = &content.tensor_infos[name];
+        let Some(ty) = QuantType::from_ggml(info.ggml_dtype) else {
+            return Err(bad(format!(
+                "tensor `{name}` has type {:?}, which tarflow does not run",
+                info.ggml_dtype
+            )));
+        };
+        let want = stored.get(name).copied().unwrap_or(QuantType::F32);
+        if ty != want {
+            return Err(bad(format!(
+                "tensor `{name}` is stored as {ty}, its plan says {want}"
+            )));
+        }
+        let qt = content
+            .tensor(reader, name, &Device::Cpu)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        if ty == QuantType::F32 {
+            dense.insert(name.clone(), qt.dequantize(&Device::Cpu)?);
+        } else {
+            quant.insert(name.clone(), Arc::new(qt));
+        }
+    }
+    let train_noise_std = content
+        .metadata
+        .get("tarflow.train_noise_std")
+        .and_then(|v| v.to_f64().ok());
+    let source = text("tarflow.source")?;
+    let mut ck = Checkpoint::from_tensors_with_quant(config, dense, &quant, path)?;
+    ck.quant = Some(Arc::new(QuantWeights {
+        tensors: quant,
+        recipe,
+        plan,
+        train_noise_std,
+        source,
+    }));
+    Ok(ck)
+}
