@@ -174,6 +174,27 @@ impl MetaBlock {
         })
     }
 
+    /// A copy with its quantised Linear weights expanded to dense ones, for the sequential
+    /// inverse (which would otherwise expand every layer at each of its T steps); `None` when
+    /// nothing is quantised. Only this block's f32 weights are alive at a time.
+    pub fn expanded(&self) -> Result<Option<MetaBlock>> {
+        let quantised = self.proj_in.is_quantised()
+            || self.proj_out.is_quantised()
+            || self.layers.iter().any(AttentionBlock::is_quantised);
+        if !quantised {
+            return Ok(None);
+        }
+        let mut e = self.clone();
+        e.proj_in = self.proj_in.expanded()?;
+        e.proj_out = self.proj_out.expanded()?;
+        e.layers = self
+            .layers
+            .iter()
+            .map(AttentionBlock::expanded)
+            .collect::<Result<_>>()?;
+        Ok(Some(e))
+    }
+
     /// Whether the weights are trainable variables (a model being trained).
     pub fn is_trainable(&self) -> bool {
         self.pos_embed.is_variable()

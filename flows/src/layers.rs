@@ -79,6 +79,21 @@ impl Linear {
         self.quantised.is_some()
     }
 
+    /// The layer with its quantised weight expanded to a dense one (the same values the
+    /// weights-only path computes with).
+    pub fn expanded(&self) -> Result<Self> {
+        Ok(match &self.quantised {
+            Some(q) => Self {
+                weight: q
+                    .dequantize(self.bias.device())?
+                    .to_dtype(self.bias.dtype())?,
+                bias: self.bias.clone(),
+                quantised: None,
+            },
+            None => self.clone(),
+        })
+    }
+
     /// Applies the layer to the last dimension of `x` (any rank ≥ 2).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some(q) = &self.quantised else {
@@ -365,6 +380,25 @@ impl AttentionBlock {
             attention: Attention::new(channels, head_dim, vb.pp("attention"), quant)?,
             mlp: Mlp::new(channels, channels * mlp_ratio, vb.pp("mlp"), quant)?,
         })
+    }
+
+    /// Whether a Linear weight of the layer is block-quantised.
+    pub fn is_quantised(&self) -> bool {
+        let (a, m) = (&self.attention, &self.mlp);
+        a.qkv.is_quantised()
+            || a.proj.is_quantised()
+            || m.fc1.is_quantised()
+            || m.fc2.is_quantised()
+    }
+
+    /// The layer with its quantised weights expanded ([`Linear::expanded`]).
+    pub fn expanded(&self) -> Result<Self> {
+        let mut e = self.clone();
+        e.attention.qkv = self.attention.qkv.expanded()?;
+        e.attention.proj = self.attention.proj.expanded()?;
+        e.mlp.fc1 = self.mlp.fc1.expanded()?;
+        e.mlp.fc2 = self.mlp.fc2.expanded()?;
+        Ok(e)
     }
 
     /// The layer's weights (an error where one is quantised).

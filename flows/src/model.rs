@@ -213,6 +213,13 @@ pub struct TarFlow {
     quant: Option<std::sync::Arc<QuantWeights>>,
 }
 
+/// The fast path's blocks: all of them (kept for frozen dense weights), or built one at a time
+/// from quantised weights.
+enum FastBlocks {
+    All(std::sync::Arc<Vec<crate::fast::FastBlock>>),
+    PerBlock,
+}
+
 const LN_2PI: f64 = 1.837_877_066_409_345_3;
 const LN_128: f64 = 4.852_030_263_919_617;
 
@@ -310,19 +317,21 @@ impl TarFlow {
     }
 
     /// The fast sampler's blocks when it applies to this model.
-    fn fast_blocks(&self) -> Result<Option<std::sync::Arc<Vec<crate::fast::FastBlock>>>> {
+    fn fast_blocks(&self) -> Result<Option<FastBlocks>> {
         // The buffer-reusing f32 path ([`crate::fast`]) serves gradient-free passes on the CPU
-        // unless the one kernel switch ([`crate::kernels::set_enabled`]) is off; quantised
-        // weights run candle's QMatMul on the layer path.
-        if !(crate::kernels::enabled()
-            && self.device.is_cpu()
-            && self.dtype == DType::F32
-            && self.quant.is_none())
-        {
+        // unless the one kernel switch ([`crate::kernels::set_enabled`]) is off.
+        if !(crate::kernels::enabled() && self.device.is_cpu() && self.dtype == DType::F32) {
             return Ok(None);
         }
+        if self.quant.is_some() {
+            // Expanded one block at a time, so that the f32 copy of one block only is alive.
+            return Ok(match crate::quant::native_matmul() {
+                true => None,
+                false => Some(FastBlocks::PerBlock),
+            });
+        }
         if let Some(b) = self.fast_blocks.get() {
-            return Ok(Some(b.clone()));
+            return Ok(Some(FastBlocks::All(b.clone())));
         }
         let blocks = std::sync::Arc::new(
             self.blocks
@@ -333,7 +342,27 @@ impl TarFlow {
         if self.frozen() {
             let _ = self.fast_blocks.set(blocks.clone());
         }
-        Ok(Some(blocks))
+        Ok(Some(FastBlocks::All(blocks)))
+    }
+
+    /// Block `k` of `fb`, built now from the expanded weights where they are quantised.
+    fn fast_block<'a>(
+        &self,
+        fb: &'a FastBlocks,
+        k: usize,
+        built: &'a mut Option<crate::fast::FastBlock>,
+    ) -> Result<&'a crate::fast::FastBlock> {
+        match fb {
+            FastBlocks::All(v) => Ok(&v[k]),
+            FastBlocks::PerBlock => {
+                let block = &self.blocks[k];
+                let b = match block.expanded()? {
+                    Some(e) => crate::fast::FastBlock::new(&e)?,
+                    None => crate::fast::FastBlock::new(block)?,
+                };
+                Ok(built.insert(b))
+            }
+        }
     }
 
     /// Replaces the prior variance buffer `var` (T, D) used by sampling.
@@ -450,22 +479,18 @@ impl TarFlow {
     }
 
     /// [`Self::forward`] on the fast CPU path (no gradient).
-    fn forward_fast(
-        &self,
-        fb: &[crate::fast::FastBlock],
-        s: &Tensor,
-        cond: Cond,
-    ) -> Result<FlowOutput> {
+    fn forward_fast(&self, fb: &FastBlocks, s: &Tensor, cond: Cond) -> Result<FlowOutput> {
         let (n, t, d) = s.dims3()?;
         let labels = match cond {
             Cond::Labels(y) => Some(y),
             Cond::Null => None,
         };
         let mut cur = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut blocks = Vec::with_capacity(fb.len());
+        let mut blocks = Vec::with_capacity(self.blocks.len());
         let mut total = vec![0f32; n];
-        for b in fb {
-            let f = b.forward(&cur, n, labels);
+        for k in 0..self.blocks.len() {
+            let mut built = None;
+            let f = self.fast_block(fb, k, &mut built)?.forward(&cur, n, labels);
             for (a, l) in total.iter_mut().zip(&f.logdet) {
                 *a += l;
             }
@@ -612,7 +637,10 @@ impl TarFlow {
                         Cond::Labels(y) => Some(y),
                         Cond::Null => None,
                     };
-                    let out = fb[k].reverse_parallel(&flat, n, labels, opts);
+                    let mut built = None;
+                    let out = self
+                        .fast_block(fb, k, &mut built)?
+                        .reverse_parallel(&flat, n, labels, opts);
                     Tensor::from_vec(out, (n, t, d), &self.device)?
                 }
                 None => {
@@ -645,6 +673,8 @@ impl TarFlow {
         cond: Cond,
         opts: &ReverseOptions,
     ) -> Result<Tensor> {
+        let expanded = block.expanded()?;
+        let block = expanded.as_ref().unwrap_or(block);
         let t = s.dim(1)?;
         let x = block.permute(s, 1)?;
         let mut tokens = (0..t)
@@ -749,6 +779,8 @@ impl TarFlow {
         chunk: usize,
         j: &JacobiOptions,
     ) -> Result<(Tensor, BlockSolve)> {
+        let expanded = block.expanded()?;
+        let block = expanded.as_ref().unwrap_or(block);
         let (n, t, d) = zb.dims3()?;
         let cls = block.class_cond(cond, &self.device)?;
         let cls_u = if guided {

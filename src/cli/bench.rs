@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// A checkpoint (run directory or file) instead of a freshly initialised model.
     #[arg(long)]
     checkpoint: Option<std::path::PathBuf>,
+    /// Quantise the model's Linear weights to this type first (the `tarflow quantize --to`
+    /// recipe: affine heads in f16), to measure a quantised model of any config.
+    #[arg(long)]
+    quantize: Option<tarflow_flows::quant::QuantType>,
     /// Timed runs (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -205,12 +209,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for spec in &specs {
         let (name, cfg) = named_config(spec)?;
         reset_peak_rss();
-        let model = match &a.checkpoint {
-            Some(p) => tarflow_sample::resolve::resolve(p, true, &device)?
-                .checkpoint
-                .model(&device, dtype)?,
-            None => Checkpoint::init(&cfg, 0, &device)?.model(&device, dtype)?,
+        let ck = match &a.checkpoint {
+            Some(p) => tarflow_sample::resolve::resolve(p, true, &device)?.checkpoint,
+            None => Checkpoint::init(&cfg, 0, &device)?,
         };
+        let ck = match a.quantize {
+            Some(t) => tarflow_flows::quant::quantize(
+                &ck,
+                &tarflow_flows::quant::Recipe {
+                    base: t,
+                    rules: super::quantize::default_rules(t),
+                },
+            )?,
+            None => ck,
+        };
+        let model = ck.model(&device, dtype)?;
         let cfg = model.config().clone();
         let shape = format!(
             "{}×{}×{} p{} C{} K{} L{}",

@@ -91,18 +91,27 @@ fn rules(a: &QuantizeArgs) -> Result<Vec<Rule>> {
         .map(|p| format!("{p}=f32").parse())
         .collect::<tarflow_flows::Result<_>>()?;
     rules.extend(a.rules.iter().cloned());
-    let head = match a.head {
-        Some(t) => t,
-        None if a.to.is_quantised() => QuantType::F16,
-        None => a.to,
-    };
-    if head != a.to {
-        rules.push(Rule {
+    match a.head {
+        Some(t) if t != a.to => rules.push(Rule {
             pattern: "*.proj_out".into(),
-            to: head,
-        });
+            to: t,
+        }),
+        Some(_) => {}
+        None => rules.extend(default_rules(a.to)),
     }
     Ok(rules)
+}
+
+/// The rules `--to t` adds by default: the affine heads in f16 under a block quantisation.
+pub fn default_rules(t: QuantType) -> Vec<Rule> {
+    if t.is_quantised() {
+        vec![Rule {
+            pattern: "*.proj_out".into(),
+            to: QuantType::F16,
+        }]
+    } else {
+        Vec::new()
+    }
 }
 
 fn kib(b: usize) -> String {
