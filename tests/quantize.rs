@@ -253,6 +253,14 @@ fn files_that_do_not_fit_are_errors_naming_the_file() {
         "{e}"
     );
 
+    // A model where the images go.
+    let o = tarflow(&["score", good.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pass it with --checkpoint"),
+        "{}",
+        text(&o)
+    );
     // Through the CLI too: the path is named, no panic.
     let o = tarflow(&["score", "--checkpoint", cut.to_str().unwrap(), "x.png"]);
     assert!(!o.status.success());

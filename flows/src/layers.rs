@@ -4,7 +4,7 @@
 //! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward; see ARCHITECTURE.md).
 
 use crate::error::Result;
-use crate::quant::{QuantType, QuantWeights};
+use crate::quant::QuantWeights;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::kv_cache::KvCache;
@@ -48,8 +48,7 @@ impl Linear {
             )));
         }
         let qt = crate::quant::to_device(qt, vb.device())?;
-        // Half-precision storage is upcast once: the dense path (and the CPU kernels) run it.
-        if !QuantType::from_ggml(qt.dtype()).is_some_and(QuantType::is_quantised) {
+        if qt.dtype() == candle_core::quantized::GgmlDType::F32 {
             return Ok(Self {
                 weight: qt.dequantize(vb.device())?.to_dtype(vb.dtype())?,
                 bias,
@@ -74,7 +73,7 @@ impl Linear {
         Ok((&self.weight, &self.bias))
     }
 
-    /// Whether the weight is block-quantised.
+    /// Whether the weight is stored in reduced precision (expanded for each call).
     pub fn is_quantised(&self) -> bool {
         self.quantised.is_some()
     }

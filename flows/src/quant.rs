@@ -426,13 +426,12 @@ pub fn gguf_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
         .quant
         .as_ref()
         .ok_or_else(|| FlowError::Config("not a quantised checkpoint".into()))?;
-    let json = |v: &dyn erased::Json| v.json();
     let mut meta: Vec<(String, gguf_file::Value)> = vec![
         ("general.architecture".into(), meta_str("tarflow")),
         ("tarflow.format".into(), meta_str(GGUF_FORMAT)),
-        ("tarflow.config".into(), meta_str(&json(&ck.config)?)),
-        ("tarflow.recipe".into(), meta_str(&json(&q.recipe)?)),
-        ("tarflow.plan".into(), meta_str(&json(&q.plan)?)),
+        ("tarflow.config".into(), meta_str(&to_json(&ck.config)?)),
+        ("tarflow.recipe".into(), meta_str(&to_json(&q.recipe)?)),
+        ("tarflow.plan".into(), meta_str(&to_json(&q.plan)?)),
     ];
     if let Some(s) = q.train_noise_std {
         meta.push(("tarflow.train_noise_std".into(), gguf_file::Value::F64(s)));
@@ -463,18 +462,9 @@ pub fn gguf_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
     Ok(out.into_inner())
 }
 
-/// Serialisation to JSON with a flow error (the metadata strings).
-mod erased {
-    use crate::error::{FlowError, Result};
-    pub trait Json {
-        fn json(&self) -> Result<String>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> Result<String> {
-            serde_json::to_string(self)
-                .map_err(|e| FlowError::Config(format!("cannot encode metadata: {e}")))
-        }
-    }
+/// `v` as a JSON metadata string.
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| FlowError::Config(format!("cannot encode metadata: {e}")))
 }
 
 /// Whether `head` (a file's first bytes) is a GGUF file's magic.

@@ -133,6 +133,15 @@ pub fn collect_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 return Err(SampleError::file(p, "folder holds no image file"));
             }
             out.append(&mut found);
+        } else if p
+            .extension()
+            .is_some_and(|x| x == "gguf" || x == "safetensors" || x == "pth")
+        {
+            // A model given where images go (`score model.gguf`): say where it belongs.
+            return Err(SampleError::file(
+                p,
+                "is a model file, not an image: pass it with --checkpoint",
+            ));
         } else if p.is_file() {
             out.push(p.clone());
         } else {

@@ -223,6 +223,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             )?,
             None => ck,
         };
+        // What the weights take in memory: f32 dense tensors and the quantised blocks.
+        let weight_bytes = ck
+            .tensors
+            .values()
+            .map(|t| 4 * t.elem_count())
+            .sum::<usize>()
+            + ck.quant.as_ref().map_or(0, |q| q.bytes());
         let model = ck.model(&device, dtype)?;
         let cfg = model.config().clone();
         let shape = format!(
@@ -252,6 +259,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "config": name, "model": shape, "train_batch": train_batch,
                     "train_step_s": train_s, "score_images_per_s": 64.0 / score_s,
                     "sample16_s": s16, "sample16_cfg_s": s16g, "peak_rss_mib": rss,
+                    "weight_bytes": weight_bytes, "quantize": a.quantize.map(|q| q.name()),
                 });
                 println!("{v}");
             } else {
@@ -289,6 +297,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let v = serde_json::json!({
                 "config": name, "model": shape, "measure": format!("{what:?}").to_lowercase(),
                 "batch": batch, "seconds": secs, "images_per_s": batch as f64 / secs, "peak_rss_mib": rss,
+                "weight_bytes": weight_bytes, "quantize": a.quantize.map(|q| q.name()),
             });
             println!("{v}");
         } else {
