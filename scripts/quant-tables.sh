@@ -53,6 +53,12 @@ for f in "$F32" "$GG"/*.gguf; do
   samp=$("$BIN" bench sample --checkpoint "$f" --batch 16 --iters 5 --json 2>/dev/null)
   echo "{\"file\": \"$f\", \"bytes\": $(stat -c %s "$f"), \"score_peak_rss_kib\": $rss, \"sample\": $samp}"
 done > "$OUT/files.jsonl"
+# Reduced-precision compute (not storage): the f32 weights run in bf16 / f16.
+for dt in bf16 f16; do
+  "$BIN" score "${CK[@]/#/--checkpoint=}" --dtype "$dt" --source mnist-idx \
+    --path data/mnist/t10k-images-idx3-ubyte.gz --limit "$N" \
+    --summary "$OUT/compute-$dt.json" > /dev/null 2>&1
+done
 # Scoring at batch 256, where expanding each layer per batch is amortised.
 for f in "$F32" "$GG/q8_0.gguf" "$GG/q4_0.gguf"; do
   "$BIN" bench score --checkpoint "$f" --batch 256 --iters 5 --json | sed "s|^{|{\"file\": \"$f\", |"
