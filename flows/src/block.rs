@@ -3,11 +3,14 @@
 
 use crate::config::{ModelConfig, ScaleHead};
 use crate::error::{FlowError, Result};
+use crate::kernels::step::{heads, StepKernel, StepParts, StepWeights};
+use crate::kernels::trunk::Trunk;
 use crate::layers::{AttentionBlock, Linear, RmsNorm};
 use crate::quant::QuantWeights;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
+use std::sync::{Arc, OnceLock};
 
 /// Class conditioning of one pass.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +19,17 @@ pub enum Cond<'a> {
     Labels(&'a [i64]),
     /// No label: the mean class embedding for every row (zero for unconditional models).
     Null,
+}
+
+impl<'a> Cond<'a> {
+    /// The conditioning of `labels` for a model of `num_classes` classes: the labels where the
+    /// model is conditional and some row has one (≥ 0), else none (the mean embedding for all).
+    pub fn of(num_classes: usize, labels: Option<&'a [i64]>) -> Self {
+        match labels {
+            Some(l) if num_classes > 0 && l.iter().any(|&v| v >= 0) => Cond::Labels(l),
+            _ => Cond::Null,
+        }
+    }
 }
 
 /// What one block's forward pass produced.
@@ -29,24 +43,6 @@ pub struct BlockOutput {
     pub proj_out: Tensor,
     /// Log-scales α after the shift (N, T, D), block's own token order.
     pub alpha: Tensor,
-}
-
-/// Borrowed weights of a block, for other execution paths (the fast sampler).
-pub struct BlockParts<'a> {
-    /// Input projection (weight, bias).
-    pub proj_in: (&'a Tensor, &'a Tensor),
-    /// Position embeddings (T, C), canonical order.
-    pub pos_embed: &'a Tensor,
-    /// Class embeddings (classes, C).
-    pub class_embed: Option<&'a Tensor>,
-    /// Transformer layers.
-    pub layers: &'a [AttentionBlock],
-    /// Output projection (weight, bias).
-    pub proj_out: (&'a Tensor, &'a Tensor),
-    /// D = C·p².
-    pub patch_dim: usize,
-    /// Affine (true) or shift-only coupling.
-    pub nvp: bool,
 }
 
 /// A TarFlow block with its parameters `blocks.{k}.*`.
@@ -64,6 +60,8 @@ pub struct MetaBlock {
     scale: ScaleHead,
     sos: Option<Tensor>,         // (1, D) learned start token (STARFlow)
     final_norm: Option<RmsNorm>, // before proj_out (STARFlow)
+    /// The step engine's Wᵀ copies, made on the first CPU inverse (frozen weights only).
+    step_weights: OnceLock<Arc<StepWeights>>,
 }
 
 impl MetaBlock {
@@ -137,6 +135,7 @@ impl MetaBlock {
             } else {
                 None
             },
+            step_weights: OnceLock::new(),
         })
     }
 
@@ -158,19 +157,6 @@ impl MetaBlock {
         Ok(match &self.flip {
             Some(idx) => x.index_select(idx, dim)?,
             None => x.clone(),
-        })
-    }
-
-    /// The block's weights (an error where a Linear layer is quantised).
-    pub fn parts(&self) -> Result<BlockParts<'_>> {
-        Ok(BlockParts {
-            proj_in: self.proj_in.parts()?,
-            pos_embed: &self.pos_embed,
-            class_embed: self.class_embed.as_ref(),
-            layers: &self.layers,
-            proj_out: self.proj_out.parts()?,
-            patch_dim: self.patch_dim,
-            nvp: self.nvp,
         })
     }
 
@@ -229,6 +215,30 @@ impl MetaBlock {
                 Ok(Some(ext.index_select(&idx, 0)?.unsqueeze(1)?))
             }
         }
+    }
+
+    /// The class embeddings of an inverse's rows: `cond`'s for the N conditional rows, then
+    /// (with guidance) the mean embedding for N unconditional ones; (rows, 1, C) or none.
+    pub fn class_rows(
+        &self,
+        cond: Cond,
+        guided: bool,
+        n: usize,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let Some(c) = self.class_cond(cond, device)? else {
+            return Ok(None);
+        };
+        let width = c.dim(2)?;
+        let c = c.broadcast_as((n, 1, width))?;
+        if !guided {
+            return Ok(Some(c.contiguous()?));
+        }
+        let u = self
+            .class_cond(Cond::Null, device)?
+            .ok_or_else(|| FlowError::Config("class embedding vanished".into()))?
+            .broadcast_as((n, 1, width))?;
+        Ok(Some(Tensor::cat(&[&c, &u], 0)?))
     }
 
     /// Turns raw `proj_out` outputs into (α, μ), α = ln σ; α ≡ 0 for volume-preserving blocks.
@@ -291,7 +301,6 @@ impl MetaBlock {
         attn_temp: f64,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, t, _) = x.dims3()?;
-        let pe = self.permute(&self.pos_embed, 0)?;
         // STARFlow feeds [sos, x₀ … x_{T−2}] and reads token t's map at t; TarFlow feeds x and
         // shifts the maps right by one, so token 0 passes through.
         let input = match &self.sos {
@@ -306,16 +315,35 @@ impl MetaBlock {
             )?,
             None => x.clone(),
         };
-        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let pe = pe.narrow(0, 0, t)?;
-        let mut h = self.proj_in.forward(&input)?.broadcast_add(&pe)?; // (N, T, C)
-        if let Some(c) = cls {
-            h = h.broadcast_add(c)?;
-        }
-        for layer in &self.layers {
-            h = layer.forward(&h, &mask, attn_temp)?;
-        }
-        let proj_out = self.head_out(&h)?; // (N, T, 2D)
+        let proj_out =
+            if crate::kernels::applies(&input) && !input.track_op() && !self.is_trainable() {
+                // Gradient-free on the CPU: the step engine's layout over every position at once.
+                let expanded = self.expanded()?;
+                let block = expanded.as_ref().unwrap_or(self);
+                let trunk = Trunk::new(&block.layers)?;
+                let parts = StepParts {
+                    weights: block.step_weights(&trunk)?,
+                    pos: &block.pos_embed,
+                    flipped: block.flip.is_some(),
+                    cls,
+                    final_norm: block.final_norm.as_ref().map(RmsNorm::weight),
+                };
+                let x = input.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let out = heads(&trunk, &parts, &x, (n, t), attn_temp)?;
+                let w = out.len() / (n * t).max(1);
+                Tensor::from_vec(out, (n, t, w), input.device())?
+            } else {
+                let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+                let pe = self.permute(&self.pos_embed, 0)?.narrow(0, 0, t)?;
+                let mut h = self.proj_in.forward(&input)?.broadcast_add(&pe)?; // (N, T, C)
+                if let Some(c) = cls {
+                    h = h.broadcast_add(c)?;
+                }
+                for layer in &self.layers {
+                    h = layer.forward(&h, &mask, attn_temp)?;
+                }
+                self.head_out(&h)? // (N, T, W)
+            };
         let (alpha, mu) = self.split(&proj_out)?;
         let (alpha, mu) = if self.sos.is_some() {
             (alpha, mu)
@@ -325,40 +353,113 @@ impl MetaBlock {
         Ok((alpha, mu, proj_out))
     }
 
-    /// Fresh KV caches, one per layer, for an inverse pass.
-    pub fn new_caches(&self) -> Vec<KvCache> {
-        let t = self.pos_embed.dim(0).unwrap_or(0);
-        self.layers.iter().map(|_| KvCache::new(2, t)).collect()
+    /// The state of one sequential inverse over `rows` rows whose attention scores are divided
+    /// by `temps[r]`: the trunk's CPU step kernel where the kernels apply, else candle's KV
+    /// caches (the GPU path and the reference).
+    pub fn stepper(&self, rows: usize, temps: &[f64], cls: Option<&Tensor>) -> Result<Stepper> {
+        let t = self.pos_embed.dim(0)?;
+        let device = self.pos_embed.device();
+        if crate::kernels::enabled()
+            && device.is_cpu()
+            && self.pos_embed.dtype() == DType::F32
+            && !self.proj_in.is_quantised()
+            && !self.proj_out.is_quantised()
+            && !self.layers.iter().any(AttentionBlock::is_quantised)
+        {
+            let trunk = Trunk::new(&self.layers)?;
+            let parts = StepParts {
+                weights: self.step_weights(&trunk)?,
+                pos: &self.pos_embed,
+                flipped: self.flip.is_some(),
+                cls,
+                final_norm: self.final_norm.as_ref().map(RmsNorm::weight),
+            };
+            return Ok(Stepper::Cpu(Box::new(StepKernel::new(
+                &trunk, parts, rows, temps,
+            )?)));
+        }
+        let scale = if temps.iter().all(|&v| v == 1.0) {
+            None
+        } else {
+            let inv: Vec<f32> = temps.iter().map(|&v| (1.0 / v) as f32).collect();
+            Some(Tensor::from_vec(inv, (rows, 1, 1, 1), device)?)
+        };
+        Ok(Stepper::Kv {
+            caches: self.layers.iter().map(|_| KvCache::new(2, t)).collect(),
+            scale,
+        })
     }
 
-    /// Feeds sequence position `i` (N, 1, D) and returns the (α, μ) of the next token: token
-    /// i+1 (TarFlow; the input is token i) or token i (with `sos`; the input is token i−1, or
-    /// the start token at i = 0).
+    /// The step engine's layout of the weights: kept for frozen weights (a model being trained
+    /// changes its own), made per inverse otherwise.
+    fn step_weights(&self, trunk: &Trunk) -> Result<Arc<StepWeights>> {
+        if let Some(w) = self.step_weights.get() {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(StepWeights::new(
+            trunk,
+            self.proj_in.parts()?,
+            self.proj_out.parts()?,
+        )?);
+        if !self.is_trainable() {
+            let _ = self.step_weights.set(w.clone());
+        }
+        Ok(w)
+    }
+
+    /// Feeds sequence position `i` of every row, `x_i` (rows, 1, D), with `cls` (rows or 1, 1, C;
+    /// the CPU engine took them at [`Self::stepper`]), and returns the (α, μ) of the next token:
+    /// token i+1 (TarFlow; the input is token i) or token i (with `sos`; the input is token i−1,
+    /// or the start token at i = 0).
     pub fn step(
         &self,
         x_i: &Tensor,
         i: usize,
         cls: Option<&Tensor>,
-        caches: &mut [KvCache],
-        attn_temp: f64,
+        st: &mut Stepper,
     ) -> Result<(Tensor, Tensor)> {
-        let t = self.pos_embed.dim(0)?;
-        let pos = match &self.flip {
-            Some(_) => t - 1 - i,
-            None => i,
+        let head = match st {
+            Stepper::Cpu(k) => {
+                let rows = x_i.dim(0)?;
+                let x = x_i.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let out = k.step(&Trunk::new(&self.layers)?, &x, i)?;
+                let w = out.len() / rows.max(1);
+                Tensor::from_vec(out, (rows, 1, w), x_i.device())?
+            }
+            Stepper::Kv { caches, scale } => {
+                let t = self.pos_embed.dim(0)?;
+                let pos = match &self.flip {
+                    Some(_) => t - 1 - i,
+                    None => i,
+                };
+                let mut h = self
+                    .proj_in
+                    .forward(x_i)?
+                    .broadcast_add(&self.pos_embed.narrow(0, pos, 1)?)?;
+                if let Some(c) = cls {
+                    h = h.broadcast_add(c)?;
+                }
+                for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+                    h = layer.step(&h, cache, scale.as_ref())?;
+                }
+                self.head_out(&h)?
+            }
         };
-        let mut h = self
-            .proj_in
-            .forward(x_i)?
-            .broadcast_add(&self.pos_embed.narrow(0, pos, 1)?)?;
-        if let Some(c) = cls {
-            h = h.broadcast_add(c)?;
-        }
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            h = layer.step(&h, cache, attn_temp)?;
-        }
-        self.split(&self.head_out(&h)?)
+        self.split(&head)
     }
+}
+
+/// The per-inverse state of [`MetaBlock::step`].
+pub enum Stepper {
+    /// The CPU step engine.
+    Cpu(Box<StepKernel>),
+    /// candle's KV caches, one per layer, and the per-row score multipliers.
+    Kv {
+        /// One per layer.
+        caches: Vec<KvCache>,
+        /// (rows, 1, 1, 1) `1 / temperature`, when not all 1.
+        scale: Option<Tensor>,
+    },
 }
 
 /// softplus⁻¹(1): STARFlow's offset so that σ = 1 when the head outputs 0.

@@ -198,6 +198,11 @@ impl RmsNorm {
         })
     }
 
+    /// The learned w of the scale 1 + w.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Normalises `x` (…, dim).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
@@ -271,10 +276,14 @@ impl Attention {
         v: &Tensor,
         mask: Option<&Tensor>,
         temp: f64,
+        row_scale: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (n, _, t, _) = q.dims4()?;
         let scale = 1.0 / ((self.head_dim as f64).sqrt() * temp);
         let mut att = (q.matmul(&k.t()?)? * scale)?; // (N, H, Tq, Tk)
+        if let Some(r) = row_scale {
+            att = att.broadcast_mul(&r.to_dtype(att.dtype())?)?;
+        }
         if let Some(m) = mask {
             att = att.broadcast_add(m)?;
         }
@@ -300,14 +309,20 @@ impl Attention {
             return self.proj.forward(&y);
         }
         let (q, k, v) = self.qkv(x)?;
-        self.attend(&q, &k, &v, Some(mask), temp)
+        self.attend(&q, &k, &v, Some(mask), temp, None)
     }
 
-    /// One new token (N, 1, C) attending to the cached ones and itself.
-    pub fn step(&self, x: &Tensor, cache: &mut KvCache, temp: f64) -> Result<Tensor> {
+    /// One new token (N, 1, C) attending to the cached ones and itself; `row_scale` (N, 1, 1, 1)
+    /// multiplies each row's scores (1 / its attention temperature).
+    pub fn step(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        row_scale: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x)?;
         let (k, v) = cache.append(&k, &v)?;
-        self.attend(&q, &k, &v, None, temp)
+        self.attend(&q, &k, &v, None, 1.0, row_scale)
     }
 }
 
@@ -419,9 +434,14 @@ impl AttentionBlock {
         Ok((&x + self.mlp.forward(&x)?)?)
     }
 
-    /// One-token pass with a KV cache (sampling).
-    pub fn step(&self, x: &Tensor, cache: &mut KvCache, attn_temp: f64) -> Result<Tensor> {
-        let x = (x + self.attention.step(x, cache, attn_temp)?)?;
+    /// One-token pass with a KV cache (sampling); `row_scale` as [`Attention::step`].
+    pub fn step(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        row_scale: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attention.step(x, cache, row_scale)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
     }
 }

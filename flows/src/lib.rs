@@ -8,7 +8,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
-pub mod fast;
 pub mod gelu;
 pub mod kernels;
 pub mod layers;

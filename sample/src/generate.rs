@@ -178,11 +178,7 @@ pub fn generate(
     while done < n {
         let b = batch.min(n - done);
         let lab = &labels[done..done + b];
-        let cond = if lab.iter().all(|&l| l < 0) {
-            Cond::Null
-        } else {
-            Cond::Labels(lab)
-        };
+        let cond = Cond::of(model.config().num_classes, Some(lab));
         let mut tries = 0;
         let x = loop {
             let z = match noise {

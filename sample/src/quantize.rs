@@ -89,10 +89,7 @@ pub fn inversion_error(model: &TarFlow, pixels: &[Vec<u8>], labels: Option<&[i64
         .collect();
     let x =
         Tensor::from_vec(flat, (pixels.len(), c, s, s), model.device())?.to_dtype(model.dtype())?;
-    let cond = match labels {
-        Some(l) => Cond::Labels(l),
-        None => Cond::Null,
-    };
+    let cond = Cond::of(cfg.num_classes, labels);
     let z = model.forward(&x, cond)?.z;
     let back = model.reverse(&z, cond, &ReverseOptions::default())?;
     let err = (back.to_dtype(DType::F32)? - x.to_dtype(DType::F32)?)?

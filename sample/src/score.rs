@@ -5,6 +5,7 @@ use crate::error::{Result, SampleError};
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use tarflow_flows::device::host_f64;
+use tarflow_flows::model::nats_to_bpd;
 use tarflow_flows::rng::{seeded, uniform};
 use tarflow_flows::{Cond, ModelConfig, TarFlow};
 
@@ -210,10 +211,7 @@ fn score_batch(
     let (nt, nb) = (cfg.num_tokens(), cfg.num_blocks);
     let n_dims = cfg.dims_per_image() as f64;
     let draws = us.len() as f64;
-    let cond = match labels {
-        Some(l) => Cond::Labels(l),
-        None => Cond::Null,
-    };
+    let cond = Cond::of(cfg.num_classes, labels);
     let k = k.to_device(model.device())?;
     let mut r = Batch {
         nll: vec![Vec::with_capacity(us.len()); b],
@@ -232,7 +230,7 @@ fn score_batch(
         for i in 0..b {
             r.nll[i].push(v[i]);
             for (a, v) in r.tok[i].iter_mut().zip(&t[i]) {
-                *a += v / draws / std::f64::consts::LN_2;
+                *a += nats_to_bpd(v / draws, 1);
             }
         }
         // Where a score is not finite, the first block whose output is not: read only then, so
@@ -323,12 +321,11 @@ fn score_inner<P: AsRef<[u8]>>(
         }
     }
     let (c, s) = (cfg.in_channels, cfg.img_size);
-    let n_dims = cfg.dims_per_image() as f64;
     let draws = match opts.dequant {
         Dequant::Uniform(k) => k.max(1),
         Dequant::None => 1,
     };
-    let bpd = |nats: f64| nats / (n_dims * std::f64::consts::LN_2);
+    let bpd = |nats: f64| nats_to_bpd(nats, cfg.dims_per_image());
     let mut rng = seeded(opts.seed);
     let mut wide: Option<Option<TarFlow>> = None;
     let mut out = Vec::with_capacity(pixels.len());
@@ -505,7 +502,6 @@ pub fn score_marginal<P: AsRef<[u8]>>(
     opts: &ScoreOptions,
 ) -> Result<Vec<ImageScore>> {
     let per_class = per_class(model, paths, pixels, opts, "the class mixture")?;
-    let n_dims = model.config().dims_per_image() as f64;
     let mut out = Vec::with_capacity(pixels.len());
     for i in 0..pixels.len() {
         let rows: Vec<&ImageScore> = per_class.iter().map(|c| &c[i]).collect();
@@ -538,7 +534,7 @@ pub fn score_marginal<P: AsRef<[u8]>>(
         let nll = combine_draws(&draw_nll, opts.bound);
         out.push(ImageScore {
             nll_nats: nll,
-            bits_per_dim: nll / (n_dims * std::f64::consts::LN_2),
+            bits_per_dim: nats_to_bpd(nll, model.config().dims_per_image()),
             draw_nll_nats: draw_nll,
             widened: rows.iter().any(|r| r.widened),
             ..best.clone()

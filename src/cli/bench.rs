@@ -137,11 +137,7 @@ fn images(cfg: &ModelConfig, n: usize, device: &Device) -> Result<(Tensor, Vec<i
 }
 
 fn cond<'a>(cfg: &ModelConfig, labels: &'a [i64]) -> Cond<'a> {
-    if cfg.num_classes > 0 {
-        Cond::Labels(labels)
-    } else {
-        Cond::Null
-    }
+    Cond::of(cfg.num_classes, Some(labels))
 }
 
 fn time_train(

@@ -190,12 +190,14 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let widened = scores.iter().filter(|s| s.widened).count();
     // Both bounds of the same draws, so that a table of K shows them on equal noise.
     let per_bound = |b: Bound| -> Summary {
-        let n_dims = cfg.dims_per_image() as f64 * std::f64::consts::LN_2;
         let v: Vec<f64> = scores
             .iter()
             .map(|s| match s.overflow {
                 Some(_) => f64::INFINITY,
-                None => tarflow_sample::score::combine_draws(&s.draw_nll_nats, b) / n_dims,
+                None => tarflow_flows::model::nats_to_bpd(
+                    tarflow_sample::score::combine_draws(&s.draw_nll_nats, b),
+                    cfg.dims_per_image(),
+                ),
             })
             .collect();
         Summary::of(&v)

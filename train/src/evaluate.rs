@@ -18,18 +18,13 @@ pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(
         0 => val.batches_per_epoch(),
         k => k.min(val.batches_per_epoch()),
     };
-    let conditional = model.config().num_classes > 0;
     let (mut sum, mut count, mut excluded) = (0.0, 0usize, 0usize);
     let mut wide: Option<Option<TarFlow>> = None;
     let bpd_of =
         |m: &TarFlow, images: &[f32], shape: [usize; 4], labels: &[i64]| -> Result<Vec<f64>> {
             let [bn, c, h, w] = shape;
             let x = Tensor::from_slice(images, (bn, c, h, w), m.device())?.to_dtype(m.dtype())?;
-            let cond = if conditional && !labels.is_empty() {
-                Cond::Labels(labels)
-            } else {
-                Cond::Null
-            };
+            let cond = Cond::of(m.config().num_classes, Some(labels));
             let out = m.forward(&x, cond)?;
             let bpd = m.bits_per_dim(&out, BpdConvention::TrueDims)?;
             Ok(tarflow_flows::device::host_f64(&bpd)?.to_vec1::<f64>()?)
@@ -65,11 +60,7 @@ pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()
     let labels: Vec<i64> = (0..e.num_samples)
         .map(|i| (i % m.num_classes.max(1)) as i64)
         .collect();
-    let cond = if m.num_classes > 0 {
-        Cond::Labels(&labels)
-    } else {
-        Cond::Null
-    };
+    let cond = Cond::of(m.num_classes, Some(&labels));
     let opts = ReverseOptions {
         guidance: if m.num_classes > 0 { e.guidance } else { 0.0 },
         ..Default::default()

@@ -317,11 +317,7 @@ impl Trainer {
     }
 
     fn cond<'a>(&self, labels: &'a [i64]) -> Cond<'a> {
-        if self.cfg.model.num_classes > 0 && !labels.is_empty() {
-            Cond::Labels(labels)
-        } else {
-            Cond::Null
-        }
+        Cond::of(self.cfg.model.num_classes, Some(labels))
     }
 
     /// One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm, lr).
@@ -651,11 +647,7 @@ fn check_memory(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// ml-tarflow's per-dimension loss as bits/dim of 8-bit data: `(loss + ½ln 2π + ln 128)/ln 2`.
-pub fn loss_to_bpd(loss: f64) -> f64 {
-    let c = 0.5 * (2.0 * std::f64::consts::PI).ln() + 128f64.ln();
-    (loss + c) / std::f64::consts::LN_2
-}
+pub use tarflow_flows::model::loss_to_bpd;
 
 /// The error for `--resume DIR` where DIR holds no run: the runs inside it, if any, or what a
 /// run directory holds.

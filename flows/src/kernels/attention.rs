@@ -34,18 +34,7 @@ impl Attn {
             );
         }
         for i in 0..t {
-            let row = &mut p[i * t..(i + 1) * t];
-            let max = row[..=i].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-            let mut sum = 0f32;
-            for v in row[..=i].iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            for v in row[..=i].iter_mut() {
-                *v *= inv;
-            }
-            row[i + 1..].fill(0.0);
+            super::softmax_prefix(&mut p[i * t..(i + 1) * t], i + 1);
         }
     }
 }

@@ -14,7 +14,7 @@ struct LayerNorm;
 struct LayerNormBwd;
 
 /// (mean, 1/σ) of one row, accumulated in f64 for rows of thousands of values.
-fn stats(x: &[f32]) -> (f32, f32) {
+pub(crate) fn stats(x: &[f32]) -> (f32, f32) {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;

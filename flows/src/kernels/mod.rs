@@ -16,6 +16,8 @@ pub mod attention;
 pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
+pub mod step;
+pub mod trunk;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -114,4 +116,19 @@ pub(crate) unsafe fn gemm_strided(
         false,
         par,
     )
+}
+
+/// Softmax over the first `len` values of `row` in place; the rest become 0 (causal rows).
+pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
+    let max = row[..len].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let mut sum = 0f32;
+    for v in row[..len].iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in row[..len].iter_mut() {
+        *v *= inv;
+    }
+    row[len..].fill(0.0);
 }

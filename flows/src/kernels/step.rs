@@ -1,0 +1,207 @@
+//! The CPU step engine of the sequential inverse: "the head output for position i of these
+//! rows", from the input token through `proj_in`, the position and class embeddings, the trunk
+//! ([`super::trunk`]), the final norm and `proj_out`, on buffers kept for the whole inverse. What
+//! the head output means (α, μ, guidance, the affine update) is the caller's (`MetaBlock` and
+//! the model's inverse), exactly as for candle's KV-cache step.
+
+use super::gemm_strided;
+use super::trunk::{Trunk, TrunkStep};
+use crate::error::Result;
+use candle_core::Tensor;
+
+/// A Linear layer as Wᵀ (in × out, row-major: a few rows need no packing) and its bias.
+struct DenseT {
+    wt: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl DenseT {
+    fn new((w, b): (&Tensor, &Tensor)) -> Result<Self> {
+        Ok(Self {
+            wt: w.t()?.contiguous()?.flatten_all()?.to_vec1()?,
+            b: b.to_vec1()?,
+        })
+    }
+
+    fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool) {
+        let n = self.b.len();
+        let k = self.wt.len() / n.max(1);
+        for r in 0..rows {
+            out[r * n..(r + 1) * n].copy_from_slice(&self.b);
+        }
+        // SAFETY: x is rows×k, Wᵀ k×n, out rows×n.
+        unsafe {
+            gemm_strided(
+                (rows, n, k),
+                out.as_mut_ptr(),
+                n,
+                true,
+                (x.as_ptr(), k, 1),
+                (self.wt.as_ptr(), n, 1),
+                1.0,
+                parallel,
+            )
+        }
+    }
+}
+
+/// What a block adds around its trunk, for one inverse of `rows` rows.
+pub struct StepParts<'a> {
+    /// The block's weights in the engine's layout.
+    pub weights: std::sync::Arc<StepWeights>,
+    /// Position embeddings (T, C) in canonical order.
+    pub pos: &'a Tensor,
+    /// Whether the block reads the tokens reversed.
+    pub flipped: bool,
+    /// Class embedding per row (rows, 1, C).
+    pub cls: Option<&'a Tensor>,
+    /// STARFlow's final RMSNorm weight w (the scale is 1 + w).
+    pub final_norm: Option<&'a Tensor>,
+}
+
+/// A block's weights laid out for the step engine's small products (Wᵀ), made once per model
+/// where its weights are frozen.
+pub struct StepWeights {
+    proj_in: DenseT,
+    proj_out: DenseT,
+    layers: Vec<[Vec<f32>; 4]>,
+}
+
+impl StepWeights {
+    /// The layout of `trunk` and the block's projections.
+    pub fn new(
+        trunk: &Trunk,
+        proj_in: (&Tensor, &Tensor),
+        proj_out: (&Tensor, &Tensor),
+    ) -> Result<Self> {
+        Ok(Self {
+            proj_in: DenseT::new(proj_in)?,
+            proj_out: DenseT::new(proj_out)?,
+            layers: trunk.transposed()?,
+        })
+    }
+
+    /// Wᵀ of the trunk's layers ([`Trunk::transposed`]).
+    pub fn layers(&self) -> &[[Vec<f32>; 4]] {
+        &self.layers
+    }
+}
+
+impl std::fmt::Debug for StepWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepWeights")
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+/// The step engine's state: caches and buffers, and the weights it reads.
+pub struct StepKernel {
+    trunk: TrunkStep,
+    weights: std::sync::Arc<StepWeights>,
+    pos: Vec<f32>,
+    flipped: bool,
+    cls: Option<Vec<f32>>,
+    rms: Option<Vec<f32>>,
+    rows: usize,
+    t: usize,
+    c: usize,
+    h: Vec<f32>,
+}
+
+impl StepKernel {
+    /// The engine for `rows` rows over `trunk`; row r's attention scores are divided by
+    /// `temps[r]`.
+    pub fn new(trunk: &Trunk, p: StepParts, rows: usize, temps: &[f64]) -> Result<Self> {
+        let (t, c) = p.pos.dims2()?;
+        Ok(Self {
+            trunk: trunk.stepper(rows, t, temps)?,
+            weights: p.weights,
+            pos: p.pos.flatten_all()?.to_vec1()?,
+            flipped: p.flipped,
+            cls: p.cls.map(|c| c.flatten_all()?.to_vec1()).transpose()?,
+            rms: p.final_norm.map(|w| (w + 1.0)?.to_vec1()).transpose()?,
+            rows,
+            t,
+            c,
+            h: vec![0f32; rows * c],
+        })
+    }
+
+    /// The head output (rows × W) for position `i`, given the rows' input tokens `x` (rows × D).
+    pub fn step(&mut self, trunk: &Trunk, x: &[f32], i: usize) -> Result<Vec<f32>> {
+        let (rows, c) = (self.rows, self.c);
+        let w = self.weights.clone();
+        w.proj_in.apply(x, rows, &mut self.h, false);
+        let p = if self.flipped { self.t - 1 - i } else { i };
+        let pos = &self.pos[p * c..(p + 1) * c];
+        for (r, hr) in self.h.chunks_exact_mut(c).enumerate() {
+            add_embeddings(hr, pos, self.cls.as_deref(), r);
+        }
+        trunk.step(&mut self.trunk, &w.layers, &mut self.h, i)?;
+        if let Some(g) = &self.rms {
+            rms_norm(&mut self.h, g);
+        }
+        let mut out = vec![0f32; rows * w.proj_out.b.len()];
+        w.proj_out.apply(&self.h, rows, &mut out, false);
+        Ok(out)
+    }
+}
+
+/// Adds a position embedding and the class embedding of row `r` (one shared row when `cls`
+/// holds a single one) to the hidden vector `h`.
+fn add_embeddings(h: &mut [f32], pos: &[f32], cls: Option<&[f32]>, r: usize) {
+    h.iter_mut().zip(pos).for_each(|(a, e)| *a += e);
+    if let Some(cls) = cls {
+        let c = h.len();
+        let k = if cls.len() > c { r } else { 0 };
+        h.iter_mut()
+            .zip(&cls[k * c..(k + 1) * c])
+            .for_each(|(a, e)| *a += e);
+    }
+}
+
+/// STARFlow's final RMSNorm `x·rsqrt(mean(x²) + 1e-6)·g` (g = 1 + w) of each row, in place.
+fn rms_norm(h: &mut [f32], g: &[f32]) {
+    let c = g.len();
+    for hr in h.chunks_exact_mut(c) {
+        let ms = hr.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let inv = 1.0 / (ms + 1e-6).sqrt();
+        hr.iter_mut().zip(g).for_each(|(v, g)| *v *= inv * g);
+    }
+}
+
+/// The head output (N·T × W) of every position of `x` (N·T × D, block order) in one causal
+/// pass: what the step engine answers position by position, for the forward pass.
+pub fn heads(
+    trunk: &Trunk,
+    p: &StepParts,
+    x: &[f32],
+    (n, t): (usize, usize),
+    temp: f64,
+) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let c = p.pos.dim(1)?;
+    let w = &p.weights;
+    let mut h = vec![0f32; n * t * c];
+    w.proj_in.apply(x, n * t, &mut h, true);
+    let pos = p.pos.flatten_all()?.to_vec1::<f32>()?;
+    let cls = p
+        .cls
+        .map(|c| c.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    let total = pos.len() / c;
+    h.par_chunks_mut(t * c).enumerate().for_each(|(r, hr)| {
+        for (i, hi) in hr.chunks_exact_mut(c).enumerate() {
+            let q = if p.flipped { total - 1 - i } else { i };
+            add_embeddings(hi, &pos[q * c..(q + 1) * c], cls.as_deref(), r);
+        }
+    });
+    trunk.forward(&mut h, n, t, temp, Some(&w.layers))?;
+    if let Some(g) = p.final_norm {
+        rms_norm(&mut h, &(g + 1.0)?.to_vec1::<f32>()?);
+    }
+    let mut out = vec![0f32; n * t * w.proj_out.b.len()];
+    w.proj_out.apply(&h, n * t, &mut out, true);
+    Ok(out)
+}
