@@ -96,7 +96,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
                 }
             }
             if let Some(p) = file("experiment.toml") {
-                let _ = tarflow_train::experiment::Experiment::load(&p);
+                let _ = crate::experiment::Experiment::load(&p);
             }
         }
         "checkpoint" => {

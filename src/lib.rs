@@ -9,6 +9,8 @@ pub use tarflow_flows as flows;
 pub use tarflow_sample as sample;
 pub use tarflow_train as train;
 
+pub mod experiment;
+pub mod fd;
 #[doc(hidden)]
 pub mod fuzzing;
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Where images come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum SourceKind {
     /// Downsampled ImageNet npz batches (`imagenet-npz`).
     ImagenetNpz,
@@ -103,6 +104,18 @@ pub struct Loaded {
 }
 
 impl SourceKind {
+    /// The name configs and the command line use (`mnist-idx`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::ImagenetNpz => "imagenet-npz",
+            SourceKind::Hdf5 => "hdf5",
+            SourceKind::Folder => "folder",
+            SourceKind::MnistIdx => "mnist-idx",
+            SourceKind::Cifar10 => "cifar10",
+            SourceKind::Embedded => "embedded",
+        }
+    }
+
     /// What a path of this kind must hold, and where such data comes from.
     pub fn layout(self) -> &'static str {
         match self {

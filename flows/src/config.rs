@@ -244,15 +244,6 @@ impl ModelConfig {
         self.num_classes > 0 && (!self.cond_deep_only || k + 1 == self.num_blocks)
     }
 
-    /// Whether every option is TarFlow's (the layout the fast CPU path implements).
-    pub fn is_plain_tarflow(&self) -> bool {
-        self.permutation == Permutation::Alternate
-            && self.scale == ScaleHead::Exp
-            && !self.sos
-            && !self.final_norm
-            && !self.cond_deep_only
-    }
-
     /// Transformer depth of block k (x→z order).
     pub fn block_layers(&self, k: usize) -> usize {
         match &self.layers {

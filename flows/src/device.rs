@@ -3,6 +3,33 @@
 use crate::error::{FlowError, Result};
 use candle_core::{DType, Device, Tensor};
 
+/// The devices a command line or config can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum DeviceKind {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (build with `--features cuda`).
+    Cuda,
+    /// The Apple GPU (build with `--features metal`).
+    Metal,
+    /// CUDA, then Metal, then the CPU (the choice is printed).
+    Auto,
+}
+
+impl DeviceKind {
+    /// The name `select` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Metal => "metal",
+            DeviceKind::Auto => "auto",
+        }
+    }
+}
+
 /// Returns the device called `name`; `auto` picks CUDA, then Metal, then the CPU.
 pub fn select(name: &str) -> Result<Device> {
     match name {

@@ -17,6 +17,7 @@ pub mod patch;
 pub mod pickle_guard;
 pub mod quant;
 pub mod rng;
+pub mod rundir;
 
 pub use block::Cond;
 pub use checkpoint::Checkpoint;

@@ -55,9 +55,6 @@ pub struct BenchArgs {
     /// Jacobi chunk (0 = whole sequence).
     #[arg(long, default_value_t = 0)]
     chunk: usize,
-    /// A checkpoint (run directory or file) instead of a freshly initialised model.
-    #[arg(long)]
-    checkpoint: Option<std::path::PathBuf>,
     /// Quantise the model's Linear weights to this type first (the `tarflow quantize --to`
     /// recipe: affine heads in f16), to measure a quantised model of any config.
     #[arg(long)]
@@ -68,8 +65,10 @@ pub struct BenchArgs {
     /// Print one JSON object per config.
     #[arg(long)]
     json: bool,
+    /// `--checkpoint` measures a trained (or quantised) model instead of a freshly initialised
+    /// one of each --config.
     #[command(flatten)]
-    runtime: super::runtime::RuntimeArgs,
+    model: super::runtime::ModelArgs,
 }
 
 fn named_config(spec: &str) -> Result<(String, ModelConfig)> {
@@ -190,7 +189,7 @@ fn time_sample(model: &TarFlow, n: usize, guidance: f64, iters: usize) -> Result
 
 /// Runs the benchmark.
 pub fn run(a: BenchArgs) -> Result<()> {
-    let (device, dtype) = a.runtime.select()?;
+    let (device, dtype) = a.model.runtime.select()?;
     if a.what == Some(What::Loader) {
         return loader(&a);
     }
@@ -205,8 +204,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for spec in &specs {
         let (name, cfg) = named_config(spec)?;
         reset_peak_rss();
-        let ck = match &a.checkpoint {
-            Some(p) => tarflow_sample::resolve::resolve(p, true, &device)?.checkpoint,
+        let ck = match &a.model.checkpoint {
+            Some(p) => tarflow_sample::resolve::resolve(p, !a.model.no_ema, &device)?.checkpoint,
             None => Checkpoint::init(&cfg, 0, &device)?,
         };
         let ck = match a.quantize {

@@ -1,6 +1,6 @@
 //! `tarflow data inspect --source KIND [--path P] [--json] [--grid out.png]`.
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use tarflow_datasets::folder::FolderOptions;
@@ -16,9 +16,9 @@ pub enum DataCommand {
 /// Arguments of `tarflow data inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Source kind: imagenet-npz, hdf5, folder, mnist-idx, cifar10 or embedded.
-    #[arg(long, default_value = "embedded")]
-    source: String,
+    /// Source kind.
+    #[arg(long, value_enum, default_value = "embedded")]
+    source: SourceKind,
     /// File or folder of the source (not needed for `embedded`).
     #[arg(long)]
     path: Option<PathBuf>,
@@ -54,7 +54,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let kind: SourceKind = a.source.parse().map_err(|e: String| anyhow!(e))?;
+    let kind = a.source;
     let folder = FolderOptions {
         size: a.size,
         channels: a.channels,
@@ -88,7 +88,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     } else {
         println!(
             "source       {} {}",
-            a.source,
+            a.source.name(),
             a.path
                 .as_ref()
                 .map(|p| p.display().to_string())

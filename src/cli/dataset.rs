@@ -20,12 +20,12 @@ impl Dataset {
     /// Loads `kind` from `path` for `cfg` (a folder is read at the model's size and channels)
     /// and keeps the first `limit` images (all when None).
     pub fn load(
-        kind: &str,
+        k: SourceKind,
         path: Option<&Path>,
         cfg: &ModelConfig,
         limit: Option<usize>,
     ) -> Result<Dataset> {
-        let k: SourceKind = kind.parse().map_err(|e: String| anyhow!("--source: {e}"))?;
+        let kind = k.name();
         let folder = FolderOptions {
             size: Some(cfg.img_size),
             channels: cfg.in_channels,
@@ -69,7 +69,8 @@ impl Dataset {
             Some((k, p)) => (k, Some(PathBuf::from(p))),
             None => (spec, None),
         };
-        Self::load(kind, path.as_deref(), cfg, limit)
+        let k: SourceKind = kind.parse().map_err(|e: String| anyhow!("{spec}: {e}"))?;
+        Self::load(k, path.as_deref(), cfg, limit)
     }
 
     /// Names for the images: `NAME#index`.

@@ -5,7 +5,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tarflow_train::experiment::{dirs, dry_run, run, Experiment};
+use tarflow::experiment::{dirs, dry_run, run, Experiment};
 
 /// Arguments of `tarflow experiment`.
 #[derive(Debug, Args)]

@@ -2,21 +2,18 @@
 //! feature space (not Inception FID).
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use clap::Args;
 use std::path::PathBuf;
+use tarflow::fd::{classifier_for, measure, FeatureExtractor, Reference};
 use tarflow_flows::{GuidanceRule, ReverseOptions};
 use tarflow_sample::generate::{Labels, SampleOptions};
-use tarflow_train::fd::{classifier_for, measure, FeatureExtractor, Reference};
 use tarflow_train::TrainConfig;
 
 /// Arguments of `tarflow fd`.
 #[derive(Debug, Args)]
 pub struct FdArgs {
-    /// A run directory (EMA weights of its latest checkpoint) or a checkpoint file.
-    #[arg(long)]
-    checkpoint: PathBuf,
-    /// Training config naming the data (default: the run directory's config.toml).
+    /// Training config naming the data (default: the run directory's config.toml; needed for a
+    /// checkpoint file or the embedded model).
     #[arg(long)]
     config: Option<String>,
     /// The feature classifier; trained on the run's training split and saved here when missing
@@ -38,31 +35,33 @@ pub struct FdArgs {
     /// Guidance weight (conditional models; labels are drawn at random).
     #[arg(long, default_value_t = 0.0)]
     guidance: f64,
-    /// linear or gaussian.
-    #[arg(long, default_value = "linear")]
-    guidance_rule: String,
+    /// Guidance rule: linear (TarFlow) or gaussian (STARFlow's closed form).
+    #[arg(long, value_enum, default_value = "linear")]
+    guidance_rule: GuidanceRule,
     /// Guide only the first K blocks sampled; 0 = all.
     #[arg(long, default_value_t = 0)]
     guide_blocks: usize,
     /// One denoising step with the run's training σ.
     #[arg(long)]
     denoise: bool,
-    /// Use the trained weights even where the run kept an EMA.
-    #[arg(long)]
-    no_ema: bool,
     /// Print a JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    model: super::runtime::ModelArgs,
 }
 
 /// Runs `tarflow fd`.
 pub fn run(a: FdArgs) -> Result<()> {
-    let dev = candle_core::Device::Cpu;
-    let r = tarflow_sample::resolve::resolve(&a.checkpoint, !a.no_ema, &dev)?;
+    let (r, model) = a.model.load()?;
     let cfg = match &a.config {
         Some(c) => TrainConfig::load(c, &[])?,
         None => {
-            let p = a.checkpoint.join("config.toml");
+            let dir = a.model.checkpoint.as_ref().with_context(|| {
+                "give --config to name the data the embedded model's samples are compared with \
+                 (experiments/tarflow-mnist-bpd.toml)"
+            })?;
+            let p = dir.join("config.toml");
             let text = std::fs::read_to_string(&p).with_context(|| {
                 format!(
                     "{}: give --config to name the data of a bare checkpoint file",
@@ -72,7 +71,6 @@ pub fn run(a: FdArgs) -> Result<()> {
             TrainConfig::from_toml(&text, &p.display().to_string(), &[])?
         }
     };
-    let model = r.checkpoint.model(&dev, DType::F32)?;
     let cls_path = a.classifier.clone().unwrap_or_else(|| {
         PathBuf::from(
             format!(
@@ -96,10 +94,7 @@ pub fn run(a: FdArgs) -> Result<()> {
         },
         reverse: ReverseOptions {
             guidance: a.guidance,
-            rule: a
-                .guidance_rule
-                .parse::<GuidanceRule>()
-                .map_err(anyhow::Error::msg)?,
+            rule: a.guidance_rule,
             guide_blocks: a.guide_blocks,
             ..Default::default()
         },

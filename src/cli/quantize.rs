@@ -370,8 +370,8 @@ fn fd_against_f32(
     f32_model: &TarFlow,
     qm: &TarFlow,
 ) -> Result<FdFigures> {
+    use tarflow::fd::{classifier_for, frechet_distance, sample_features, Reference};
     use tarflow_sample::generate::{Labels, SampleOptions};
-    use tarflow_train::fd::{classifier_for, frechet_distance, sample_features, Reference};
     let cfg = tarflow_train::TrainConfig::load(cfg_path, &[])?;
     let cls_path = a.classifier.clone().unwrap_or_else(|| {
         PathBuf::from(

@@ -4,6 +4,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
+use tarflow_flows::device::DeviceKind;
 use tarflow_flows::TarFlow;
 use tarflow_sample::resolve::Resolved;
 
@@ -32,9 +33,9 @@ impl DTypeArg {
 /// `--device` and `--dtype`.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
-    /// cpu, cuda, metal or auto (cuda, then metal, then cpu; the choice is printed).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Where the model runs (auto: cuda, then metal, then cpu; the choice is printed).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
     /// Precision of the model: f32, bf16 or f16. Below f32 the model runs on candle's composed
     /// ops (the GPU path), also on the CPU.
     #[arg(long, value_enum, default_value = "f32")]
@@ -44,8 +45,8 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     /// The selected device (saying on stderr which one `auto` picked) and dtype.
     pub fn select(&self) -> Result<(Device, DType)> {
-        let device = tarflow_flows::device::select(&self.device)?;
-        if self.device == "auto" {
+        let device = tarflow_flows::device::select(self.device.name())?;
+        if self.device == DeviceKind::Auto {
             eprintln!(
                 "device: {} (auto)",
                 tarflow_flows::device::describe(&device)

@@ -8,6 +8,15 @@ use tarflow_flows::{GuidanceRule, GuideWhat, JacobiInit, JacobiOptions, ReverseO
 use tarflow_sample::generate::{generate, read_noise, save_tensor, Labels, SampleOptions};
 use tarflow_sample::grid::to_u8;
 
+/// The inverse solver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Solver {
+    /// KV-cached, position by position: exact.
+    Sequential,
+    /// Parallel GS-Jacobi iterations to a tolerance.
+    Jacobi,
+}
+
 /// Arguments of `tarflow sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
@@ -33,20 +42,20 @@ pub struct SampleArgs {
     #[arg(long)]
     annealed: bool,
     /// What the guidance extrapolates: a (log-scale), b (shift) or ab (both).
-    #[arg(long, default_value = "ab")]
-    guide: String,
+    #[arg(long, value_enum, default_value = "ab")]
+    guide: GuideWhat,
     /// Attention temperature of the unconditional pass.
     #[arg(long, default_value_t = 1.0)]
     attn_temp: f64,
     /// Guidance rule: linear (TarFlow) or gaussian (STARFlow's closed form).
-    #[arg(long, default_value = "linear")]
-    guidance_rule: String,
+    #[arg(long, value_enum, default_value = "linear")]
+    guidance_rule: GuidanceRule,
     /// Guide only the first K blocks sampled (STARFlow: 1, the deep block); 0 = all.
     #[arg(long, default_value_t = 0)]
     guide_blocks: usize,
     /// sequential (KV-cached, exact) or jacobi (parallel GS-Jacobi iterations).
-    #[arg(long, default_value = "sequential")]
-    solver: String,
+    #[arg(long, value_enum, default_value = "sequential")]
+    solver: Solver,
     /// Jacobi: stop when mean((new−old)²)/mean(new²) is below this.
     #[arg(long, default_value_t = 1e-8)]
     tol: f64,
@@ -58,8 +67,8 @@ pub struct SampleArgs {
     #[arg(long, default_value = "0")]
     chunk: String,
     /// Jacobi: initial guess, input (the block's output) or zeros.
-    #[arg(long, default_value = "input")]
-    jacobi_init: String,
+    #[arg(long, value_enum, default_value = "input")]
+    jacobi_init: JacobiInit,
     /// One score-based denoising step x + λσ²∇log p(x) after sampling.
     #[arg(long)]
     denoise: bool,
@@ -125,19 +134,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
         reverse: ReverseOptions {
             guidance: a.guidance,
             annealed: a.annealed,
-            guide_what: a.guide.parse::<GuideWhat>().map_err(anyhow::Error::msg)?,
+            guide_what: a.guide,
             attn_temp: a.attn_temp,
-            rule: a
-                .guidance_rule
-                .parse::<GuidanceRule>()
-                .map_err(anyhow::Error::msg)?,
+            rule: a.guidance_rule,
             guide_blocks: a.guide_blocks,
         },
         denoise,
         max_redraws: 10,
-        jacobi: match a.solver.as_str() {
-            "sequential" => None,
-            "jacobi" => {
+        jacobi: match a.solver {
+            Solver::Sequential => None,
+            Solver::Jacobi => {
                 let chunks = a
                     .chunk
                     .split(',')
@@ -152,13 +158,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
                     max_iters: a.max_iters,
                     chunk: if chunks.len() == 1 { chunks[0] } else { 0 },
                     block_chunks: if chunks.len() > 1 { chunks } else { Vec::new() },
-                    init: a
-                        .jacobi_init
-                        .parse::<JacobiInit>()
-                        .map_err(anyhow::Error::msg)?,
+                    init: a.jacobi_init,
                 })
             }
-            other => bail!("--solver {other:?}: expected sequential or jacobi"),
         },
     };
     let noise = a

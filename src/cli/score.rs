@@ -35,10 +35,10 @@ pub struct ScoreArgs {
     /// Image files or folders (searched recursively for png/jpeg/bmp/webp/gif).
     #[arg(required_unless_present = "source", conflicts_with = "source")]
     inputs: Vec<PathBuf>,
-    /// Score a whole dataset instead of files: imagenet-npz, hdf5, folder, mnist-idx, cifar10
-    /// or embedded (with --path), as `data inspect` and training read them.
-    #[arg(long)]
-    source: Option<String>,
+    /// Score a whole dataset instead of files (with --path), as `data inspect` and training
+    /// read them.
+    #[arg(long, value_enum)]
+    source: Option<tarflow_datasets::source::SourceKind>,
     /// File or folder of --source.
     #[arg(long, requires = "source")]
     path: Option<PathBuf>,
@@ -119,7 +119,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let cfg = model.config().clone();
     let (paths, pixels, labels, identity) = match &a.source {
         Some(kind) => {
-            let d = Dataset::load(kind, a.path.as_deref(), &cfg, a.limit)?;
+            let d = Dataset::load(*kind, a.path.as_deref(), &cfg, a.limit)?;
             let labels = if a.true_labels {
                 match &d.set.labels {
                     Some(l) => Some(l.clone()),

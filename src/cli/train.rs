@@ -22,9 +22,9 @@ pub struct TrainArgs {
     /// Override a config key, e.g. `--set train.max_steps=2000` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     sets: Vec<String>,
-    /// cpu, cuda, metal or auto (overrides train.device).
-    #[arg(long)]
-    device: Option<String>,
+    /// Where to train (overrides train.device).
+    #[arg(long, value_enum)]
+    device: Option<tarflow_flows::device::DeviceKind>,
     /// Only check the config and that its data paths exist, then stop.
     #[arg(long)]
     check: bool,
@@ -33,8 +33,8 @@ pub struct TrainArgs {
 /// Runs `tarflow train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut sets = a.sets.clone();
-    if let Some(d) = &a.device {
-        sets.push(format!("train.device={d}"));
+    if let Some(d) = a.device {
+        sets.push(format!("train.device={}", d.name()));
     }
     let (mut trainer, warnings) = match (&a.config, &a.resume) {
         (_, Some(dir)) => Trainer::resume(dir, &sets)?,

@@ -111,7 +111,7 @@ impl Default for DataConfig {
             val_path: None,
             val_count: 1000,
             noise: NoiseKind::Gaussian,
-            noise_std: 0.05,
+            noise_std: tarflow_flows::rundir::DEFAULT_NOISE_STD,
             flip: false,
             label_drop: 0.0,
             skip_bad: false,

@@ -196,3 +196,19 @@ impl Feed {
         Ok(b)
     }
 }
+
+/// The training and held-out images of a run's config, split exactly as training split them.
+pub fn split_sets(cfg: &crate::TrainConfig) -> Result<(ImageSet, ImageSet)> {
+    let micro = cfg.train.batch_size / cfg.train.grad_accum.max(1);
+    let (train, val) = loaders(cfg, micro, &mut Vec::new())?;
+    let val = val.ok_or_else(|| {
+        TrainError::config(
+            "data.val_count",
+            "no held-out images to compare samples with",
+        )
+    })?;
+    Ok((
+        train.set().subset(train.indices()),
+        val.set().subset(val.indices()),
+    ))
+}

@@ -9,8 +9,6 @@ pub mod data;
 pub mod ema;
 pub mod error;
 pub mod evaluate;
-pub mod experiment;
-pub mod fd;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

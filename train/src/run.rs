@@ -125,7 +125,7 @@ impl Run {
 
     /// The held-out images of the run, split exactly as training split them.
     pub fn validation_set(&self) -> Result<ImageSet> {
-        Ok(crate::fd::split_sets(&self.config)?.1)
+        Ok(crate::data::split_sets(&self.config)?.1)
     }
 
     /// The newest weights (EMA where kept and `ema` is set) as an f32 model on `device`.

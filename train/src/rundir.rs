@@ -11,13 +11,20 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tarflow_flows::checkpoint::write_atomic;
+use tarflow_flows::rundir::{RunLayout, EMA, MODEL};
 use tarflow_flows::Checkpoint;
 
-/// Where a run keeps its files.
+/// Where a run keeps its files: the layout of [`RunLayout`], plus writing checkpoints.
 #[derive(Debug, Clone)]
 pub struct RunDir {
-    /// The run's root folder.
-    pub root: PathBuf,
+    layout: RunLayout,
+}
+
+impl std::ops::Deref for RunDir {
+    type Target = RunLayout;
+    fn deref(&self) -> &RunLayout {
+        &self.layout
+    }
 }
 
 /// Progress counters saved beside the weights (`state.json`).
@@ -68,7 +75,9 @@ fn fsync_dir(p: &Path) {
 impl RunDir {
     /// The run directory at `root` (nothing is created).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            layout: RunLayout::new(root),
+        }
     }
 
     /// Creates the folders; fails clearly when the location is not writable.
@@ -80,53 +89,6 @@ impl RunDir {
         write_atomic(&self.root.join(".write-test"), b"ok")?;
         let _ = std::fs::remove_file(self.root.join(".write-test"));
         Ok(())
-    }
-
-    /// `config.toml`.
-    pub fn config_path(&self) -> PathBuf {
-        self.root.join("config.toml")
-    }
-    /// `metrics.jsonl`.
-    pub fn metrics_path(&self) -> PathBuf {
-        self.root.join("metrics.jsonl")
-    }
-    /// `plots/`.
-    pub fn plots(&self) -> PathBuf {
-        self.root.join("plots")
-    }
-    /// `samples/`.
-    pub fn samples(&self) -> PathBuf {
-        self.root.join("samples")
-    }
-    /// `checkpoints/`.
-    pub fn checkpoints(&self) -> PathBuf {
-        self.root.join("checkpoints")
-    }
-
-    /// The folder of the checkpoint at `step`.
-    pub fn step_dir(&self, step: u64) -> PathBuf {
-        self.checkpoints().join(format!("step-{step:07}"))
-    }
-
-    /// The folder `latest` points to, if any.
-    pub fn latest(&self) -> Result<Option<PathBuf>> {
-        let p = self.root.join("latest");
-        match std::fs::read_to_string(&p) {
-            Ok(s) => {
-                let name = s.trim();
-                if !name.starts_with("step-") || name.contains(['/', '\\']) {
-                    return Err(TrainError::Run {
-                        path: p,
-                        msg: format!(
-                            "`latest` holds {name:?}, expected a checkpoint name like step-0001000"
-                        ),
-                    });
-                }
-                Ok(Some(self.checkpoints().join(name)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TrainError::io(p, e)),
-        }
     }
 
     /// Writes a checkpoint for `state.step` and points `latest` at it; keeps the newest `keep`
@@ -145,7 +107,7 @@ impl RunDir {
             // This step is already saved (an interrupt right after a periodic save): the
             // weights are the same, and deleting the folder to rewrite it would leave `latest`
             // pointing at nothing if we were killed in between.
-            write_atomic(&self.root.join("latest"), name.as_bytes())?;
+            write_atomic(&self.latest_path(), name.as_bytes())?;
             return Ok(dir);
         }
         let tmp = self.checkpoints().join(format!(".tmp-{name}"));
@@ -153,9 +115,9 @@ impl RunDir {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         }
         mkdir(&tmp)?;
-        model.save(tmp.join("model.safetensors"))?;
+        model.save(tmp.join(MODEL))?;
         if let Some(e) = ema {
-            e.save(tmp.join("ema.safetensors"))?;
+            e.save(tmp.join(EMA))?;
         }
         let (moments, opt_step) = optimizer;
         let mut sorted: Vec<(&String, Tensor)> = Vec::with_capacity(moments.len());
@@ -185,7 +147,7 @@ impl RunDir {
         }
         std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
         fsync_dir(&self.checkpoints());
-        write_atomic(&self.root.join("latest"), name.as_bytes())?;
+        write_atomic(&self.latest_path(), name.as_bytes())?;
         self.remove_stale_temps()?;
         if keep > 0 {
             self.prune(keep, &dir)?;
@@ -241,8 +203,8 @@ impl RunDir {
 
     /// Reads one checkpoint folder.
     pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Restored> {
-        let model = Checkpoint::load(dir.join("model.safetensors"), device)?;
-        let ema_path = dir.join("ema.safetensors");
+        let model = Checkpoint::load(dir.join(MODEL), device)?;
+        let ema_path = dir.join(EMA);
         let ema = if ema_path.exists() {
             Some(Checkpoint::load(&ema_path, device)?.tensors)
         } else {

@@ -3,8 +3,8 @@
 //!
 //! Composed candle ops materialise every intermediate on the autograd tape (the training step
 //! spent ~20 % of its time zeroing fresh pages); each kernel here keeps only its inputs and
-//! recomputes what its backward needs. They, and the model's buffer-reusing inference path
-//! ([`crate::fast`]), apply to f32 tensors on the CPU; elsewhere (CUDA, Metal, bf16/f16), or
+//! recomputes what its backward needs. They, and the gradient-free trunk ([`trunk`]) and step
+//! engine ([`step`]) of inference, apply to f32 tensors on the CPU; elsewhere (CUDA, Metal, bf16/f16), or
 //! when switched off, the model runs on candle's composed ops, which remain the reference
 //! (tests hold the two equal in values and gradients).
 //!
@@ -28,13 +28,13 @@ static STATE: AtomicU8 = AtomicU8::new(0);
 /// The environment variable that turns the CPU kernels off (`0`, `off`, `false`, `no`).
 pub const ENV_VAR: &str = "TARFLOW_CPU_KERNELS";
 
-/// Turns the CPU kernels and the fast inference path on (default) or off, process-wide; this
+/// Turns the CPU kernels (training ops, trunk, step engine) on (default) or off, process-wide; this
 /// overrides `TARFLOW_CPU_KERNELS`.
 pub fn set_enabled(on: bool) {
     STATE.store(if on { 1 } else { 2 }, Ordering::SeqCst);
 }
 
-/// Whether the CPU kernels and the fast inference path are on.
+/// Whether the CPU kernels are on.
 pub fn enabled() -> bool {
     match STATE.load(Ordering::Relaxed) {
         1 => true,

@@ -5,13 +5,17 @@ use crate::error::{FlowError, Result};
 
 /// Which of (α, μ) classifier-free guidance extrapolates (ml-tarflow's `guide_what`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum GuideWhat {
     /// The log-scale α only (`"a"`).
+    #[cfg_attr(feature = "clap", value(name = "a", alias = "alpha"))]
     Alpha,
     /// The shift μ only (`"b"`).
+    #[cfg_attr(feature = "clap", value(name = "b", alias = "mu"))]
     Mu,
     /// Both (`"ab"`, the default).
     #[default]
+    #[cfg_attr(feature = "clap", value(name = "ab", alias = "both"))]
     Both,
 }
 
@@ -31,12 +35,15 @@ impl std::str::FromStr for GuideWhat {
 
 /// How the conditional and unconditional predictions are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum GuidanceRule {
     /// TarFlow: extrapolate α and μ linearly, `p + w·(p_c − p_u)`.
     #[default]
+    #[cfg_attr(feature = "clap", value(alias = "tarflow"))]
     Linear,
     /// STARFlow's closed form for Gaussians: `s = min(σc/σu, 1)²`, `σ̃ = σc/√(1+w−ws)`,
     /// `μ̃ = ((1+w)μc − wsμu)/(1+w−ws)` (ignores `annealed` and `guide_what`).
+    #[cfg_attr(feature = "clap", value(alias = "starflow"))]
     Gaussian,
 }
 
@@ -55,6 +62,7 @@ impl std::str::FromStr for GuidanceRule {
 
 /// Initial guess of a block's input for the Jacobi solver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum JacobiInit {
     /// Zeros.
     Zeros,

@@ -3,14 +3,14 @@
 //! named "FD (classifier features)", never FID: the features are not Inception-v3's. The
 //! extractor is a trait, so Inception weights supplied by a user can replace it.
 
-use crate::error::{Result, TrainError};
-use crate::optim::{AdamW, AdamWConfig};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{Module, VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::path::Path;
 use tarflow_datasets::ImageSet;
 use tarflow_flows::rng::seeded;
+use tarflow_train::optim::{AdamW, AdamWConfig};
+use tarflow_train::{Result, TrainError};
 
 /// Turns images (N, C, S, S) in [-1, 1] into feature vectors (N, F).
 pub trait FeatureExtractor {
@@ -307,22 +307,6 @@ mod tests {
     }
 }
 
-/// The training and held-out images of a run's config, split exactly as training split them.
-pub fn split_sets(cfg: &crate::TrainConfig) -> Result<(ImageSet, ImageSet)> {
-    let micro = cfg.train.batch_size / cfg.train.grad_accum.max(1);
-    let (train, val) = crate::data::loaders(cfg, micro, &mut Vec::new())?;
-    let val = val.ok_or_else(|| {
-        TrainError::config(
-            "data.val_count",
-            "no held-out images to compare samples with",
-        )
-    })?;
-    Ok((
-        train.set().subset(train.indices()),
-        val.set().subset(val.indices()),
-    ))
-}
-
 /// A Fréchet-distance measurement of generated images.
 #[derive(Debug, Clone)]
 pub struct FdReport {
@@ -404,8 +388,11 @@ pub fn measure(
 }
 
 /// Loads the classifier at `path`, or trains one on `cfg`'s data and saves it there.
-pub fn classifier_for(cfg: &crate::TrainConfig, path: &Path) -> Result<(Classifier, ImageSet)> {
-    let (train, val) = split_sets(cfg)?;
+pub fn classifier_for(
+    cfg: &tarflow_train::TrainConfig,
+    path: &Path,
+) -> Result<(Classifier, ImageSet)> {
+    let (train, val) = tarflow_train::data::split_sets(cfg)?;
     if path.is_file() {
         let c = Classifier::load(path)?;
         if c.shape != (val.channels, val.height) {

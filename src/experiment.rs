@@ -21,16 +21,16 @@
 //! temperature = 1.0
 //! ```
 
-use crate::config::TrainConfig;
-use crate::error::{Result, TrainError};
 use crate::fd::{classifier_for, measure, Classifier, FeatureExtractor, Reference};
-use crate::metrics::read;
-use crate::trainer::Trainer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use tarflow_flows::{GuidanceRule, ReverseOptions};
 use tarflow_sample::generate::{Labels, SampleOptions};
+use tarflow_train::config::TrainConfig;
+use tarflow_train::metrics::read;
+use tarflow_train::trainer::Trainer;
+use tarflow_train::{Result, TrainError};
 
 /// One named set of overrides.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,7 +260,7 @@ pub fn run(
                 }
             }
             let max = cfg.train.max_steps.unwrap_or(0);
-            let latest = crate::rundir::RunDir::new(&run_dir).latest()?;
+            let latest = tarflow_train::rundir::RunDir::new(&run_dir).latest()?;
             let (mut trainer, warn) = match latest {
                 Some(_) => Trainer::resume(&run_dir, &[])?,
                 None => Trainer::start(cfg.clone())?,
@@ -274,7 +274,7 @@ pub fn run(
                 trainer.max_steps().max(max)
             ));
             let summary = trainer.run(stop, &mut |_| {})?;
-            if summary.outcome == crate::trainer::Outcome::Interrupted {
+            if summary.outcome == tarflow_train::trainer::Outcome::Interrupted {
                 return Err(TrainError::Run {
                     path: run_dir.clone(),
                     msg: "interrupted; run the experiment again to resume".into(),
@@ -471,9 +471,9 @@ fn write_results(
                 s: &[(String, Vec<(f64, f64)>)],
                 x: &str|
      -> Result<()> {
-        let refs: Vec<crate::plot::Series> =
+        let refs: Vec<tarflow_train::plot::Series> =
             s.iter().map(|(k, p)| (k.as_str(), p.as_slice())).collect();
-        crate::plot::line_plot(&dir.join("plots").join(file), title, x, y, &refs)
+        tarflow_train::plot::line_plot(&dir.join("plots").join(file), title, x, y, &refs)
     };
     draw(
         "val_bpd.png",
