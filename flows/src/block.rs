@@ -163,11 +163,9 @@ impl MetaBlock {
     /// A copy with its quantised Linear weights expanded to dense ones, for the sequential
     /// inverse (which would otherwise expand every layer at each of its T steps); `None` when
     /// nothing is quantised. Only this block's f32 weights are alive at a time.
+    /// Under `--native-qmatmul` nothing is expanded: candle's integer matmul runs the layers.
     pub fn expanded(&self) -> Result<Option<MetaBlock>> {
-        let quantised = self.proj_in.is_quantised()
-            || self.proj_out.is_quantised()
-            || self.layers.iter().any(AttentionBlock::is_quantised);
-        if !quantised {
+        if !self.is_quantised() || crate::quant::native_matmul() {
             return Ok(None);
         }
         let mut e = self.clone();
@@ -179,6 +177,13 @@ impl MetaBlock {
             .map(AttentionBlock::expanded)
             .collect::<Result<_>>()?;
         Ok(Some(e))
+    }
+
+    /// Whether a Linear weight of the block is stored in reduced precision.
+    pub fn is_quantised(&self) -> bool {
+        self.proj_in.is_quantised()
+            || self.proj_out.is_quantised()
+            || self.layers.iter().any(AttentionBlock::is_quantised)
     }
 
     /// Whether the weights are trainable variables (a model being trained).
@@ -315,35 +320,38 @@ impl MetaBlock {
             )?,
             None => x.clone(),
         };
-        let proj_out =
-            if crate::kernels::applies(&input) && !input.track_op() && !self.is_trainable() {
-                // Gradient-free on the CPU: the step engine's layout over every position at once.
-                let expanded = self.expanded()?;
-                let block = expanded.as_ref().unwrap_or(self);
-                let trunk = Trunk::new(&block.layers)?;
-                let parts = StepParts {
-                    weights: block.step_weights(&trunk)?,
-                    pos: &block.pos_embed,
-                    flipped: block.flip.is_some(),
-                    cls,
-                    final_norm: block.final_norm.as_ref().map(RmsNorm::weight),
-                };
-                let x = input.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let out = heads(&trunk, &parts, &x, (n, t), attn_temp)?;
-                let w = out.len() / (n * t).max(1);
-                Tensor::from_vec(out, (n, t, w), input.device())?
-            } else {
-                let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-                let pe = self.permute(&self.pos_embed, 0)?.narrow(0, 0, t)?;
-                let mut h = self.proj_in.forward(&input)?.broadcast_add(&pe)?; // (N, T, C)
-                if let Some(c) = cls {
-                    h = h.broadcast_add(c)?;
-                }
-                for layer in &self.layers {
-                    h = layer.forward(&h, &mask, attn_temp)?;
-                }
-                self.head_out(&h)? // (N, T, W)
+        let proj_out = if crate::kernels::applies(&input)
+            && !input.track_op()
+            && !self.is_trainable()
+            && !(self.is_quantised() && crate::quant::native_matmul())
+        {
+            // Gradient-free on the CPU: the step engine's layout over every position at once.
+            let expanded = self.expanded()?;
+            let block = expanded.as_ref().unwrap_or(self);
+            let trunk = Trunk::new(&block.layers)?;
+            let parts = StepParts {
+                weights: block.step_weights(&trunk)?,
+                pos: &block.pos_embed,
+                flipped: block.flip.is_some(),
+                cls,
+                final_norm: block.final_norm.as_ref().map(RmsNorm::weight),
             };
+            let x = input.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let out = heads(&trunk, &parts, &x, (n, t), attn_temp)?;
+            let w = out.len() / (n * t).max(1);
+            Tensor::from_vec(out, (n, t, w), input.device())?
+        } else {
+            let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+            let pe = self.permute(&self.pos_embed, 0)?.narrow(0, 0, t)?;
+            let mut h = self.proj_in.forward(&input)?.broadcast_add(&pe)?; // (N, T, C)
+            if let Some(c) = cls {
+                h = h.broadcast_add(c)?;
+            }
+            for layer in &self.layers {
+                h = layer.forward(&h, &mask, attn_temp)?;
+            }
+            self.head_out(&h)? // (N, T, W)
+        };
         let (alpha, mu) = self.split(&proj_out)?;
         let (alpha, mu) = if self.sos.is_some() {
             (alpha, mu)
@@ -362,9 +370,7 @@ impl MetaBlock {
         if crate::kernels::enabled()
             && device.is_cpu()
             && self.pos_embed.dtype() == DType::F32
-            && !self.proj_in.is_quantised()
-            && !self.proj_out.is_quantised()
-            && !self.layers.iter().any(AttentionBlock::is_quantised)
+            && !self.is_quantised()
         {
             let trunk = Trunk::new(&self.layers)?;
             let parts = StepParts {
