@@ -323,7 +323,7 @@ impl MetaBlock {
         let proj_out = if crate::kernels::applies(&input)
             && !input.track_op()
             && !self.is_trainable()
-            && !(self.is_quantised() && crate::quant::native_matmul())
+            && (!self.is_quantised() || !crate::quant::native_matmul())
         {
             // Gradient-free on the CPU: the step engine's layout over every position at once.
             let expanded = self.expanded()?;
