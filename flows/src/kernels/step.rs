@@ -132,6 +132,13 @@ impl StepKernel {
     pub fn step(&mut self, trunk: &Trunk, x: &[f32], i: usize) -> Result<Vec<f32>> {
         let (rows, c) = (self.rows, self.c);
         let w = self.weights.clone();
+        let k = w.proj_in.wt.len() / c.max(1);
+        if x.len() != rows * k {
+            return Err(crate::error::FlowError::Input(format!(
+                "step {i}: {} input values for {rows} rows of {k}",
+                x.len()
+            )));
+        }
         w.proj_in.apply(x, rows, &mut self.h, false);
         let p = if self.flipped { self.t - 1 - i } else { i };
         let pos = &self.pos[p * c..(p + 1) * c];
