@@ -387,6 +387,18 @@ pub fn measure(
     })
 }
 
+/// Where `tarflow fd` keeps the classifier of `cfg`'s data when not told:
+/// `runs/fd-classifier-<source>-<C>x<S>.safetensors`.
+pub fn default_classifier_path(cfg: &tarflow_train::TrainConfig) -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        format!(
+            "runs/fd-classifier-{:?}-{}x{}.safetensors",
+            cfg.data.source, cfg.model.in_channels, cfg.model.img_size
+        )
+        .to_lowercase(),
+    )
+}
+
 /// Loads the classifier at `path`, or trains one on `cfg`'s data and saves it there.
 pub fn classifier_for(
     cfg: &tarflow_train::TrainConfig,

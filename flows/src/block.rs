@@ -4,7 +4,6 @@
 use crate::config::{ModelConfig, ScaleHead};
 use crate::error::{FlowError, Result};
 use crate::kernels::step::{heads, StepKernel, StepParts, StepWeights};
-use crate::kernels::trunk::Trunk;
 use crate::layers::{AttentionBlock, Linear, RmsNorm};
 use crate::quant::QuantWeights;
 use candle_core::{DType, Device, Tensor};
@@ -328,16 +327,9 @@ impl MetaBlock {
             // Gradient-free on the CPU: the step engine's layout over every position at once.
             let expanded = self.expanded()?;
             let block = expanded.as_ref().unwrap_or(self);
-            let trunk = Trunk::new(&block.layers)?;
-            let parts = StepParts {
-                weights: block.step_weights(&trunk)?,
-                pos: &block.pos_embed,
-                flipped: block.flip.is_some(),
-                cls,
-                final_norm: block.final_norm.as_ref().map(RmsNorm::weight),
-            };
+            let parts = block.step_parts(cls)?;
             let x = input.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let out = heads(&trunk, &parts, &x, (n, t), attn_temp)?;
+            let out = heads(&parts, &x, (n, t), attn_temp)?;
             let w = out.len() / (n * t).max(1);
             Tensor::from_vec(out, (n, t, w), input.device())?
         } else {
@@ -372,17 +364,8 @@ impl MetaBlock {
             && self.pos_embed.dtype() == DType::F32
             && !self.is_quantised()
         {
-            let trunk = Trunk::new(&self.layers)?;
-            let parts = StepParts {
-                weights: self.step_weights(&trunk)?,
-                pos: &self.pos_embed,
-                flipped: self.flip.is_some(),
-                cls,
-                final_norm: self.final_norm.as_ref().map(RmsNorm::weight),
-            };
-            return Ok(Stepper::Cpu(Box::new(StepKernel::new(
-                &trunk, parts, rows, temps,
-            )?)));
+            let parts = self.step_parts(cls)?;
+            return Ok(Stepper::Cpu(Box::new(StepKernel::new(parts, rows, temps)?)));
         }
         let scale = if temps.iter().all(|&v| v == 1.0) {
             None
@@ -396,14 +379,26 @@ impl MetaBlock {
         })
     }
 
+    /// What the CPU step engine reads around `trunk`: the weights in its layout, the embeddings,
+    /// the final norm, and the class embedding of each row.
+    fn step_parts<'a>(&'a self, cls: Option<&'a Tensor>) -> Result<StepParts<'a>> {
+        Ok(StepParts {
+            weights: self.step_weights()?,
+            pos: &self.pos_embed,
+            flipped: self.flip.is_some(),
+            cls,
+            final_norm: self.final_norm.as_ref().map(RmsNorm::weight),
+        })
+    }
+
     /// The step engine's layout of the weights: kept for frozen weights (a model being trained
     /// changes its own), made per inverse otherwise.
-    fn step_weights(&self, trunk: &Trunk) -> Result<Arc<StepWeights>> {
+    fn step_weights(&self) -> Result<Arc<StepWeights>> {
         if let Some(w) = self.step_weights.get() {
             return Ok(w.clone());
         }
         let w = Arc::new(StepWeights::new(
-            trunk,
+            &self.layers,
             self.proj_in.parts()?,
             self.proj_out.parts()?,
         )?);
@@ -428,7 +423,7 @@ impl MetaBlock {
             Stepper::Cpu(k) => {
                 let rows = x_i.dim(0)?;
                 let x = x_i.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let out = k.step(&Trunk::new(&self.layers)?, &x, i)?;
+                let out = k.step(&x, i)?;
                 let w = out.len() / rows.max(1);
                 Tensor::from_vec(out, (rows, 1, w), x_i.device())?
             }

@@ -221,12 +221,9 @@ impl Checkpoint {
     pub fn trainable_model(&self, device: &Device, dtype: DType) -> Result<(TarFlow, VarMap)> {
         if let Some(q) = &self.quant {
             return Err(FlowError::Config(format!(
-                "a quantised model ({}) cannot be trained: train or fine-tune the f32 checkpoint{}",
-                q.recipe.describe(),
-                q.source
-                    .as_deref()
-                    .map(|s| format!(" it came from ({s})"))
-                    .unwrap_or_default()
+                "a quantised model ({}) cannot be trained: train or fine-tune the f32 checkpoint \
+                 it came from",
+                q.provenance()
             )));
         }
         let varmap = VarMap::new();

@@ -10,13 +10,18 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 
-/// `y = x Wᵀ + b` with PyTorch's (out, in) weight layout; the weight may be a block-quantised
-/// `QTensor` (a `tarflow quantize` file).
+/// A Linear layer's (out, in) weight: dense, or in reduced precision (a `tarflow quantize` file).
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantised(std::sync::Arc<QTensor>),
+}
+
+/// `y = x Wᵀ + b` with PyTorch's (out, in) weight layout.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Tensor,
-    quantised: Option<std::sync::Arc<QTensor>>,
 }
 
 impl Linear {
@@ -34,69 +39,54 @@ impl Linear {
     ) -> Result<Self> {
         let key = format!("{}.weight", vb.prefix());
         let bias = vb.get(out_dim, "bias")?;
-        let Some(qt) = quant.and_then(|q| q.tensors.get(&key)) else {
-            return Ok(Self {
-                weight: vb.get((out_dim, in_dim), "weight")?,
-                bias,
-                quantised: None,
-            });
+        let weight = match quant.and_then(|q| q.tensors.get(&key)) {
+            None => Weight::Dense(vb.get((out_dim, in_dim), "weight")?),
+            Some(qt) if qt.shape().dims() != [out_dim, in_dim] => {
+                return Err(crate::error::FlowError::Config(format!(
+                    "quantised `{key}` has shape {:?}, expected [{out_dim}, {in_dim}]",
+                    qt.shape().dims()
+                )))
+            }
+            Some(qt) => Weight::Quantised(crate::quant::to_device(qt, vb.device())?),
         };
-        if qt.shape().dims() != [out_dim, in_dim] {
-            return Err(crate::error::FlowError::Config(format!(
-                "quantised `{key}` has shape {:?}, expected [{out_dim}, {in_dim}]",
-                qt.shape().dims()
-            )));
-        }
-        let qt = crate::quant::to_device(qt, vb.device())?;
-        if qt.dtype() == candle_core::quantized::GgmlDType::F32 {
-            return Ok(Self {
-                weight: qt.dequantize(vb.device())?.to_dtype(vb.dtype())?,
-                bias,
-                quantised: None,
-            });
-        }
-        Ok(Self {
-            // Nothing reads it (an empty stand-in keeps the dense accessors total).
-            weight: Tensor::zeros((0, in_dim), vb.dtype(), vb.device())?,
-            bias,
-            quantised: Some(qt),
-        })
+        Ok(Self { weight, bias })
     }
 
     /// The (out, in) weight and the bias; an error for a quantised layer (no dense weight).
     pub fn parts(&self) -> Result<(&Tensor, &Tensor)> {
-        if self.quantised.is_some() {
-            return Err(crate::error::FlowError::Config(
+        match &self.weight {
+            Weight::Dense(w) => Ok((w, &self.bias)),
+            Weight::Quantised(_) => Err(crate::error::FlowError::Config(
                 "a quantised layer has no dense weight".into(),
-            ));
+            )),
         }
-        Ok((&self.weight, &self.bias))
     }
 
     /// Whether the weight is stored in reduced precision (expanded for each call).
     pub fn is_quantised(&self) -> bool {
-        self.quantised.is_some()
+        matches!(self.weight, Weight::Quantised(_))
     }
 
     /// The layer with its quantised weight expanded to a dense one (the same values the
     /// weights-only path computes with).
     pub fn expanded(&self) -> Result<Self> {
-        Ok(match &self.quantised {
-            Some(q) => Self {
-                weight: q
-                    .dequantize(self.bias.device())?
-                    .to_dtype(self.bias.dtype())?,
+        Ok(match &self.weight {
+            Weight::Quantised(q) => Self {
+                weight: Weight::Dense(
+                    q.dequantize(self.bias.device())?
+                        .to_dtype(self.bias.dtype())?,
+                ),
                 bias: self.bias.clone(),
-                quantised: None,
             },
-            None => self.clone(),
+            Weight::Dense(_) => self.clone(),
         })
     }
 
     /// Applies the layer to the last dimension of `x` (any rank ≥ 2).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(q) = &self.quantised else {
-            return dense(x, &self.weight, &self.bias);
+        let q = match &self.weight {
+            Weight::Dense(w) => return dense(x, w, &self.bias),
+            Weight::Quantised(q) => q,
         };
         if crate::quant::native_matmul() {
             // candle's integer matmul quantises the activations too (f32 in, its dot type inside).

@@ -361,6 +361,15 @@ impl QuantWeights {
             .sum()
     }
 
+    /// `recipe, made from FILE`: what a quantised checkpoint is, for errors that send the user
+    /// back to its f32 source.
+    pub fn provenance(&self) -> String {
+        match &self.source {
+            Some(s) => format!("{}, made from {s}", self.recipe.describe()),
+            None => self.recipe.describe(),
+        }
+    }
+
     /// Layers kept in f32 although the recipe asked for another type.
     pub fn kept_f32(&self) -> impl Iterator<Item = &LayerPlan> {
         self.plan
@@ -382,12 +391,8 @@ pub fn to_device(qt: &Arc<QTensor>, device: &Device) -> Result<Arc<QTensor>> {
 pub fn quantize(ck: &Checkpoint, recipe: &Recipe) -> Result<Checkpoint> {
     if let Some(q) = &ck.quant {
         return Err(FlowError::Config(format!(
-            "the checkpoint is already quantised ({}); quantise the f32 checkpoint it came from{}",
-            q.recipe.describe(),
-            q.source
-                .as_deref()
-                .map(|s| format!(" ({s})"))
-                .unwrap_or_default()
+            "the checkpoint is already quantised ({}); quantise the f32 checkpoint it came from",
+            q.provenance()
         )));
     }
     let plan = plan(&ck.config, recipe)?;

@@ -71,15 +71,10 @@ pub fn run(a: FdArgs) -> Result<()> {
             TrainConfig::from_toml(&text, &p.display().to_string(), &[])?
         }
     };
-    let cls_path = a.classifier.clone().unwrap_or_else(|| {
-        PathBuf::from(
-            format!(
-                "runs/fd-classifier-{:?}-{}x{}.safetensors",
-                cfg.data.source, cfg.model.in_channels, cfg.model.img_size
-            )
-            .to_lowercase(),
-        )
-    });
+    let cls_path = a
+        .classifier
+        .clone()
+        .unwrap_or_else(|| tarflow::fd::default_classifier_path(&cfg));
     let (classifier, real) = classifier_for(&cfg, &cls_path)?;
     let conditional = model.config().num_classes > 0;
     let opts = SampleOptions {

@@ -373,15 +373,10 @@ fn fd_against_f32(
     use tarflow::fd::{classifier_for, frechet_distance, sample_features, Reference};
     use tarflow_sample::generate::{Labels, SampleOptions};
     let cfg = tarflow_train::TrainConfig::load(cfg_path, &[])?;
-    let cls_path = a.classifier.clone().unwrap_or_else(|| {
-        PathBuf::from(
-            format!(
-                "runs/fd-classifier-{:?}-{}x{}.safetensors",
-                cfg.data.source, cfg.model.in_channels, cfg.model.img_size
-            )
-            .to_lowercase(),
-        )
-    });
+    let cls_path = a
+        .classifier
+        .clone()
+        .unwrap_or_else(|| tarflow::fd::default_classifier_path(&cfg));
     let (classifier, real) = classifier_for(&cfg, &cls_path)?;
     let opts = SampleOptions {
         num: a.fd_num,

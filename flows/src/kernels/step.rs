@@ -4,46 +4,10 @@
 //! the head output means (α, μ, guidance, the affine update) is the caller's (`MetaBlock` and
 //! the model's inverse), exactly as for candle's KV-cache step.
 
-use super::gemm_strided;
-use super::trunk::{Trunk, TrunkStep};
+use super::trunk::{DenseT, Trunk, TrunkStep};
 use crate::error::Result;
+use crate::layers::AttentionBlock;
 use candle_core::Tensor;
-
-/// A Linear layer as Wᵀ (in × out, row-major: a few rows need no packing) and its bias.
-struct DenseT {
-    wt: Vec<f32>,
-    b: Vec<f32>,
-}
-
-impl DenseT {
-    fn new((w, b): (&Tensor, &Tensor)) -> Result<Self> {
-        Ok(Self {
-            wt: w.t()?.contiguous()?.flatten_all()?.to_vec1()?,
-            b: b.to_vec1()?,
-        })
-    }
-
-    fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool) {
-        let n = self.b.len();
-        let k = self.wt.len() / n.max(1);
-        for r in 0..rows {
-            out[r * n..(r + 1) * n].copy_from_slice(&self.b);
-        }
-        // SAFETY: x is rows×k, Wᵀ k×n, out rows×n.
-        unsafe {
-            gemm_strided(
-                (rows, n, k),
-                out.as_mut_ptr(),
-                n,
-                true,
-                (x.as_ptr(), k, 1),
-                (self.wt.as_ptr(), n, 1),
-                1.0,
-                parallel,
-            )
-        }
-    }
-}
 
 /// What a block adds around its trunk, for one inverse of `rows` rows.
 pub struct StepParts<'a> {
@@ -59,38 +23,33 @@ pub struct StepParts<'a> {
     pub final_norm: Option<&'a Tensor>,
 }
 
-/// A block's weights laid out for the step engine's small products (Wᵀ), made once per model
-/// where its weights are frozen.
+/// A block's weights laid out for the CPU engine (its trunk and projections as Wᵀ), made once
+/// per model where its weights are frozen.
 pub struct StepWeights {
+    trunk: Trunk,
     proj_in: DenseT,
     proj_out: DenseT,
-    layers: Vec<[Vec<f32>; 4]>,
 }
 
 impl StepWeights {
-    /// The layout of `trunk` and the block's projections.
+    /// Lays out a block's transformer `layers` and its projections.
     pub fn new(
-        trunk: &Trunk,
+        layers: &[AttentionBlock],
         proj_in: (&Tensor, &Tensor),
         proj_out: (&Tensor, &Tensor),
     ) -> Result<Self> {
         Ok(Self {
+            trunk: Trunk::new(layers)?,
             proj_in: DenseT::new(proj_in)?,
             proj_out: DenseT::new(proj_out)?,
-            layers: trunk.transposed()?,
         })
-    }
-
-    /// Wᵀ of the trunk's layers ([`Trunk::transposed`]).
-    pub fn layers(&self) -> &[[Vec<f32>; 4]] {
-        &self.layers
     }
 }
 
 impl std::fmt::Debug for StepWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StepWeights")
-            .field("layers", &self.layers.len())
+            .field("inputs", &self.proj_in.k())
             .finish()
     }
 }
@@ -110,12 +69,11 @@ pub struct StepKernel {
 }
 
 impl StepKernel {
-    /// The engine for `rows` rows over `trunk`; row r's attention scores are divided by
-    /// `temps[r]`.
-    pub fn new(trunk: &Trunk, p: StepParts, rows: usize, temps: &[f64]) -> Result<Self> {
+    /// The engine for `rows` rows; row r's attention scores are divided by `temps[r]`.
+    pub fn new(p: StepParts, rows: usize, temps: &[f64]) -> Result<Self> {
         let (t, c) = p.pos.dims2()?;
         Ok(Self {
-            trunk: trunk.stepper(rows, t, temps)?,
+            trunk: p.weights.trunk.stepper(rows, t, temps),
             weights: p.weights,
             pos: p.pos.flatten_all()?.to_vec1()?,
             flipped: p.flipped,
@@ -129,10 +87,10 @@ impl StepKernel {
     }
 
     /// The head output (rows × W) for position `i`, given the rows' input tokens `x` (rows × D).
-    pub fn step(&mut self, trunk: &Trunk, x: &[f32], i: usize) -> Result<Vec<f32>> {
+    pub fn step(&mut self, x: &[f32], i: usize) -> Result<Vec<f32>> {
         let (rows, c) = (self.rows, self.c);
         let w = self.weights.clone();
-        let k = w.proj_in.wt.len() / c.max(1);
+        let k = w.proj_in.k();
         if x.len() != rows * k {
             return Err(crate::error::FlowError::Input(format!(
                 "step {i}: {} input values for {rows} rows of {k}",
@@ -145,7 +103,7 @@ impl StepKernel {
         for (r, hr) in self.h.chunks_exact_mut(c).enumerate() {
             add_embeddings(hr, pos, self.cls.as_deref(), r);
         }
-        trunk.step(&mut self.trunk, &w.layers, &mut self.h, i)?;
+        w.trunk.step(&mut self.trunk, &mut self.h, i)?;
         if let Some(g) = &self.rms {
             rms_norm(&mut self.h, g);
         }
@@ -180,13 +138,7 @@ fn rms_norm(h: &mut [f32], g: &[f32]) {
 
 /// The head output (N·T × W) of every position of `x` (N·T × D, block order) in one causal
 /// pass: what the step engine answers position by position, for the forward pass.
-pub fn heads(
-    trunk: &Trunk,
-    p: &StepParts,
-    x: &[f32],
-    (n, t): (usize, usize),
-    temp: f64,
-) -> Result<Vec<f32>> {
+pub fn heads(p: &StepParts, x: &[f32], (n, t): (usize, usize), temp: f64) -> Result<Vec<f32>> {
     use rayon::prelude::*;
     let c = p.pos.dim(1)?;
     let w = &p.weights;
@@ -204,7 +156,7 @@ pub fn heads(
             add_embeddings(hi, &pos[q * c..(q + 1) * c], cls.as_deref(), r);
         }
     });
-    trunk.forward(&mut h, n, t, temp, Some(&w.layers))?;
+    w.trunk.forward(&mut h, n, t, temp);
     if let Some(g) = p.final_norm {
         rms_norm(&mut h, &(g + 1.0)?.to_vec1::<f32>()?);
     }

@@ -1,15 +1,16 @@
 //! A block's transformer trunk (its `AttentionBlock`s) as one CPU kernel for gradient-free
 //! passes: the whole causal sequence (scoring, validation, Jacobi) and one KV-cached position at
-//! a time (the sequential inverse). Buffers are allocated once per call and reused by every
-//! layer, the residual adds are in place, and the weights are read straight from the model's
-//! tensors (no copy). Everything the flow adds around the trunk (patches, permutation,
-//! embeddings, the affine head) stays in `MetaBlock`; tests hold this equal to candle's ops.
+//! a time (the sequential inverse). The weights are laid out once (Wᵀ, in × out row-major: a
+//! step multiplies a few rows by each weight, and read this way the GEMM needs no packing),
+//! buffers are allocated once per call and reused by every layer, and the residual adds are in
+//! place. Everything the flow adds around the trunk (patches, permutation, embeddings, the
+//! affine head) stays in `MetaBlock`; tests hold this equal to candle's ops.
 
 use super::{gemm_strided, softmax_prefix};
 use crate::error::{FlowError, Result};
 use crate::gelu::gelu_f32;
-use crate::layers::{AttentionBlock, LayerParts};
-use candle_core::{CpuStorage, Storage, Tensor};
+use crate::layers::AttentionBlock;
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel task of the row-wise ops.
@@ -18,34 +19,42 @@ const ROWS: usize = 64;
 /// Rows from which a step's products use every thread (below, threads cost more than they gain).
 const PAR_ROWS: usize = 64;
 
-/// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let offsets = layout.contiguous_offsets();
-    match (&*storage, offsets) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => Err(FlowError::Input(
-            "the trunk kernel takes contiguous f32 weights on the CPU".into(),
-        )),
-    }
+/// A Linear layer as Wᵀ (in × out, row-major) and its bias.
+pub(crate) struct DenseT {
+    wt: Vec<f32>,
+    pub(crate) b: Vec<f32>,
 }
 
-/// `out (rows × n) = x (rows × k) · Wᵀ + b` for a (n, k) weight.
-fn linear(
-    x: &[f32],
-    rows: usize,
-    (w, b): (&Tensor, &Tensor),
-    out: &mut [f32],
-    par: bool,
-) -> Result<()> {
-    let (n, k) = w.dims2()?;
-    with_f32(b, |b| {
+impl DenseT {
+    /// Lays out a PyTorch (out, in) weight and its bias.
+    pub(crate) fn new((w, b): (&Tensor, &Tensor)) -> Result<Self> {
+        Ok(Self {
+            wt: w
+                .to_dtype(DType::F32)?
+                .t()?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1()?,
+            b: b.to_dtype(DType::F32)?.to_vec1()?,
+        })
+    }
+
+    /// Input width.
+    pub(crate) fn k(&self) -> usize {
+        self.wt.len() / self.b.len().max(1)
+    }
+
+    /// `out (rows × n) = x (rows × k) · Wᵀ + b`, on every thread when `parallel`.
+    pub(crate) fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool) {
+        let (n, k) = (self.b.len(), self.k());
+        assert!(
+            x.len() >= rows * k && out.len() >= rows * n,
+            "DenseT::apply: buffer sizes"
+        );
         for r in 0..rows {
-            out[r * n..(r + 1) * n].copy_from_slice(b);
+            out[r * n..(r + 1) * n].copy_from_slice(&self.b);
         }
-    })?;
-    with_f32(w, |w| {
-        // SAFETY: x is rows×k, W (n×k) read as Wᵀ (k×n), out rows×n.
+        // SAFETY: x holds rows×k, Wᵀ k×n and out rows×n values (checked above).
         unsafe {
             gemm_strided(
                 (rows, n, k),
@@ -53,63 +62,42 @@ fn linear(
                 n,
                 true,
                 (x.as_ptr(), k, 1),
-                (w.as_ptr(), 1, k),
+                (self.wt.as_ptr(), n, 1),
                 1.0,
-                par,
+                parallel,
             )
         }
-    })
+    }
 }
 
-/// `out (rows × n) = x (rows × k) · Wᵀ + b` with Wᵀ given (k × n, row-major); on every thread
-/// from [`PAR_ROWS`] rows.
-fn linear_t(
-    x: &[f32],
-    rows: usize,
-    (wt, b): (&[f32], &Tensor),
-    out: &mut [f32],
-    par: bool,
-) -> Result<()> {
-    let n = b.dim(0)?;
-    let k = wt.len() / n.max(1);
-    with_f32(b, |b| {
-        for r in 0..rows {
-            out[r * n..(r + 1) * n].copy_from_slice(b);
-        }
-    })?;
-    // SAFETY: x is rows×k, Wᵀ k×n, out rows×n.
-    unsafe {
-        gemm_strided(
-            (rows, n, k),
-            out.as_mut_ptr(),
-            n,
-            true,
-            (x.as_ptr(), k, 1),
-            (wt.as_ptr(), n, 1),
-            1.0,
-            par,
-        )
-    };
-    Ok(())
+/// A LayerNorm's scale and shift.
+struct Norm {
+    w: Vec<f32>,
+    b: Vec<f32>,
 }
 
-/// LayerNorm (eps 1e-5) of each row of `x` into `out`.
-fn layer_norm(x: &[f32], (w, b): (&Tensor, &Tensor), out: &mut [f32]) -> Result<()> {
-    with_f32(w, |w| {
-        with_f32(b, |b| {
-            let c = w.len();
-            out.par_chunks_mut(ROWS * c)
-                .zip(x.par_chunks(ROWS * c))
-                .for_each(|(o, x)| {
-                    for (o, x) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                        let (m, r) = super::layer_norm::stats(x);
-                        for i in 0..c {
-                            o[i] = (x[i] - m) * r * w[i] + b[i];
-                        }
-                    }
-                })
+impl Norm {
+    fn new((w, b): (&Tensor, &Tensor)) -> Result<Self> {
+        Ok(Self {
+            w: w.to_dtype(DType::F32)?.to_vec1()?,
+            b: b.to_dtype(DType::F32)?.to_vec1()?,
         })
-    })?
+    }
+
+    /// LayerNorm (eps 1e-5) of each row of `x` into `out`.
+    fn apply(&self, x: &[f32], out: &mut [f32]) {
+        let c = self.w.len();
+        out.par_chunks_mut(ROWS * c)
+            .zip(x.par_chunks(ROWS * c))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    let (m, r) = super::layer_norm::stats(x);
+                    for i in 0..c {
+                        o[i] = (x[i] - m) * r * self.w[i] + self.b[i];
+                    }
+                }
+            })
+    }
 }
 
 fn add_in_place(h: &mut [f32], d: &[f32]) {
@@ -124,26 +112,51 @@ type RowTask<'a> = (
     (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]),
 );
 
-/// The trunk's weights, borrowed from the layers.
-pub struct Trunk<'a> {
-    layers: Vec<LayerParts<'a>>,
+/// One transformer layer in the kernel's layout.
+struct Layer {
+    ln1: Norm,
+    qkv: DenseT,
+    proj: DenseT,
+    ln2: Norm,
+    fc1: DenseT,
+    fc2: DenseT,
+}
+
+/// The trunk's weights in the kernel's layout.
+pub struct Trunk {
+    layers: Vec<Layer>,
     c: usize,
     heads: usize,
     hd: usize,
     hidden: usize,
 }
 
-impl<'a> Trunk<'a> {
-    /// The trunk of `layers` (dense f32 weights on the CPU; quantised layers are expanded first).
-    pub fn new(layers: &'a [AttentionBlock]) -> Result<Self> {
+impl Trunk {
+    /// Lays out `layers` (dense weights; quantised layers are expanded first).
+    pub fn new(layers: &[AttentionBlock]) -> Result<Self> {
         let layers = layers
             .iter()
-            .map(AttentionBlock::parts)
+            .map(|l| {
+                let p = l.parts()?;
+                Ok((
+                    p.head_dim,
+                    Layer {
+                        ln1: Norm::new(p.ln1)?,
+                        qkv: DenseT::new(p.qkv)?,
+                        proj: DenseT::new(p.proj)?,
+                        ln2: Norm::new(p.ln2)?,
+                        fc1: DenseT::new(p.fc1)?,
+                        fc2: DenseT::new(p.fc2)?,
+                    },
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let first = layers
+        let hd = layers
             .first()
+            .map(|(hd, _)| *hd)
             .ok_or_else(|| FlowError::Config("a block has no transformer layer".into()))?;
-        let (c, hidden, hd) = (first.qkv.0.dim(1)?, first.fc1.0.dim(0)?, first.head_dim);
+        let layers: Vec<Layer> = layers.into_iter().map(|(_, l)| l).collect();
+        let (c, hidden) = (layers[0].proj.b.len(), layers[0].fc1.b.len());
         Ok(Self {
             heads: c / hd,
             layers,
@@ -154,15 +167,8 @@ impl<'a> Trunk<'a> {
     }
 
     /// Every layer over `h` (N·T rows of C, block order) in place, causally; `temp` divides the
-    /// attention scores; `wt` ([`Self::transposed`]) where kept saves the GEMM its packing.
-    pub fn forward(
-        &self,
-        h: &mut [f32],
-        n: usize,
-        t: usize,
-        temp: f64,
-        wt: Option<&[[Vec<f32>; 4]]>,
-    ) -> Result<()> {
+    /// attention scores.
+    pub fn forward(&self, h: &mut [f32], n: usize, t: usize, temp: f64) {
         let (c, hd, heads) = (self.c, self.hd, self.heads);
         let rows = n * t;
         let mut tmp = vec![0f32; rows * c];
@@ -170,13 +176,9 @@ impl<'a> Trunk<'a> {
         let mut att = vec![0f32; rows * c];
         let mut mlp = vec![0f32; rows * self.hidden];
         let scale = (1.0 / ((hd as f64).sqrt() * temp)) as f32;
-        let lin = |x: &[f32], l: usize, j: usize, w: (&Tensor, &Tensor), out: &mut [f32]| match wt {
-            Some(wt) => linear_t(x, rows, (&wt[l][j], w.1), out, true),
-            None => linear(x, rows, w, out, true),
-        };
-        for (l, layer) in self.layers.iter().enumerate() {
-            layer_norm(h, layer.ln1, &mut tmp)?;
-            lin(&tmp, l, 0, layer.qkv, &mut qkv)?;
+        for layer in &self.layers {
+            layer.ln1.apply(h, &mut tmp);
+            layer.qkv.apply(&tmp, rows, &mut qkv, true);
             // Causal attention per sample and head: S = QKᵀ·scale, row softmax, O = S·V.
             att.par_chunks_mut(t * c)
                 .zip(qkv.par_chunks(t * 3 * c))
@@ -215,24 +217,23 @@ impl<'a> Trunk<'a> {
                         }
                     }
                 });
-            lin(&att, l, 1, layer.proj, &mut tmp)?;
+            layer.proj.apply(&att, rows, &mut tmp, true);
             add_in_place(h, &tmp);
-            layer_norm(h, layer.ln2, &mut tmp)?;
-            lin(&tmp, l, 2, layer.fc1, &mut mlp)?;
+            layer.ln2.apply(h, &mut tmp);
+            layer.fc1.apply(&tmp, rows, &mut mlp, true);
             mlp.par_chunks_mut(16 * 1024)
                 .for_each(|v| v.iter_mut().for_each(|x| *x = gelu_f32(*x)));
-            lin(&mlp, l, 3, layer.fc2, &mut tmp)?;
+            layer.fc2.apply(&mlp, rows, &mut tmp, true);
             add_in_place(h, &tmp);
         }
-        Ok(())
     }
 
     /// A KV-cached pass over `rows` sequences of up to `t` positions; row r's attention scores
     /// are divided by `temps[r]` (guidance's unconditional rows have their own).
-    pub fn stepper(&self, rows: usize, t: usize, temps: &[f64]) -> Result<TrunkStep> {
+    pub fn stepper(&self, rows: usize, t: usize, temps: &[f64]) -> TrunkStep {
         let cache = rows * self.heads * t * self.hd;
         let scale = 1.0 / (self.hd as f64).sqrt();
-        Ok(TrunkStep {
+        TrunkStep {
             rows,
             t,
             kc: self.layers.iter().map(|_| vec![0f32; cache]).collect(),
@@ -244,29 +245,11 @@ impl<'a> Trunk<'a> {
             scales: (0..rows)
                 .map(|r| (scale / temps.get(r).copied().unwrap_or(1.0)) as f32)
                 .collect(),
-        })
+        }
     }
 
-    /// Wᵀ of every layer's qkv, proj, fc1 and fc2 (in × out, row-major): a step multiplies a
-    /// few rows by each weight, and read this way the GEMM needs no packing.
-    pub fn transposed(&self) -> Result<Vec<[Vec<f32>; 4]>> {
-        let wt =
-            |w: &Tensor| -> Result<Vec<f32>> { Ok(w.t()?.contiguous()?.flatten_all()?.to_vec1()?) };
-        self.layers
-            .iter()
-            .map(|l| Ok([wt(l.qkv.0)?, wt(l.proj.0)?, wt(l.fc1.0)?, wt(l.fc2.0)?]))
-            .collect()
-    }
-
-    /// Feeds position `i` of every row: `h` (rows × C) in, the trunk's output in place; `wt`
-    /// from [`Self::transposed`].
-    pub fn step(
-        &self,
-        st: &mut TrunkStep,
-        wt: &[[Vec<f32>; 4]],
-        h: &mut [f32],
-        i: usize,
-    ) -> Result<()> {
+    /// Feeds position `i` of every row: `h` (rows × C) in, the trunk's output in place.
+    pub fn step(&self, st: &mut TrunkStep, h: &mut [f32], i: usize) -> Result<()> {
         let (c, hd, heads, rows, t) = (self.c, self.hd, self.heads, st.rows, st.t);
         if i >= t || h.len() != rows * c {
             return Err(FlowError::Input(format!(
@@ -274,15 +257,10 @@ impl<'a> Trunk<'a> {
                 h.len()
             )));
         }
+        let par = rows >= PAR_ROWS;
         for (l, layer) in self.layers.iter().enumerate() {
-            layer_norm(h, layer.ln1, &mut st.tmp)?;
-            linear_t(
-                &st.tmp,
-                rows,
-                (&wt[l][0], layer.qkv.1),
-                &mut st.qkv,
-                rows >= PAR_ROWS,
-            )?;
+            layer.ln1.apply(h, &mut st.tmp);
+            layer.qkv.apply(&st.tmp, rows, &mut st.qkv, par);
             // Rows are independent: each task owns its rows' caches, scores and output.
             let per = heads * t * hd;
             let scales = &st.scales;
@@ -324,30 +302,12 @@ impl<'a> Trunk<'a> {
                     .enumerate()
                     .for_each(attend);
             }
-            linear_t(
-                &st.att,
-                rows,
-                (&wt[l][1], layer.proj.1),
-                &mut st.tmp,
-                rows >= PAR_ROWS,
-            )?;
+            layer.proj.apply(&st.att, rows, &mut st.tmp, par);
             h.iter_mut().zip(&st.tmp).for_each(|(a, b)| *a += b);
-            layer_norm(h, layer.ln2, &mut st.tmp)?;
-            linear_t(
-                &st.tmp,
-                rows,
-                (&wt[l][2], layer.fc1.1),
-                &mut st.mlp,
-                rows >= PAR_ROWS,
-            )?;
+            layer.ln2.apply(h, &mut st.tmp);
+            layer.fc1.apply(&st.tmp, rows, &mut st.mlp, par);
             st.mlp.iter_mut().for_each(|x| *x = gelu_f32(*x));
-            linear_t(
-                &st.mlp,
-                rows,
-                (&wt[l][3], layer.fc2.1),
-                &mut st.tmp,
-                rows >= PAR_ROWS,
-            )?;
+            layer.fc2.apply(&st.mlp, rows, &mut st.tmp, par);
             h.iter_mut().zip(&st.tmp).for_each(|(a, b)| *a += b);
         }
         Ok(())

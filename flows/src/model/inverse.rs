@@ -86,13 +86,9 @@ impl TarFlow {
         self.reverse_inner(z, cond, opts, true)
     }
 
-    fn reverse_inner(
-        &self,
-        z: &Tensor,
-        cond: Cond,
-        opts: &ReverseOptions,
-        all: bool,
-    ) -> Result<Vec<Tensor>> {
+    /// The latent z (N, T, D), checked with its labels, scaled by the prior's σ: the last
+    /// block's output, where both inverses start.
+    fn prior_scaled(&self, z: &Tensor, cond: Cond) -> Result<Tensor> {
         let (t, d) = (self.cfg.num_tokens(), self.cfg.patch_dim());
         let dims = z.dims();
         if dims.len() != 3 || dims[1..] != [t, d] {
@@ -101,17 +97,25 @@ impl TarFlow {
             )));
         }
         self.check_labels(cond, dims[0])?;
+        Ok(z.to_dtype(self.dtype)?.broadcast_mul(&self.var.sqrt()?)?)
+    }
+
+    fn reverse_inner(
+        &self,
+        z: &Tensor,
+        cond: Cond,
+        opts: &ReverseOptions,
+        all: bool,
+    ) -> Result<Vec<Tensor>> {
+        let mut s = self.prior_scaled(z, cond)?;
         let (c, p) = (self.cfg.in_channels, self.cfg.patch_size);
-        let mut s = z.to_dtype(self.dtype)?.broadcast_mul(&self.var.sqrt()?)?;
         let mut seq = Vec::new();
         if all {
             seq.push(unpatchify(&s, c, p)?);
         }
         let nb = self.blocks.len();
         for (k, block) in self.blocks.iter().enumerate().rev() {
-            // `guide_blocks`: only the first K blocks sampled (the last K in x→z order) are guided.
-            let guided = opts.guide_blocks == 0 || k + opts.guide_blocks >= nb;
-            let o = if guided {
+            let o = if opts.guides_block(k, nb) {
                 *opts
             } else {
                 ReverseOptions {
@@ -233,20 +237,11 @@ impl TarFlow {
         opts: &ReverseOptions,
         j: &JacobiOptions,
     ) -> Result<(Tensor, Vec<BlockSolve>)> {
-        let (t, d) = (self.cfg.num_tokens(), self.cfg.patch_dim());
-        let dims = z.dims();
-        if dims.len() != 3 || dims[1..] != [t, d] {
-            return Err(FlowError::Input(format!(
-                "latent of shape {dims:?}, expected (N, {t}, {d})"
-            )));
-        }
-        self.check_labels(cond, dims[0])?;
-        let mut s = z.to_dtype(self.dtype)?.broadcast_mul(&self.var.sqrt()?)?;
+        let mut s = self.prior_scaled(z, cond)?;
         let nb = self.blocks.len();
         let mut report = Vec::new();
         for (order, (k, block)) in self.blocks.iter().enumerate().rev().enumerate() {
-            let guided =
-                opts.guidance > 0.0 && (opts.guide_blocks == 0 || k + opts.guide_blocks >= nb);
+            let guided = opts.guides_block(k, nb);
             let chunk = j.block_chunks.get(order).copied().unwrap_or(j.chunk);
             let (x, r) =
                 self.jacobi_block(block, &block.permute(&s, 1)?, cond, opts, guided, chunk, j)?;

@@ -146,6 +146,14 @@ pub struct ReverseOptions {
     pub guide_blocks: usize,
 }
 
+impl ReverseOptions {
+    /// Whether block `k` of `nb` (x→z order) is guided: `guide_blocks` = K guides the first K
+    /// blocks sampled, the last K in x→z order; 0 guides all.
+    pub fn guides_block(&self, k: usize, nb: usize) -> bool {
+        self.guidance > 0.0 && (self.guide_blocks == 0 || k + self.guide_blocks >= nb)
+    }
+}
+
 impl Default for ReverseOptions {
     fn default() -> Self {
         Self {
