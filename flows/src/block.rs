@@ -319,14 +319,20 @@ impl MetaBlock {
             )?,
             None => x.clone(),
         };
-        let proj_out = if crate::kernels::applies(&input)
-            && !input.track_op()
-            && !self.is_trainable()
-            && (!self.is_quantised() || !crate::quant::native_matmul())
-        {
-            // Gradient-free on the CPU: the step engine's layout over every position at once.
-            let expanded = self.expanded()?;
-            let block = expanded.as_ref().unwrap_or(self);
+        // Gradient-free on the CPU, the step engine's layout serves every position at once; it
+        // needs dense weights, which a quantised block has once expanded (not under
+        // --native-qmatmul, whose integer matmul runs on the composed path).
+        let expanded =
+            if crate::kernels::applies(&input) && !input.track_op() && !self.is_trainable() {
+                Some(self.expanded()?)
+            } else {
+                None
+            };
+        let dense = expanded
+            .as_ref()
+            .map(|e| e.as_ref().unwrap_or(self))
+            .filter(|b| !b.is_quantised());
+        let proj_out = if let Some(block) = dense {
             let parts = block.step_parts(cls)?;
             let x = input.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let out = heads(&parts, &x, (n, t), attn_temp)?;

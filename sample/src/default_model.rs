@@ -14,6 +14,11 @@ pub const NAME: &str = "tarflow-mnist-bpd";
 /// The weights, as `models/mnist-bpd/model.safetensors`.
 static WEIGHTS: &[u8] = include_bytes!("../../models/mnist-bpd/model.safetensors");
 
+/// Bytes of the embedded safetensors file (what the model takes on disk).
+pub fn file_size() -> usize {
+    WEIGHTS.len()
+}
+
 /// How the weights are named in messages and errors.
 pub fn label() -> PathBuf {
     PathBuf::from(format!("<embedded {NAME}>"))

@@ -219,11 +219,11 @@ pub fn sensitivity(
     };
     let all_parts = parts(ck);
     let mut costs = Vec::new();
+    let full = weight_bytes(ck, &recipe_with(&fixed, high, low, &[]))? as i64;
     for part in &all_parts {
         let alone = recipe_with(&fixed, QuantType::F32, low, &[part]);
         let delta = measure(&alone)?;
         let saved = weight_bytes(ck, &recipe_with(&fixed, high, low, &[part]))? as i64;
-        let full = weight_bytes(ck, &recipe_with(&fixed, high, low, &[]))? as i64;
         progress(&format!(
             "{}: ΔBPD {:+.5} ± {:.5}",
             part.name, delta.delta, delta.delta_se

@@ -8,7 +8,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 use tarflow_flows::quant::{quantize, QuantType, QuantWeights, Recipe, Rule};
-use tarflow_flows::{Checkpoint, TarFlow};
+use tarflow_flows::TarFlow;
 use tarflow_sample::quantize::{
     inversion_error, paired, sensitivity, EvalSet, Paired, SearchSpace,
 };
@@ -252,7 +252,8 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         let size = std::fs::metadata(out)?.len();
         let f32_size = match std::fs::metadata(&r.path) {
             Ok(m) if m.is_file() => m.len() as usize,
-            _ => f32_file_size(&r.checkpoint)?,
+            // Only the embedded model has no file of its own.
+            _ => tarflow_sample::default_model::file_size(),
         };
         println!(
             "wrote        {} ({}; the f32 safetensors is {}: {:.1} %)",
@@ -277,7 +278,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             n / q_secs,
             n / f32_secs,
             a.batch,
-            rayon_threads()
+            candle_core::utils::get_num_threads()
         );
         let k = set.pixels.len().min(16);
         let lab = set.labels.as_deref().map(|l| &l[..k]);
@@ -399,22 +400,6 @@ fn fd_against_f32(
         q_secs,
         f32_secs,
     })
-}
-
-/// Bytes of the f32 safetensors file of `ck` (what `tarflow train` writes), for the embedded
-/// model, which has no file.
-fn f32_file_size(ck: &Checkpoint) -> Result<usize> {
-    let dir = std::env::temp_dir().join(format!("tarflow-f32-size-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("model.safetensors");
-    ck.save(&path)?;
-    let n = std::fs::metadata(&path)?.len() as usize;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(n)
-}
-
-fn rayon_threads() -> usize {
-    candle_core::utils::get_num_threads()
 }
 
 /// The CPU's model name (lscpu's), for the report.
