@@ -1,5 +1,5 @@
-//! Each fused kernel equals the composed candle ops in values and gradients (f32, random odd
-//! shapes), and a whole model's forward, parameter gradients and every sampling variant agree
+//! The fused Linear and transformer layer equal the composed candle ops in values and gradients
+//! (f32, random odd shapes), and a whole model's forward, parameter gradients and every sampling variant agree
 //! with the kernel switch on and off.
 
 mod common;
@@ -77,34 +77,6 @@ fn check(
 }
 
 #[test]
-fn layer_norm_matches_composed_ops() {
-    for (rows, c) in [(7, 13), (130, 64), (3, 1)] {
-        let x = (rand(&[rows, c], 1) * 3.0)
-            .unwrap()
-            .broadcast_add(&rand(&[c], 2))
-            .unwrap();
-        let inputs = [x, rand(&[c], 3), rand(&[c], 4)];
-        check(
-            "layer_norm",
-            &inputs,
-            |t| kernels::layer_norm::layer_norm(&t[0], &t[1], &t[2]).unwrap(),
-            |t| {
-                let mean = t[0].mean_keepdim(D::Minus1).unwrap();
-                let xc = t[0].broadcast_sub(&mean).unwrap();
-                let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-                xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-                    .unwrap()
-                    .broadcast_mul(&t[1])
-                    .unwrap()
-                    .broadcast_add(&t[2])
-                    .unwrap()
-            },
-            1e-5,
-        );
-    }
-}
-
-#[test]
 fn linear_matches_composed_ops() {
     for (rows, i, o) in [(7, 13, 5), (2 * 65, 64, 96), (1, 3, 1)] {
         let inputs = [rand(&[rows, i], 5), rand(&[o, i], 6), rand(&[o], 7)];
@@ -123,62 +95,118 @@ fn linear_matches_composed_ops() {
     }
 }
 
-#[test]
-fn gelu_matches_composed_ops() {
-    let x = (rand(&[9, 37], 8) * 3.0).unwrap();
-    check(
-        "gelu",
-        &[x],
-        |t| kernels::gelu::gelu(&t[0]).unwrap(),
-        |t| t[0].gelu_erf().unwrap(),
-        1e-5,
-    );
+/// LayerNorm (eps 1e-5) over the last dimension in composed ops.
+fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    let mean = x.mean_keepdim(D::Minus1).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(w)
+        .unwrap()
+        .broadcast_add(b)
+        .unwrap()
 }
 
+fn composed_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    x.broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(b)
+        .unwrap()
+}
+
+/// Causal attention of the packed projection (N, T, 3C) in composed ops.
+fn composed_attention(qkv: &Tensor, heads: usize, hd: usize, scale: f64) -> Tensor {
+    let (n, t, _) = qkv.dims3().unwrap();
+    let qkv = qkv
+        .reshape((n, t, 3 * heads, hd))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let part = |i: usize| {
+        qkv.narrow(1, i * heads, heads)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let (q, k, v) = (part(0), part(1), part(2));
+    let mask: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t <= i / t {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+    let att = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+    let p = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
+    p.matmul(&v)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((n, t, heads * hd))
+        .unwrap()
+}
+
+/// The fused layer (one autograd node: LayerNorm, attention, GELU MLP, both residuals) equals
+/// the composed ops in its output and the gradients of its input and all twelve weights, on
+/// odd shapes, one position, and an attention temperature.
 #[test]
-fn causal_attention_matches_composed_ops() {
-    for (n, t, heads, hd) in [(3, 5, 3, 7), (2, 16, 2, 32), (1, 1, 1, 4)] {
+fn the_fused_transformer_layer_matches_composed_ops() {
+    for (n, t, heads, hd, ratio, temp) in [
+        (3, 5, 3, 7, 2, 1.0),
+        (2, 16, 2, 32, 4, 1.3),
+        (1, 1, 1, 4, 1, 1.0),
+    ] {
         let c = heads * hd;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let qkv = rand(&[n, t, 3 * c], 9);
+        let h = c * ratio;
+        let shapes: [&[usize]; 13] = [
+            &[n, t, c],
+            &[c],
+            &[c],
+            &[3 * c, c],
+            &[3 * c],
+            &[c, c],
+            &[c],
+            &[c],
+            &[c],
+            &[h, c],
+            &[h],
+            &[c, h],
+            &[c],
+        ];
+        let inputs: Vec<Tensor> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (rand(s, 20 + i as u64) * if i == 0 { 2.0 } else { 0.3 }).unwrap())
+            .collect();
+        let scale = 1.0 / ((hd as f64).sqrt() * temp);
         check(
-            "attention",
-            &[qkv],
-            |x| kernels::attention::causal_attention(&x[0], heads, hd, scale).unwrap(),
-            |x| {
-                let qkv = x[0]
-                    .reshape((n, t, 3 * heads, hd))
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap();
-                let part = |i: usize| {
-                    qkv.narrow(1, i * heads, heads)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
+            "layer",
+            &inputs,
+            |w| {
+                let parts = tarflow::flows::layers::LayerParts {
+                    ln1: (&w[1], &w[2]),
+                    qkv: (&w[3], &w[4]),
+                    proj: (&w[5], &w[6]),
+                    ln2: (&w[7], &w[8]),
+                    fc1: (&w[9], &w[10]),
+                    fc2: (&w[11], &w[12]),
+                    head_dim: hd,
                 };
-                let (q, k, v) = (part(0), part(1), part(2));
-                let mask: Vec<f32> = (0..t * t)
-                    .map(|i| {
-                        if i % t <= i / t {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
-                let att = (q.matmul(&k.t().unwrap()).unwrap() * scale)
-                    .unwrap()
-                    .broadcast_add(&mask)
-                    .unwrap();
-                let p = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
-                p.matmul(&v)
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap()
-                    .reshape((n, t, c))
-                    .unwrap()
+                kernels::layer::layer(&w[0], &parts, temp).unwrap()
+            },
+            |w| {
+                let qkv = composed_linear(&composed_layer_norm(&w[0], &w[1], &w[2]), &w[3], &w[4]);
+                let att = composed_attention(&qkv, heads, hd, scale);
+                let x2 = (&w[0] + composed_linear(&att, &w[5], &w[6])).unwrap();
+                let u = composed_linear(&composed_layer_norm(&x2, &w[7], &w[8]), &w[9], &w[10]);
+                (&x2 + composed_linear(&u.gelu_erf().unwrap(), &w[11], &w[12])).unwrap()
             },
             1e-5,
         );
@@ -186,7 +214,7 @@ fn causal_attention_matches_composed_ops() {
 }
 
 /// Forward and every parameter gradient with the kernels on and off. The switch is global;
-/// the other tests here call the kernels directly and do not read it.
+/// the op tests above call the kernels directly and do not read it.
 #[test]
 fn a_model_trains_the_same_with_and_without_fused_kernels() {
     let mut cfg = ModelConfig::new(3, 8, 2, 64, 2, 2, 3);

@@ -1,11 +1,16 @@
-//! The exact GELU's erf for the CPU kernels.
+//! The exact GELU `x·Φ(x)` for the CPU kernels, with its derivative `Φ(x) + x·φ(x)`.
 //!
 //! candle's `gelu_erf` calls scalar libm `erff` per element (~13% of scoring time); this uses a
 //! branch-free rational approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond)
-//! that the compiler vectorises. The op itself (forward and backward) is `kernels::gelu`.
+//! that the compiler vectorises. The fused layer ([`crate::kernels::layer`]) and the trunk use
+//! it; the composed path keeps candle's op.
 
 use crate::error::Result;
 use candle_core::Tensor;
+use rayon::prelude::*;
+
+/// Values per parallel task.
+const CHUNK: usize = 16 * 1024;
 
 const ALPHA: [f32; 7] = [
     -2.726_142_3e-10,
@@ -46,11 +51,41 @@ pub fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// GELU with the exact erf form: the fused kernel (with its backward) on CPU/f32, candle's
-/// op elsewhere.
+/// GELU of every value of `x` into `out`.
+pub(crate) fn forward(x: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_f32(v)));
+}
+
+/// GELU of every value of `x` in place.
+pub(crate) fn in_place(x: &mut [f32]) {
+    x.par_chunks_mut(CHUNK)
+        .for_each(|x| x.iter_mut().for_each(|v| *v = gelu_f32(*v)));
+}
+
+/// `g ← g·GELU'(x)`: the backward of [`forward`] in place.
+pub(crate) fn backward_in_place(x: &[f32], g: &mut [f32]) {
+    let inv_sqrt_2pi = 0.398_942_3_f32;
+    g.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(g, x)| {
+            for (g, &v) in g.iter_mut().zip(x) {
+                let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
+                *g *= cdf + v * pdf;
+            }
+        });
+}
+
+/// GELU with the exact erf form: this file's approximation on CPU/f32 without gradient
+/// (the trunk and fused layer cover training), candle's op elsewhere.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if crate::kernels::applies(x) {
-        return Ok(crate::kernels::gelu::gelu(x)?);
+    if crate::kernels::applies(x) && !x.track_op() {
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; v.len()];
+        forward(&v, &mut out);
+        return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
     }
     Ok(x.gelu_erf()?)
 }

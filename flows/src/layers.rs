@@ -156,11 +156,10 @@ impl LayerNorm {
             self.weight.to_dtype(x.dtype())?,
             self.bias.to_dtype(x.dtype())?,
         );
-        // candle's fused kernel has no backward and no f64 path; ours has a backward.
+        // candle's fused kernel has no backward and no f64 path (the CPU kernels' LayerNorm is
+        // inside the fused layer).
         let tracked = x.track_op() || w.track_op();
-        let y = if tracked && crate::kernels::applies(&x) {
-            crate::kernels::layer_norm::layer_norm(&x, &w, &b)?
-        } else if tracked || x.dtype() != DType::F32 {
+        let y = if tracked || x.dtype() != DType::F32 {
             let mean = x.mean_keepdim(D::Minus1)?;
             let xc = x.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -284,20 +283,8 @@ impl Attention {
         self.proj.forward(&y)
     }
 
-    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞ (the fused
-    /// kernel builds the causal mask itself).
+    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞.
     pub fn forward(&self, x: &Tensor, mask: &Tensor, temp: f64) -> Result<Tensor> {
-        if crate::kernels::applies(x) {
-            let qkv = self.qkv.forward(&self.norm.forward(x)?)?; // (N, T, 3C)
-            let scale = 1.0 / ((self.head_dim as f64).sqrt() * temp);
-            let y = crate::kernels::attention::causal_attention(
-                &qkv,
-                self.num_heads,
-                self.head_dim,
-                scale,
-            )?;
-            return self.proj.forward(&y);
-        }
         let (q, k, v) = self.qkv(x)?;
         self.attend(&q, &k, &v, Some(mask), temp, None)
     }
@@ -420,6 +407,13 @@ impl AttentionBlock {
 
     /// Causal pass over (N, T, C); `attn_temp` divides the attention scores.
     pub fn forward(&self, x: &Tensor, mask: &Tensor, attn_temp: f64) -> Result<Tensor> {
+        if crate::kernels::applies(x) && !self.is_quantised() {
+            return Ok(crate::kernels::layer::layer(
+                &x.contiguous()?,
+                &self.parts()?,
+                attn_temp,
+            )?);
+        }
         let x = (x + self.attention.forward(x, mask, attn_temp)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
     }

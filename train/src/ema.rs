@@ -51,6 +51,11 @@ impl Ema {
     pub fn update_with(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
         for (k, v) in vars {
             if let Some(s) = self.shadow.get_mut(k) {
+                // The average owns its storage (copied at creation and load).
+                if crate::inplace::applies(&[s, v.as_tensor()]) {
+                    crate::inplace::lerp(s, v.as_tensor(), decay)?;
+                    continue;
+                }
                 let w = v.as_tensor().detach().to_dtype(DType::F32)?;
                 *s = ((&*s * decay)? + (w * (1.0 - decay))?)?.detach();
             }

@@ -9,6 +9,7 @@ pub mod data;
 pub mod ema;
 pub mod error;
 pub mod evaluate;
+mod inplace;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -48,9 +48,10 @@ impl AdamW {
         let mut v = HashMap::new();
         let mut master = HashMap::new();
         for (name, var) in &vars {
-            let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-            m.insert(name.clone(), z.clone());
-            v.insert(name.clone(), z);
+            // Separate buffers: the moments are updated in place.
+            let z = || Tensor::zeros(var.shape(), DType::F32, var.device());
+            m.insert(name.clone(), z()?);
+            v.insert(name.clone(), z()?);
             if var.dtype() != DType::F32 {
                 // Updates of size lr·1e-4 vanish when rounded to bf16: accumulate them in f32.
                 master.insert(
@@ -100,6 +101,11 @@ impl AdamW {
 
     /// One update with learning rate `lr`; variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`Self::step`] with every gradient multiplied by `scale` (clipping) on the way in.
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -110,7 +116,23 @@ impl AdamW {
             };
             // Detached: a gradient tensor links back to the whole forward graph, which the
             // moments would otherwise keep alive step after step.
-            let g = g.detach().to_dtype(DType::F32)?;
+            let (m, v) = (&self.m[name], &self.v[name]);
+            if !self.master.contains_key(name) && crate::inplace::applies(&[var, m, v, g]) {
+                crate::inplace::moments(m, v, g, (c.beta1, c.beta2), scale)?;
+                var.inplace_op3(
+                    m,
+                    v,
+                    &crate::inplace::AdamUpdate {
+                        decay: 1.0 - lr * c.weight_decay,
+                        lr,
+                        bc1,
+                        bc2,
+                        eps: c.eps,
+                    },
+                )?;
+                continue;
+            }
+            let g = (g.detach().to_dtype(DType::F32)? * scale)?;
             let m = ((&self.m[name] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let p = match self.master.get(name) {
@@ -129,16 +151,17 @@ impl AdamW {
         Ok(())
     }
 
-    /// The state as named tensors (`m.{param}`, `v.{param}`) and the step count.
-    pub fn state(&self) -> (HashMap<String, Tensor>, u64) {
+    /// The state as named tensors (`m.{param}`, `v.{param}`, copies: the moments change in
+    /// place) and the step count.
+    pub fn state(&self) -> Result<(HashMap<String, Tensor>, u64)> {
         let mut out = HashMap::new();
         for (k, t) in &self.m {
-            out.insert(format!("m.{k}"), t.clone());
+            out.insert(format!("m.{k}"), t.copy()?);
         }
         for (k, t) in &self.v {
-            out.insert(format!("v.{k}"), t.clone());
+            out.insert(format!("v.{k}"), t.copy()?);
         }
-        (out, self.step)
+        Ok((out, self.step))
     }
 
     /// Restores a state saved by [`Self::state`]; every moment must be present with its shape.
@@ -156,9 +179,10 @@ impl AdamW {
                         var.dims()
                     )));
                 }
+                // Copied: the moments are updated in place and must own their storage.
                 store.insert(
                     name.clone(),
-                    t.to_device(var.device())?.to_dtype(DType::F32)?,
+                    t.to_device(var.device())?.to_dtype(DType::F32)?.copy()?,
                 );
             }
         }
@@ -218,7 +242,7 @@ mod tests {
             );
         }
         // Save, restore into a fresh optimizer, and both take the same next step.
-        let (state, step) = opt.state();
+        let (state, step) = opt.state().unwrap();
         let y = var(&got);
         let mut opt2 = AdamW::new(vec![("x".into(), y.clone())], c).unwrap();
         opt2.load_state(&state, step).unwrap();

@@ -368,8 +368,7 @@ impl Trainer {
                 }
             });
         }
-        let mut grads =
-            total.ok_or_else(|| TrainError::config("train.grad_accum", "must be ≥ 1"))?;
+        let grads = total.ok_or_else(|| TrainError::config("train.grad_accum", "must be ≥ 1"))?;
         let mut sq = 0.0;
         for (_, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
@@ -385,17 +384,13 @@ impl Trainer {
             return Err(self.non_finite(next_step, norm));
         }
         let clip = self.cfg.optim.grad_clip;
-        if clip > 0.0 && norm > clip {
-            let scale = clip / (norm + 1e-6);
-            for (_, var) in &self.vars {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let g = (g * scale)?;
-                    grads.insert(var.as_tensor(), g);
-                }
-            }
-        }
+        let scale = if clip > 0.0 && norm > clip {
+            clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
         let lr = self.sched.at(self.state.step);
-        self.opt.step(&grads, lr)?;
+        self.opt.step_scaled(&grads, lr, scale)?;
         if let Some(e) = self.ema.as_mut() {
             // Ramp the decay up so that short runs get a useful average (1+t)/(10+t).
             let t = next_step as f64;
@@ -503,7 +498,7 @@ impl Trainer {
     }
 
     fn checkpoint(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
-        let (moments, opt_step) = self.opt.state();
+        let (moments, opt_step) = self.opt.state()?;
         let saved = self.run.save_checkpoint(
             &self.current()?,
             self.ema_checkpoint().as_ref(),

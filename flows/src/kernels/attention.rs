@@ -1,24 +1,28 @@
-//! Causal multi-head attention straight from the packed qkv projection (N, T, 3C) to the
-//! heads-concatenated output (N, T, C): `softmax(QKᵀ·s + causal)V` per sample and head, with no
-//! mask tensor and no transposed copies. The backward recomputes the probabilities P:
-//! `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))`, `dQ = s·dS K`, `dK = s·dSᵀ Q`.
+//! Causal multi-head attention straight from the packed qkv projection (N·T rows of 3C) to the
+//! heads-concatenated output (N·T rows of C): `softmax(QKᵀ·s + causal)V` per sample and head,
+//! with no mask tensor and no transposed copies; and its backward from the saved probabilities
+//! P: `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))`, `dQ = s·dS K`, `dK = s·dSᵀ Q`.
 
-use super::{gemm_strided, slice};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use super::gemm_strided;
 use rayon::prelude::*;
 
-/// Shape parameters of the op.
+/// The attention's shape: heads of `hd` values, scores multiplied by `scale`, `t` positions.
 #[derive(Debug, Clone, Copy)]
-struct Attn {
-    heads: usize,
-    hd: usize,
-    scale: f32,
+pub(crate) struct Attn {
+    /// Number of heads.
+    pub heads: usize,
+    /// Values per head.
+    pub hd: usize,
+    /// Score scale (1/√hd over the temperature).
+    pub scale: f32,
+    /// Sequence length.
+    pub t: usize,
 }
 
 impl Attn {
     /// Causal softmax probabilities P (T×T) of one sample's head `h` into `p`.
-    fn probs(&self, qkv: &[f32], t: usize, h: usize, p: &mut [f32]) {
-        let c = self.heads * self.hd;
+    fn probs(&self, qkv: &[f32], h: usize, p: &mut [f32]) {
+        let (c, t) = (self.heads * self.hd, self.t);
         let (q, k) = (h * self.hd, c + h * self.hd);
         // SAFETY: T rows of `hd` values at offsets q/k inside rows of 3C; P is T×T.
         unsafe {
@@ -27,8 +31,8 @@ impl Attn {
                 p.as_mut_ptr(),
                 t,
                 false,
-                (qkv.as_ptr().add(q), (3 * c), 1),
-                (qkv.as_ptr().add(k), 1, (3 * c)),
+                (qkv.as_ptr().add(q), 3 * c, 1),
+                (qkv.as_ptr().add(k), 1, 3 * c),
                 self.scale,
                 false,
             );
@@ -37,83 +41,56 @@ impl Attn {
             super::softmax_prefix(&mut p[i * t..(i + 1) * t], i + 1);
         }
     }
-}
 
-impl CustomOp1 for Attn {
-    fn name(&self) -> &'static str {
-        "tarflow-causal-attention"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let qkv = slice(s, l, "attention")?;
-        let (n, t, c3) = l.shape().dims3()?;
-        let c = c3 / 3;
-        let mut out = vec![0f32; n * t * c];
-        out.par_chunks_mut(t * c)
-            .zip(qkv.par_chunks(t * c3))
-            .for_each(|(o, qkv)| {
-                let mut p = vec![0f32; t * t];
-                for h in 0..self.heads {
-                    self.probs(qkv, t, h, &mut p);
-                    let v = 2 * c + h * self.hd;
-                    // SAFETY: O rows of C at head offset; V rows of 3C at offset v.
-                    unsafe {
-                        gemm_strided(
-                            (t, self.hd, t),
-                            o.as_mut_ptr().add(h * self.hd),
-                            c,
-                            false,
-                            (p.as_ptr(), t, 1),
-                            (qkv.as_ptr().add(v), (3 * c), 1),
-                            1.0,
-                            false,
-                        );
-                    }
+    /// The attention of every sample of `qkv` into `out`, one sample per task; the
+    /// probabilities are kept in `probs` (N·heads·T·T, sample-major) when given.
+    pub(crate) fn forward(&self, qkv: &[f32], out: &mut [f32], probs: Option<&mut [f32]>) {
+        let (c, t) = (self.heads * self.hd, self.t);
+        let tt = t * t;
+        let one = |((o, qkv), p): ((&mut [f32], &[f32]), &mut [f32])| {
+            for h in 0..self.heads {
+                let p = &mut p[h * tt..(h + 1) * tt];
+                self.probs(qkv, h, p);
+                let v = 2 * c + h * self.hd;
+                // SAFETY: O rows of C at the head's offset; V rows of 3C at offset v; P T×T.
+                unsafe {
+                    gemm_strided(
+                        (t, self.hd, t),
+                        o.as_mut_ptr().add(h * self.hd),
+                        c,
+                        false,
+                        (p.as_ptr(), t, 1),
+                        (qkv.as_ptr().add(v), 3 * c, 1),
+                        1.0,
+                        false,
+                    );
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, t, c))))
+            }
+        };
+        let tasks = out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * 3 * c));
+        match probs {
+            Some(p) => tasks
+                .zip(p.par_chunks_mut(self.heads * tt))
+                .for_each(|((o, q), p)| one(((o, q), p))),
+            None => tasks.for_each(|(o, q)| one(((o, q), &mut vec![0f32; self.heads * tt]))),
+        }
     }
 
-    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            qkv.apply_op2_no_bwd(&g.contiguous()?, &AttnBwd(*self))?,
-        ))
-    }
-}
-
-struct AttnBwd(Attn);
-
-impl CustomOp2 for AttnBwd {
-    fn name(&self) -> &'static str {
-        "tarflow-causal-attention-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a = self.0;
-        let (qkv, g) = (
-            slice(s1, l1, "attention bwd")?,
-            slice(s2, l2, "attention bwd")?,
-        );
-        let (n, t, c3) = l1.shape().dims3()?;
-        let c = c3 / 3;
-        let hd = a.hd;
-        let mut out = vec![0f32; n * t * c3];
-        out.par_chunks_mut(t * c3)
+    /// The gradient `d` (N·T rows of 3C, overwritten) of the packed projection for the output
+    /// gradient `g`, from the probabilities [`Self::forward`] kept.
+    pub(crate) fn backward(&self, qkv: &[f32], probs: &[f32], g: &[f32], d: &mut [f32]) {
+        let (c, t, hd) = (self.heads * self.hd, self.t, self.hd);
+        let (c3, tt) = (3 * c, t * t);
+        d.par_chunks_mut(t * c3)
             .zip(qkv.par_chunks(t * c3).zip(g.par_chunks(t * c)))
-            .for_each(|(d, (qkv, g))| {
-                let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]);
-                for h in 0..a.heads {
-                    a.probs(qkv, t, h, &mut p);
+            .zip(probs.par_chunks(self.heads * tt))
+            .for_each(|((d, (qkv, g)), probs)| {
+                let mut dp = vec![0f32; tt];
+                for h in 0..self.heads {
+                    let p = &probs[h * tt..(h + 1) * tt];
                     let (qo, ko, vo, go) = (h * hd, c + h * hd, 2 * c + h * hd, h * hd);
-                    let (c3i, ci) = (c3, c);
-                    // SAFETY (all products): T rows of hd values at the given offsets of rows of
-                    // 3C (qkv, d) or C (g); P and dP are T×T.
+                    // SAFETY (all products): T rows of hd values at the given offsets of rows
+                    // of 3C (qkv, d) or C (g); P and dP are T×T.
                     unsafe {
                         // dP = dO Vᵀ
                         gemm_strided(
@@ -121,8 +98,8 @@ impl CustomOp2 for AttnBwd {
                             dp.as_mut_ptr(),
                             t,
                             false,
-                            (g.as_ptr().add(go), ci, 1),
-                            (qkv.as_ptr().add(vo), 1, c3i),
+                            (g.as_ptr().add(go), c, 1),
+                            (qkv.as_ptr().add(vo), 1, c3),
                             1.0,
                             false,
                         );
@@ -133,7 +110,7 @@ impl CustomOp2 for AttnBwd {
                             c3,
                             false,
                             (p.as_ptr(), 1, t),
-                            (g.as_ptr().add(go), ci, 1),
+                            (g.as_ptr().add(go), c, 1),
                             1.0,
                             false,
                         );
@@ -154,8 +131,8 @@ impl CustomOp2 for AttnBwd {
                             c3,
                             false,
                             (dp.as_ptr(), t, 1),
-                            (qkv.as_ptr().add(ko), c3i, 1),
-                            a.scale,
+                            (qkv.as_ptr().add(ko), c3, 1),
+                            self.scale,
                             false,
                         );
                         // dK = s·dSᵀ Q
@@ -165,28 +142,12 @@ impl CustomOp2 for AttnBwd {
                             c3,
                             false,
                             (dp.as_ptr(), 1, t),
-                            (qkv.as_ptr().add(qo), c3i, 1),
-                            a.scale,
+                            (qkv.as_ptr().add(qo), c3, 1),
+                            self.scale,
                             false,
                         );
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
-}
-
-/// Causal attention of the packed projection `qkv` (N, T, 3C) with `heads` heads of `hd`,
-/// scores scaled by `scale`; returns (N, T, C) with the heads concatenated.
-pub fn causal_attention(
-    qkv: &Tensor,
-    heads: usize,
-    hd: usize,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
-    qkv.contiguous()?.apply_op1(Attn {
-        heads,
-        hd,
-        scale: scale as f32,
-    })
 }

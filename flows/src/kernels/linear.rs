@@ -1,9 +1,109 @@
 //! `y = x·Wᵀ + b` over the rows of `x`, PyTorch's (out, in) weight layout, with the backward
 //! `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ dy` done by one kernel into one buffer (candle's composed
-//! version transposes, copies and reduces the bias gradient in separate passes).
+//! version transposes, copies and reduces the bias gradient in separate passes). The slice
+//! functions serve the op here and the fused layer ([`super::layer`]).
 
 use super::{gemm_strided, slice};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel task of the bias gradient.
+const ROWS: usize = 256;
+
+/// `y (rows × out) [+]= x (rows × in)·Wᵀ + b` for W (out × in); with `add`, onto what `y` holds.
+pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], add: bool) {
+    let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
+    let rows = x.len() / in_dim.max(1);
+    assert!(
+        w.len() == out_dim * in_dim && y.len() == rows * out_dim && x.len() == rows * in_dim,
+        "linear::forward: buffer sizes"
+    );
+    for r in y.chunks_exact_mut(out_dim) {
+        if add {
+            r.iter_mut().zip(b).for_each(|(r, b)| *r += b);
+        } else {
+            r.copy_from_slice(b);
+        }
+    }
+    // SAFETY: x is rows×in, W (out×in) read as Wᵀ (in×out), y rows×out (checked above).
+    unsafe {
+        gemm_strided(
+            (rows, out_dim, in_dim),
+            y.as_mut_ptr(),
+            out_dim,
+            true,
+            (x.as_ptr(), in_dim, 1),
+            (w.as_ptr(), 1, in_dim),
+            1.0,
+            true,
+        )
+    };
+}
+
+/// The backward of [`forward`] for the output gradient `g` (rows × out): `dx = g·W` (when
+/// asked), `dW = gᵀ·x`, `db = Σ g`, each overwritten.
+pub(crate) fn backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (out_dim, in_dim) = (db.len(), dw.len() / db.len().max(1));
+    let rows = g.len() / out_dim.max(1);
+    assert!(
+        w.len() == out_dim * in_dim && x.len() == rows * in_dim && g.len() == rows * out_dim,
+        "linear::backward: buffer sizes"
+    );
+    // SAFETY: g is rows×out, W out×in, x rows×in; dx rows×in, dW out×in (checked).
+    unsafe {
+        if let Some(dx) = dx {
+            assert_eq!(dx.len(), rows * in_dim, "linear::backward: dx size");
+            gemm_strided(
+                (rows, in_dim, out_dim),
+                dx.as_mut_ptr(),
+                in_dim,
+                false,
+                (g.as_ptr(), out_dim, 1),
+                (w.as_ptr(), in_dim, 1),
+                1.0,
+                true,
+            );
+        }
+        gemm_strided(
+            (out_dim, in_dim, rows),
+            dw.as_mut_ptr(),
+            in_dim,
+            false,
+            (g.as_ptr(), 1, out_dim),
+            (x.as_ptr(), in_dim, 1),
+            1.0,
+            true,
+        );
+    }
+    column_sums(g, db);
+}
+
+/// `out[j] = Σ_rows g[r, j]`, partial sums per fixed block of rows added in order (the same
+/// result on any number of threads).
+pub(crate) fn column_sums(g: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let partial: Vec<Vec<f32>> = g
+        .par_chunks(ROWS * n)
+        .map(|block| {
+            let mut acc = vec![0f32; n];
+            for r in block.chunks_exact(n) {
+                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    out.fill(0.0);
+    for p in partial {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+}
 
 struct Linear;
 
@@ -33,23 +133,8 @@ impl CustomOp3 for Linear {
         );
         let (out_dim, in_dim) = l2.shape().dims2()?;
         let rows = x.len() / in_dim;
-        let mut y = Vec::with_capacity(rows * out_dim);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
-        // SAFETY: x is rows×in, W (out×in) read as Wᵀ (in×out), y rows×out.
-        unsafe {
-            gemm_strided(
-                (rows, out_dim, in_dim),
-                y.as_mut_ptr(),
-                out_dim,
-                true,
-                (x.as_ptr(), in_dim, 1),
-                (w.as_ptr(), 1, in_dim),
-                1.0,
-                true,
-            )
-        };
+        let mut y = vec![0f32; rows * out_dim];
+        forward(x, w, b, &mut y, false);
         let mut dims = l1.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
@@ -109,40 +194,7 @@ impl CustomOp3 for LinearBwd {
         let mut out = vec![0f32; nx + out_dim * in_dim + out_dim];
         let (dx, rest) = out.split_at_mut(nx);
         let (dw, db) = rest.split_at_mut(out_dim * in_dim);
-        // SAFETY: g is rows×out, W out×in, x rows×in; dx rows×in, dW out×in.
-        unsafe {
-            if self.want_dx {
-                gemm_strided(
-                    (rows, in_dim, out_dim),
-                    dx.as_mut_ptr(),
-                    in_dim,
-                    false,
-                    (g.as_ptr(), out_dim, 1),
-                    (w.as_ptr(), in_dim, 1),
-                    1.0,
-                    true,
-                );
-            }
-            gemm_strided(
-                (out_dim, in_dim, rows),
-                dw.as_mut_ptr(),
-                in_dim,
-                false,
-                (g.as_ptr(), 1, out_dim),
-                (x.as_ptr(), in_dim, 1),
-                1.0,
-                true,
-            );
-        }
-        let mut acc = vec![0f64; out_dim];
-        for r in g.chunks_exact(out_dim) {
-            for (a, &v) in acc.iter_mut().zip(r) {
-                *a += v as f64;
-            }
-        }
-        for (d, a) in db.iter_mut().zip(acc) {
-            *d = a as f32;
-        }
+        backward(x, w, g, self.want_dx.then_some(dx), dw, db);
         Ok((
             CpuStorage::F32(out),
             Shape::from(nx + out_dim * in_dim + out_dim),

@@ -1,21 +1,23 @@
-//! Fused CPU kernels with hand-written backward passes, as candle custom ops: LayerNorm,
-//! causal attention on the packed qkv projection, and the exact GELU.
+//! Fused CPU kernels: for training, a whole transformer layer as one autograd node with a
+//! hand-written backward ([`layer`]) and the Linear op of the embeddings and heads ([`linear`]);
+//! for gradient-free passes, the trunk ([`trunk`]) and the step engine ([`step`]) of inference.
+//! LayerNorm, causal attention and GELU are slice functions they share.
 //!
-//! Composed candle ops materialise every intermediate on the autograd tape (the training step
-//! spent ~20 % of its time zeroing fresh pages); each kernel here keeps only its inputs and
-//! recomputes what its backward needs. They, and the gradient-free trunk ([`trunk`]) and step
-//! engine ([`step`]) of inference, apply to f32 tensors on the CPU; elsewhere (CUDA, Metal, bf16/f16), or
-//! when switched off, the model runs on candle's composed ops, which remain the reference
-//! (tests hold the two equal in values and gradients).
+//! Composed candle ops materialise every intermediate on the autograd tape, and candle's
+//! backward gives each a zeroed gradient and an add: the training step spent most of its time
+//! outside its products. The kernels apply to f32 tensors on the CPU; elsewhere (CUDA, Metal,
+//! bf16/f16), or when switched off, the model runs on candle's composed ops, which remain the
+//! reference (tests hold the two equal in values and gradients).
 //!
 //! One switch, process-wide, chooses: [`set_enabled`] from code, `TARFLOW_CPU_KERNELS=0` in
 //! the environment, or the command line's `--composed`. Off, the CPU runs exactly the ops a GPU
 //! runs, so the GPU path is testable on any machine.
 
-pub mod attention;
-pub mod gelu;
-pub mod layer_norm;
+pub(crate) mod attention;
+pub mod layer;
+pub(crate) mod layer_norm;
 pub mod linear;
+pub(crate) mod pool;
 pub mod step;
 pub mod trunk;
 

@@ -6,15 +6,13 @@
 //! place. Everything the flow adds around the trunk (patches, permutation, embeddings, the
 //! affine head) stays in `MetaBlock`; tests hold this equal to candle's ops.
 
+use super::attention::Attn;
 use super::{gemm_strided, softmax_prefix};
 use crate::error::{FlowError, Result};
 use crate::gelu::gelu_f32;
 use crate::layers::AttentionBlock;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
-
-/// Rows per parallel task of the row-wise ops.
-const ROWS: usize = 64;
 
 /// Rows from which a step's products use every thread (below, threads cost more than they gain).
 const PAR_ROWS: usize = 64;
@@ -86,17 +84,7 @@ impl Norm {
 
     /// LayerNorm (eps 1e-5) of each row of `x` into `out`.
     fn apply(&self, x: &[f32], out: &mut [f32]) {
-        let c = self.w.len();
-        out.par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    let (m, r) = super::layer_norm::stats(x);
-                    for i in 0..c {
-                        o[i] = (x[i] - m) * r * self.w[i] + self.b[i];
-                    }
-                }
-            })
+        super::layer_norm::forward(x, &self.w, &self.b, out)
     }
 }
 
@@ -171,58 +159,26 @@ impl Trunk {
     pub fn forward(&self, h: &mut [f32], n: usize, t: usize, temp: f64) {
         let (c, hd, heads) = (self.c, self.hd, self.heads);
         let rows = n * t;
-        let mut tmp = vec![0f32; rows * c];
-        let mut qkv = vec![0f32; rows * 3 * c];
-        let mut att = vec![0f32; rows * c];
-        let mut mlp = vec![0f32; rows * self.hidden];
+        let mut tmp = super::pool::take(rows * c);
+        let mut qkv = super::pool::take(rows * 3 * c);
+        let mut att = super::pool::take(rows * c);
+        let mut mlp = super::pool::take(rows * self.hidden);
         let scale = (1.0 / ((hd as f64).sqrt() * temp)) as f32;
         for layer in &self.layers {
             layer.ln1.apply(h, &mut tmp);
             layer.qkv.apply(&tmp, rows, &mut qkv, true);
-            // Causal attention per sample and head: S = QKᵀ·scale, row softmax, O = S·V.
-            att.par_chunks_mut(t * c)
-                .zip(qkv.par_chunks(t * 3 * c))
-                .for_each(|(o, q)| {
-                    let mut sc = vec![0f32; t * t];
-                    for hh in 0..heads {
-                        let (qo, ko, vo) = (hh * hd, c + hh * hd, 2 * c + hh * hd);
-                        // SAFETY: T rows of hd values at offsets qo/ko/vo inside rows of 3C;
-                        // S is T×T, the output rows are C wide.
-                        unsafe {
-                            gemm_strided(
-                                (t, t, hd),
-                                sc.as_mut_ptr(),
-                                t,
-                                false,
-                                (q.as_ptr().add(qo), 3 * c, 1),
-                                (q.as_ptr().add(ko), 1, 3 * c),
-                                scale,
-                                false,
-                            );
-                        }
-                        for i in 0..t {
-                            softmax_prefix(&mut sc[i * t..(i + 1) * t], i + 1);
-                        }
-                        unsafe {
-                            gemm_strided(
-                                (t, hd, t),
-                                o.as_mut_ptr().add(hh * hd),
-                                c,
-                                false,
-                                (sc.as_ptr(), t, 1),
-                                (q.as_ptr().add(vo), 3 * c, 1),
-                                1.0,
-                                false,
-                            );
-                        }
-                    }
-                });
+            let attn = Attn {
+                heads,
+                hd,
+                scale,
+                t,
+            };
+            attn.forward(&qkv, &mut att, None);
             layer.proj.apply(&att, rows, &mut tmp, true);
             add_in_place(h, &tmp);
             layer.ln2.apply(h, &mut tmp);
             layer.fc1.apply(&tmp, rows, &mut mlp, true);
-            mlp.par_chunks_mut(16 * 1024)
-                .for_each(|v| v.iter_mut().for_each(|x| *x = gelu_f32(*x)));
+            crate::gelu::in_place(&mut mlp);
             layer.fc2.apply(&mlp, rows, &mut tmp, true);
             add_in_place(h, &tmp);
         }

@@ -1,0 +1,272 @@
+//! One transformer layer, `x₂ = x + Attn(LN₁(x))`, `y = x₂ + MLP(LN₂(x₂))`, as a single
+//! autograd node for training on the CPU.
+//!
+//! Composed ops put every intermediate on candle's tape, and candle's backward gives each one a
+//! zeroed gradient buffer plus an add: the training step spent more time in those, in page
+//! faults on their fresh outputs and in thread barriers than in its products. Here the forward
+//! keeps what the backward needs inside the op (the LayerNorm outputs, qkv, the attention
+//! probabilities, the MLP's pre- and post-activation), and the backward writes every gradient
+//! straight into one buffer: per layer the tape holds one node, and the work is the eight
+//! weight products each way plus a few row-wise passes.
+//!
+//! The layer's twelve parameters enter as one packed vector (`Tensor::cat` of the flattened
+//! weights, in [`Dims::sizes`] order), so candle's `cat` hands each its gradient slice.
+
+use super::attention::Attn;
+use super::pool::{self, Buf};
+use super::{layer_norm, linear, slice};
+use crate::layers::LayerParts;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use std::sync::Mutex;
+
+/// The layer's widths.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    c: usize,
+    hidden: usize,
+}
+
+impl Dims {
+    /// Lengths of ln1.{w,b}, qkv.{w,b}, proj.{w,b}, ln2.{w,b}, fc1.{w,b}, fc2.{w,b}.
+    fn sizes(&self) -> [usize; 12] {
+        let (c, h) = (self.c, self.hidden);
+        [c, c, 3 * c * c, 3 * c, c * c, c, c, c, h * c, h, c * h, c]
+    }
+
+    fn len(&self) -> usize {
+        self.sizes().iter().sum()
+    }
+
+    /// The packed vector cut into its twelve parts.
+    fn split<'a>(&self, mut p: &'a [f32]) -> [&'a [f32]; 12] {
+        self.sizes().map(|n| {
+            let (a, b) = p.split_at(n);
+            p = b;
+            a
+        })
+    }
+
+    /// [`Self::split`] of a mutable vector (the parameter gradients).
+    fn split_mut<'a>(&self, mut p: &'a mut [f32]) -> [&'a mut [f32]; 12] {
+        self.sizes().map(|n| {
+            let (a, b) = std::mem::take(&mut p).split_at_mut(n);
+            p = b;
+            a
+        })
+    }
+}
+
+/// What the forward keeps for the backward (rows = N·T).
+struct Saved {
+    /// LN₁(x), rows × C.
+    h1: Buf,
+    /// rows × 3C.
+    qkv: Buf,
+    /// Attention probabilities, N·heads·T·T.
+    probs: Buf,
+    /// Attention output before its projection, rows × C.
+    att: Buf,
+    /// x₂, rows × C.
+    x2: Buf,
+    /// LN₂(x₂), rows × C.
+    h2: Buf,
+    /// MLP pre-activation, rows × hidden.
+    u: Buf,
+    /// GELU(u), rows × hidden.
+    g: Buf,
+}
+
+struct LayerOp {
+    d: Dims,
+    attn: Attn,
+    saved: Mutex<Option<Saved>>,
+}
+
+struct LayerBwd {
+    d: Dims,
+    attn: Attn,
+    saved: Saved,
+}
+
+fn sizes_error(what: &str, got: usize, want: usize) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "fused transformer layer: {what} has {got} values, expected {want}"
+    ))
+}
+
+impl CustomOp2 for LayerOp {
+    fn name(&self) -> &'static str {
+        "tarflow-transformer-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, p) = (slice(s1, l1, "layer")?, slice(s2, l2, "layer weights")?);
+        let (n, t, c) = l1.shape().dims3()?;
+        let (d, rows) = (self.d, n * t);
+        if c != d.c || p.len() != d.len() {
+            return Err(sizes_error("the packed weights", p.len(), d.len()));
+        }
+        let [ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fc1w, fc1b, fc2w, fc2b] = d.split(p);
+        let a = self.attn;
+        let mut h1 = pool::take(rows * c);
+        layer_norm::forward(x, ln1w, ln1b, &mut h1);
+        let mut qkv = pool::take(rows * 3 * c);
+        linear::forward(&h1, qkvw, qkvb, &mut qkv, false);
+        let mut att = pool::take(rows * c);
+        let mut probs = pool::take(n * a.heads * t * t);
+        a.forward(&qkv, &mut att, Some(&mut probs));
+        let mut x2 = pool::copy_of(x);
+        linear::forward(&att, projw, projb, &mut x2, true);
+        let mut h2 = pool::take(rows * c);
+        layer_norm::forward(&x2, ln2w, ln2b, &mut h2);
+        let mut u = pool::take(rows * d.hidden);
+        linear::forward(&h2, fc1w, fc1b, &mut u, false);
+        let mut g = pool::take(rows * d.hidden);
+        crate::gelu::forward(&u, &mut g);
+        let mut y = pool::copy_of(&x2);
+        linear::forward(&g, fc2w, fc2b, &mut y, true);
+        let saved = Saved {
+            h1,
+            qkv,
+            probs,
+            att,
+            x2,
+            h2,
+            u,
+            g,
+        };
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok((CpuStorage::F32(y.into_vec()), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "fused transformer layer: backward asked twice of one forward pass".into(),
+                )
+            })?;
+        let bwd = LayerBwd {
+            d: self.d,
+            attn: self.attn,
+            saved,
+        };
+        // One buffer: [dx (rows·C) | d(packed weights)].
+        let out = x.apply_op3_no_bwd(p, &g.contiguous()?, &bwd)?;
+        let nx = x.elem_count();
+        let dx = out.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dp = out.narrow(0, nx, self.d.len())?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl CustomOp3 for LayerBwd {
+    fn name(&self) -> &'static str {
+        "tarflow-transformer-layer-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, p, dy) = (
+            slice(s1, l1, "layer bwd")?,
+            slice(s2, l2, "layer bwd weights")?,
+            slice(s3, l3, "layer bwd gradient")?,
+        );
+        let (d, s) = (self.d, &self.saved);
+        let (c, nx) = (d.c, x.len());
+        if dy.len() != nx {
+            return Err(sizes_error("the output gradient", dy.len(), nx));
+        }
+        let rows = nx / c;
+        let [ln1w, _, qkvw, _, projw, _, ln2w, _, fc1w, _, fc2w, _] = d.split(p);
+        // Every value is written below: dx from dy, each weight's gradient by its kernel.
+        let mut out = pool::take(nx + d.len());
+        let (dx, dp) = out.split_at_mut(nx);
+        let [dln1w, dln1b, dqkvw, dqkvb, dprojw, dprojb, dln2w, dln2b, dfc1w, dfc1b, dfc2w, dfc2b] =
+            d.split_mut(dp);
+        // MLP: dg = dy·W₂, du = dg ⊙ GELU'(u), dh₂ = du·W₁.
+        let mut du = pool::take(rows * d.hidden);
+        linear::backward(&s.g, fc2w, dy, Some(&mut du), dfc2w, dfc2b);
+        crate::gelu::backward_in_place(&s.u, &mut du);
+        let mut dh = pool::take(rows * c);
+        linear::backward(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, dfc1b);
+        drop(du);
+        // dx₂ = dy + LN₂'(dh₂), kept in dx (the residual passes it on to x).
+        dx.copy_from_slice(dy);
+        layer_norm::backward(&s.x2, ln2w, &dh, dx, dln2w, dln2b);
+        // Attention: datt = dx₂·W_proj, dqkv from the kept probabilities, dh₁ = dqkv·W_qkv.
+        linear::backward(&s.att, projw, dx, Some(&mut dh), dprojw, dprojb);
+        let mut dqkv = pool::take(rows * 3 * c);
+        self.attn.backward(&s.qkv, &s.probs, &dh, &mut dqkv);
+        linear::backward(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, dqkvb);
+        layer_norm::backward(x, ln1w, &dh, dx, dln1w, dln1b);
+        let len = out.len();
+        Ok((CpuStorage::F32(out.into_vec()), Shape::from(len)))
+    }
+}
+
+/// The layer over `x` (N, T, C) with `parts`' weights, attention scores divided by `temp`; f32
+/// on the CPU. Gradients reach `x` and every weight.
+pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<Tensor> {
+    let (_, t, c) = x.dims3()?;
+    let hidden = parts.fc1.1.elem_count();
+    let hd = parts.head_dim;
+    let weights = [
+        parts.ln1.0,
+        parts.ln1.1,
+        parts.qkv.0,
+        parts.qkv.1,
+        parts.proj.0,
+        parts.proj.1,
+        parts.ln2.0,
+        parts.ln2.1,
+        parts.fc1.0,
+        parts.fc1.1,
+        parts.fc2.0,
+        parts.fc2.1,
+    ]
+    .iter()
+    .map(|w| w.flatten_all())
+    .collect::<candle_core::Result<Vec<_>>>()?;
+    let d = Dims { c, hidden };
+    for (w, n) in weights.iter().zip(d.sizes()) {
+        if w.elem_count() != n {
+            return Err(sizes_error("a weight", w.elem_count(), n));
+        }
+    }
+    let packed = Tensor::cat(&weights, 0)?;
+    let op = LayerOp {
+        d,
+        attn: Attn {
+            heads: c / hd.max(1),
+            hd,
+            scale: (1.0 / ((hd as f64).sqrt() * temp)) as f32,
+            t,
+        },
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op2(&packed, op)
+}
