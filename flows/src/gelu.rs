@@ -72,7 +72,7 @@ pub(crate) fn backward_in_place(x: &[f32], g: &mut [f32]) {
         .for_each(|(g, x)| {
             for (g, &v) in g.iter_mut().zip(x) {
                 let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
+                let pdf = crate::kernels::exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
                 *g *= cdf + v * pdf;
             }
         });
