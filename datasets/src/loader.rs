@@ -165,19 +165,23 @@ impl Loader {
     /// Batches of `epoch` from batch `start` on, built by `workers` background threads and
     /// delivered in order, at most `2·workers` ahead of the consumer.
     pub fn epoch_from(&self, epoch: u64, start: usize, workers: usize) -> Receiver<Batch> {
+        self.epoch_batches(epoch, (start..self.batches_per_epoch()).collect(), workers)
+    }
+
+    /// The batches `wanted` (indices into epoch `epoch`, in the order given) built by `workers`
+    /// threads: one rank's share of each global batch in data-parallel training.
+    pub fn epoch_batches(&self, epoch: u64, wanted: Vec<usize>, workers: usize) -> Receiver<Batch> {
         let workers = workers.max(1);
         let order = Arc::new(self.epoch_order(epoch));
-        let total = self.batches_per_epoch();
         let (tx, rx) = sync_channel::<Batch>(2 * workers);
         let me = self.clone();
         std::thread::spawn(move || {
             // Each round builds `workers` batches in parallel, then sends them in order.
-            let mut next = start;
-            while next < total {
-                let end = (next + workers).min(total);
+            for round in wanted.chunks(workers) {
                 let built: Vec<Batch> = std::thread::scope(|s| {
-                    let handles: Vec<_> = (next..end)
-                        .map(|b| {
+                    let handles: Vec<_> = round
+                        .iter()
+                        .map(|&b| {
                             let (me, order) = (&me, &order);
                             s.spawn(move || me.make_batch(order, epoch, b))
                         })
@@ -189,7 +193,6 @@ impl Loader {
                         return; // the consumer stopped
                     }
                 }
-                next = end;
             }
         });
         rx

@@ -36,8 +36,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(d) = a.device {
         sets.push(format!("train.device={}", d.name()));
     }
+    // One process, or this rank of `mpirun -np N` (the `mpi` feature).
+    let group = tarflow_train::dist::from_env()?;
+    let rank = group.rank();
     let (mut trainer, warnings) = match (&a.config, &a.resume) {
-        (_, Some(dir)) => Trainer::resume(dir, &sets)?,
+        (_, Some(dir)) => Trainer::resume_in(dir, &sets, group)?,
         (Some(c), None) => {
             let cfg = TrainConfig::load(c, &sets)?;
             if a.check {
@@ -52,28 +55,53 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 );
                 return Ok(());
             }
-            Trainer::start(cfg)?
+            Trainer::start_in(cfg, group)?
         }
         (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
     };
-    for w in warnings {
-        eprintln!("warning: {w}");
+    let lead = rank == 0;
+    if lead {
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        if let Some(n) = tarflow_train::dist::launched_size().filter(|&n| n > 1) {
+            eprintln!(
+                "data-parallel over {n} ranks: each takes 1/{n} of every global batch; rank 0 writes the run"
+            );
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        // First Ctrl-C: finish the step, write a checkpoint, exit. Second: exit at once.
+        // First Ctrl-C (or SIGTERM): finish the step, write a checkpoint, exit. Second: exit at
+        // once. Under MPI, a signal that arrives while a rank has died or a collective hangs
+        // is the launcher stopping a failed job: say which rank and where to resume from.
         ctrlc::set_handler(move || {
+            if tarflow_train::dist::launched_size().is_some_and(|n| n > 1)
+                && tarflow_train::dist::in_fault()
+            {
+                eprintln!(
+                    "error: rank {rank}: stopped by the launcher. {}",
+                    tarflow_train::dist::fault_report()
+                );
+                std::process::exit(1);
+            }
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!(
-                "\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)"
-            );
+            if lead {
+                eprintln!(
+                    "\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)"
+                );
+            }
         })?;
     }
-    let tty = std::io::stderr().is_terminal();
-    let bar = ProgressBar::new(trainer.max_steps());
+    let tty = std::io::stderr().is_terminal() && lead;
+    let bar = if lead {
+        ProgressBar::new(trainer.max_steps())
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg} ETA {eta}",
@@ -153,6 +181,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let result = trainer.run(&stop, &mut on);
     bar.finish_and_clear();
     let s = result?;
+    if !lead {
+        if s.outcome == Outcome::Interrupted {
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     let run = s.run_dir.display();
     println!(
         "{} at step {} after {:.1} s; last loss {}; validation bits/dim {}{}",
@@ -173,7 +207,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     println!("run: {run} (metrics.jsonl, plots/, samples/)");
     if s.outcome == Outcome::Interrupted {
-        println!("resume with: tarflow train --resume {run}");
+        let launch = match tarflow_train::dist::launched_size() {
+            Some(n) if n > 1 => format!("mpirun -np {n} "),
+            _ => String::new(),
+        };
+        println!("resume with: {launch}tarflow train --resume {run}");
         std::process::exit(130);
     }
     Ok(())

@@ -157,17 +157,27 @@ pub fn loaders(
     Ok((train, val))
 }
 
-/// Training batches in global order, across epoch boundaries.
+/// Training batches in global order, across epoch boundaries; in data-parallel training, only
+/// this rank's share of each global batch.
 pub(crate) struct Feed {
     loader: Loader,
     workers: usize,
     pub(crate) epoch: u64,
     pub(crate) next: usize,
     rx: Option<Receiver<Batch>>,
+    /// (rank, ranks, micro-batches per rank and step): of the `ranks × per_rank` micro-batches
+    /// of a step, rank r takes the r-th run of `per_rank`.
+    shard: (usize, usize, usize),
 }
 
 impl Feed {
-    pub(crate) fn at(loader: Loader, workers: usize, micro_index: u64) -> Self {
+    /// The feed from global micro-batch `micro_index` on (all ranks count every micro-batch).
+    pub(crate) fn at(
+        loader: Loader,
+        workers: usize,
+        micro_index: u64,
+        shard: (usize, usize, usize),
+    ) -> Self {
         let bpe = loader.batches_per_epoch() as u64;
         Self {
             loader,
@@ -175,23 +185,52 @@ impl Feed {
             epoch: micro_index / bpe,
             next: (micro_index % bpe) as usize,
             rx: None,
+            shard,
         }
     }
 
+    /// (epoch, batch in epoch) after `micro_index` micro-batches of all ranks, as a single
+    /// process counts them (an epoch's last batch leaves `batch == batches_per_epoch`).
+    pub(crate) fn position(&self, micro_index: u64) -> (u64, usize) {
+        let bpe = self.loader.batches_per_epoch() as u64;
+        match micro_index {
+            0 => (0, 0),
+            m => ((m - 1) / bpe, ((m - 1) % bpe + 1) as usize),
+        }
+    }
+
+    fn mine(&self, epoch: u64, b: usize) -> bool {
+        let (rank, ranks, per) = self.shard;
+        let m = epoch * self.loader.batches_per_epoch() as u64 + b as u64;
+        (m % (ranks * per) as u64) / per as u64 == rank as u64
+    }
+
     pub(crate) fn next(&mut self) -> Result<Batch> {
-        if self.next >= self.loader.batches_per_epoch() {
-            self.epoch += 1;
-            self.next = 0;
-            self.rx = None;
+        let bpe = self.loader.batches_per_epoch();
+        loop {
+            if self.next >= bpe {
+                self.epoch += 1;
+                self.next = 0;
+                self.rx = None;
+            }
+            if self.mine(self.epoch, self.next) {
+                break;
+            }
+            self.next += 1;
         }
         let (epoch, start, workers) = (self.epoch, self.next, self.workers);
-        let rx = self
+        if self.rx.is_none() {
+            let wanted = (start..bpe).filter(|&b| self.mine(epoch, b)).collect();
+            self.rx = Some(self.loader.epoch_batches(epoch, wanted, workers));
+        }
+        let b = self
             .rx
-            .get_or_insert_with(|| self.loader.epoch_from(epoch, start, workers));
-        let b = rx.recv().map_err(|_| TrainError::Run {
-            path: PathBuf::from("<loader>"),
-            msg: format!("the data loader stopped in epoch {epoch}"),
-        })?;
+            .as_ref()
+            .and_then(|rx| rx.recv().ok())
+            .ok_or_else(|| TrainError::Run {
+                path: PathBuf::from("<loader>"),
+                msg: format!("the data loader stopped in epoch {epoch}"),
+            })?;
         self.next += 1;
         Ok(b)
     }

@@ -13,6 +13,36 @@ use tarflow_flows::{BpdConvention, Cond, ReverseOptions, TarFlow};
 /// holds no full batch. A batch with a non-finite score is recomputed in f64 (f32 overflows for
 /// images far from what the model has learnt); images still not finite are left out and counted.
 pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(f64, usize)>> {
+    let s = val_bpd_sums(model, val, batches, (0, 1))?;
+    Ok(s.mean())
+}
+
+/// Bits/dim summed over a share of the held-out batches, to be added up across ranks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ValSums {
+    /// Sum of the finite bits/dim.
+    pub sum: f64,
+    /// Images with a finite score.
+    pub count: usize,
+    /// Images left out as not finite.
+    pub excluded: usize,
+}
+
+impl ValSums {
+    /// The mean and the images left out; `None` when nothing was scored.
+    pub fn mean(&self) -> Option<(f64, usize)> {
+        (self.count + self.excluded > 0)
+            .then(|| (self.sum / self.count.max(1) as f64, self.excluded))
+    }
+}
+
+/// [`val_bpd`]'s sums over the batches `rank, rank + size, …` (data-parallel validation).
+pub fn val_bpd_sums(
+    model: &TarFlow,
+    val: &Loader,
+    batches: usize,
+    (rank, size): (usize, usize),
+) -> Result<ValSums> {
     let order = val.epoch_order(0);
     let n = match batches {
         0 => val.batches_per_epoch(),
@@ -29,7 +59,7 @@ pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(
             let bpd = m.bits_per_dim(&out, BpdConvention::TrueDims)?;
             Ok(tarflow_flows::device::host_f64(&bpd)?.to_vec1::<f64>()?)
         };
-    for i in 0..n {
+    for i in (rank..n).step_by(size.max(1)) {
         let b = val.make_batch(&order, 0, i);
         let mut v = bpd_of(model, &b.images, b.shape, &b.labels)?;
         if v.iter().any(|x| !x.is_finite()) {
@@ -49,7 +79,11 @@ pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(
             }
         }
     }
-    Ok((count + excluded > 0).then(|| (sum / count.max(1) as f64, excluded)))
+    Ok(ValSums {
+        sum,
+        count,
+        excluded,
+    })
 }
 
 /// Samples `eval.num_samples` images (labels cycling through the classes, `eval.guidance`,

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod ema;
 pub mod error;
 pub mod evaluate;

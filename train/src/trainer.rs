@@ -6,6 +6,7 @@
 //! uninterrupted one exactly on CPU.
 
 use crate::config::TrainConfig;
+use crate::dist::{Group, Solo};
 use crate::ema::Ema;
 use crate::error::{Result, TrainError};
 use crate::metrics::{MetricsLog, Record};
@@ -111,10 +112,13 @@ pub struct Trainer {
     train_images: usize,
     state: TrainState,
     max_steps: u64,
-    metrics: MetricsLog,
+    /// `metrics.jsonl`, written by rank 0 alone.
+    metrics: Option<MetricsLog>,
     history: Vec<Record>,
     last_checkpoint: Option<PathBuf>,
     batch_hook: Option<BatchHook>,
+    /// The ranks of a data-parallel run (one process: [`Solo`]).
+    group: Box<dyn Group>,
 }
 
 fn pick_dtype(name: &str, device: &Device) -> DType {
@@ -129,6 +133,11 @@ impl Trainer {
     /// Starts a new run in `output.dir/output.name`; refuses to overwrite a run that has
     /// checkpoints.
     pub fn start(cfg: TrainConfig) -> Result<(Self, Vec<String>)> {
+        Self::start_in(cfg, Box::new(Solo))
+    }
+
+    /// [`Self::start`] as one rank of `group` (data-parallel: `mpirun -np N`).
+    pub fn start_in(cfg: TrainConfig, group: Box<dyn Group>) -> Result<(Self, Vec<String>)> {
         let name = cfg.output.name.clone().unwrap_or_else(|| "run".into());
         let run = RunDir::new(cfg.output.dir.join(&name));
         if run.latest()?.is_some() {
@@ -141,12 +150,22 @@ impl Trainer {
                 ),
             });
         }
-        Self::build(cfg, run, None)
+        Self::build(cfg, run, None, group)
     }
 
     /// Resumes the run in `root` from its `latest` checkpoint; `sets` override its config
     /// (e.g. `train.max_steps`).
     pub fn resume(root: &Path, sets: &[String]) -> Result<(Self, Vec<String>)> {
+        Self::resume_in(root, sets, Box::new(Solo))
+    }
+
+    /// [`Self::resume`] as one rank of `group`; the run may have been started with another
+    /// number of ranks.
+    pub fn resume_in(
+        root: &Path,
+        sets: &[String],
+        group: Box<dyn Group>,
+    ) -> Result<(Self, Vec<String>)> {
         let run = RunDir::new(root);
         let cp = run.config_path();
         if !cp.is_file() {
@@ -165,16 +184,17 @@ impl Trainer {
                 ),
             ));
         }
-        if !sets.is_empty() {
+        if !sets.is_empty() && group.rank() == 0 {
             tarflow_flows::checkpoint::write_atomic(&cp, cfg.to_toml()?.as_bytes())?;
         }
-        Self::build(cfg, run, Some(restored))
+        Self::build(cfg, run, Some(restored), group)
     }
 
     fn build(
         cfg: TrainConfig,
         run: RunDir,
         restored: Option<crate::rundir::Restored>,
+        group: Box<dyn Group>,
     ) -> Result<(Self, Vec<String>)> {
         let mut warnings = Vec::new();
         let device = tarflow_flows::device::select(&cfg.train.device)?;
@@ -183,10 +203,31 @@ impl Trainer {
             check_memory(&cfg)?;
         }
         let t = &cfg.train;
-        // Data: the training set, and a held-out split or a separate validation source.
-        let micro = t.batch_size / t.grad_accum;
+        // Data: the training set, and a held-out split or a separate validation source. A step
+        // is `grad_accum × ranks` micro-batches, each rank taking its own `grad_accum`.
+        let shares = t.grad_accum * group.size();
+        if !t.batch_size.is_multiple_of(shares) {
+            return Err(TrainError::config(
+                "train.batch_size",
+                format!(
+                    "{} images per step cannot be split into train.grad_accum ({}) × {} ranks \
+                     = {shares} equal micro-batches",
+                    t.batch_size,
+                    t.grad_accum,
+                    group.size()
+                ),
+            ));
+        }
+        let micro = t.batch_size / shares;
         let (train, val) = crate::data::loaders(&cfg, micro, &mut warnings)?;
-        let steps_per_epoch = train.batches_per_epoch() as f64 / t.grad_accum as f64;
+        let steps_per_epoch = train.batches_per_epoch() as f64 / shares as f64;
+        same_as_rank0(
+            group.as_ref(),
+            &cfg,
+            &train,
+            val.as_ref(),
+            restored.as_ref().map_or(0, |r| r.state.step),
+        )?;
         let max_steps = match (t.max_steps, t.epochs) {
             (Some(s), _) => s,
             (None, Some(e)) => (e * steps_per_epoch).ceil().max(1.0) as u64,
@@ -263,19 +304,27 @@ impl Trainer {
                 seed: t.seed,
             },
         };
-        if restored.is_none() {
+        let lead = group.rank() == 0;
+        if restored.is_none() && lead {
             // Only now that config, data and model are known good does the run directory appear.
             run.create()?;
             tarflow_flows::checkpoint::write_atomic(&run.config_path(), cfg.to_toml()?.as_bytes())?;
         }
         let last_checkpoint = restored.as_ref().map(|r| r.dir.clone());
         let resumed_at = restored.as_ref().map(|r| r.state.step);
-        let (metrics, history) = MetricsLog::open(&run.metrics_path(), resumed_at.or(Some(0)))?;
+        let (metrics, history) = if lead {
+            let (m, h) = MetricsLog::open(&run.metrics_path(), resumed_at.or(Some(0)))?;
+            (Some(m), h)
+        } else {
+            (None, Vec::new())
+        };
         let feed = crate::data::Feed::at(
             train.clone(),
             cfg.data.workers,
-            state.step * t.grad_accum as u64,
+            state.step * shares as u64,
+            (group.rank(), group.size(), t.grad_accum),
         );
+        crate::dist::watch(group.as_ref())?;
         let train_images = train.len();
         Ok((
             Self {
@@ -297,6 +346,7 @@ impl Trainer {
                 history,
                 last_checkpoint,
                 batch_hook: None,
+                group,
             },
             warnings,
         ))
@@ -320,12 +370,17 @@ impl Trainer {
         Cond::of(self.cfg.model.num_classes, Some(labels))
     }
 
-    /// One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm, lr).
-    fn step(&mut self) -> Result<(f64, f64, f64)> {
+    /// One optimizer step over `grad_accum` micro-batches on each rank. Returns the mean loss,
+    /// the gradient norm, the learning rate, and whether any rank asked to stop: every rank
+    /// learns that in the same step, so all of them stop together.
+    fn step(&mut self, stop: bool) -> Result<(f64, f64, f64, bool)> {
         let accum = self.cfg.train.grad_accum;
+        let shares = (accum * self.group.size()) as f64;
         let next_step = self.state.step + 1;
         let mut total: Option<GradStore> = None;
-        let mut loss_sum = 0.0;
+        // Summed over ranks: loss, non-finite input values, non-finite losses, stop requests.
+        let mut flags = [0.0f64, 0.0, 0.0, stop as u8 as f64];
+        let mut bad_loss = f64::NAN;
         for _ in 0..accum {
             let mut b = self.feed.next()?;
             if let Some(hook) = self.batch_hook.as_mut() {
@@ -333,11 +388,8 @@ impl Trainer {
             }
             let bad = b.images.iter().filter(|v| !v.is_finite()).count();
             if bad > 0 {
-                return Err(TrainError::NonFiniteInput {
-                    step: next_step,
-                    count: bad,
-                    last_good: self.last_good("fix the data or the batch hook", ""),
-                });
+                flags[1] += bad as f64;
+                continue;
             }
             let [n, c, h, w] = b.shape;
             let x = Tensor::from_vec(b.images, (n, c, h, w), &self.device)?.to_dtype(self.dtype)?;
@@ -348,10 +400,11 @@ impl Trainer {
             }
             let v = loss.to_scalar::<f32>()? as f64;
             if !v.is_finite() {
-                return Err(self.non_finite(next_step, v));
+                (flags[2], bad_loss) = (flags[2] + 1.0, v);
+                continue;
             }
-            loss_sum += v;
-            let grads = (loss / accum as f64)?.backward()?;
+            flags[0] += v;
+            let grads = (loss / shares)?.backward()?;
             total = Some(match total {
                 None => grads,
                 Some(mut acc) => {
@@ -368,7 +421,23 @@ impl Trainer {
                 }
             });
         }
-        let grads = total.ok_or_else(|| TrainError::config("train.grad_accum", "must be ≥ 1"))?;
+        self.group.sum_f64(&mut flags)?;
+        if flags[1] > 0.0 {
+            return Err(TrainError::NonFiniteInput {
+                step: next_step,
+                count: flags[1] as usize,
+                last_good: self.last_good("fix the data or the batch hook", ""),
+            });
+        }
+        if flags[2] > 0.0 {
+            // Every rank stops here; the ones whose own loss was finite report the step too.
+            return Err(self.non_finite(next_step, bad_loss));
+        }
+        let mut grads =
+            total.ok_or_else(|| TrainError::config("train.grad_accum", "must be ≥ 1"))?;
+        if self.group.size() > 1 {
+            self.all_reduce(&mut grads)?;
+        }
         let mut sq = 0.0;
         for (_, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
@@ -399,14 +468,33 @@ impl Trainer {
         }
         self.state.step = next_step;
         self.state.images_seen += self.cfg.train.batch_size as u64;
-        self.state.epoch = self.feed.epoch;
-        self.state.batch_in_epoch = self.feed.next;
-        Ok((loss_sum / accum as f64, norm, lr))
+        // The global position (all ranks' micro-batches), the same for any number of ranks.
+        let (epoch, next) = self.feed.position(next_step * shares as u64);
+        self.state.epoch = epoch;
+        self.state.batch_in_epoch = next;
+        Ok((flags[0] / shares, norm, lr, flags[3] > 0.0))
     }
 
-    /// Installs a hook that sees (and may change) every micro-batch before the forward pass.
-    pub fn set_batch_hook(&mut self, hook: BatchHook) {
-        self.batch_hook = Some(hook);
+    /// Sums every rank's gradients (each already divided by the number of micro-batches of the
+    /// whole step) in one allreduce over one flat buffer, in the variables' name order.
+    fn all_reduce(&self, grads: &mut GradStore) -> Result<()> {
+        let mut flat = Vec::new();
+        for (_, var) in &self.vars {
+            match grads.get(var.as_tensor()) {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
+            }
+        }
+        self.group.sum_f32(&mut flat)?;
+        let mut at = 0;
+        for (_, var) in &self.vars {
+            let n = var.elem_count();
+            let g = Tensor::from_slice(&flat[at..at + n], var.shape(), &self.device)?
+                .to_dtype(var.dtype())?;
+            grads.insert(var.as_tensor(), g);
+            at += n;
+        }
+        Ok(())
     }
 
     fn non_finite(&self, step: u64, value: f64) -> TrainError {
@@ -419,9 +507,13 @@ impl Trainer {
 
     /// Where to go back to after a failure and what to change (`fix`), for error messages.
     fn last_good(&self, fix: &str, resume_sets: &str) -> String {
+        let launch = match self.group.size() {
+            1 => String::new(),
+            n => format!("mpirun -np {n} "),
+        };
         match &self.last_checkpoint {
             Some(p) => format!(
-                "The last good checkpoint is {}; {fix}, then `tarflow train --resume {}{resume_sets}`.",
+                "The last good checkpoint is {}; {fix}, then `{launch}tarflow train --resume {}{resume_sets}`.",
                 p.display(),
                 self.run.root.display()
             ),
@@ -448,13 +540,28 @@ impl Trainer {
         })
     }
 
-    /// Mean held-out bits/dim of `weights`, and the images left out as not finite.
+    /// Mean held-out bits/dim of `weights`, and the images left out as not finite; each rank
+    /// scores its share of the batches and the sums are added up.
     fn val_bpd(&self, weights: &Checkpoint) -> Result<Option<(f64, usize)>> {
         let Some(val) = &self.val else {
             return Ok(None);
         };
         let model = weights.model(&self.device, self.dtype)?;
-        crate::evaluate::val_bpd(&model, val, self.cfg.eval.batches)
+        let g = self.group.as_ref();
+        let s = crate::evaluate::val_bpd_sums(
+            &model,
+            val,
+            self.cfg.eval.batches,
+            (g.rank(), g.size()),
+        )?;
+        let mut v = [s.sum, s.count as f64, s.excluded as f64];
+        g.sum_f64(&mut v)?;
+        Ok(crate::evaluate::ValSums {
+            sum: v[0],
+            count: v[1] as usize,
+            excluded: v[2] as usize,
+        }
+        .mean())
     }
 
     fn evaluate(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
@@ -466,6 +573,9 @@ impl Trainer {
         let Some((raw, raw_excluded)) = raw else {
             return Ok(());
         };
+        if self.group.rank() != 0 {
+            return Ok(());
+        }
         let excluded = raw_excluded.max(ema.map_or(0, |e| e.1));
         let rec = Record {
             step: self.state.step,
@@ -475,7 +585,7 @@ impl Trainer {
             val_excluded: (excluded > 0).then_some(excluded),
             ..Default::default()
         };
-        self.metrics.push(&rec)?;
+        self.push(&rec)?;
         on(Event::Eval(&rec));
         self.history.push(rec);
         Ok(())
@@ -497,7 +607,82 @@ impl Trainer {
         Ok(())
     }
 
+    /// Appends to `metrics.jsonl` (rank 0; the other ranks write nothing).
+    fn push(&mut self, rec: &Record) -> Result<()> {
+        match self.metrics.as_mut() {
+            Some(m) => m.push(rec),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a checkpoint (rank 0). With several ranks, every rank first checks that its
+    /// weights are rank 0's, and all learn whether the write succeeded.
     fn checkpoint(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        if self.group.size() > 1 {
+            self.same_weights_as_rank0()?;
+            let mut ok = [1.0f64];
+            let dir = if self.group.rank() == 0 {
+                let r = self.write_checkpoint(on);
+                ok[0] = r.is_ok() as u8 as f64;
+                self.group.sum_f64(&mut ok)?;
+                r?;
+                self.last_checkpoint.clone()
+            } else {
+                ok[0] = 0.0;
+                self.group.sum_f64(&mut ok)?;
+                if ok[0] < 1.0 {
+                    return Err(TrainError::CheckpointWrite {
+                        step: self.state.step,
+                        msg: "rank 0 could not write it (its own error says why)".into(),
+                        last_good: self.last_good("free space or make the folder writable", ""),
+                    });
+                }
+                Some(
+                    self.run
+                        .checkpoints()
+                        .join(format!("step-{:07}", self.state.step)),
+                )
+            };
+            self.last_checkpoint = dir;
+            crate::dist::set_resume_hint(self.last_good("fix the failed rank", ""));
+            return Ok(());
+        }
+        self.write_checkpoint(on)
+    }
+
+    /// Every rank's weights hash equal to rank 0's (they must: same gradients, same step).
+    fn same_weights_as_rank0(&self) -> Result<()> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for (_, var) in &self.vars {
+            for v in var.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+                h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        let mut bytes = h.to_le_bytes().to_vec();
+        self.group.broadcast(&mut bytes)?;
+        let mut differ = vec![0.0f64; self.group.size()];
+        differ[self.group.rank()] = (bytes != h.to_le_bytes()) as u8 as f64;
+        self.group.sum_f64(&mut differ)?;
+        let ranks: Vec<String> = (0..differ.len())
+            .filter(|&r| differ[r] > 0.0)
+            .map(|r| r.to_string())
+            .collect();
+        if ranks.is_empty() {
+            return Ok(());
+        }
+        Err(TrainError::Run {
+            path: self.run.root.clone(),
+            msg: format!(
+                "at step {} the weights of rank {} differ from rank 0's (the ranks must take \
+                 identical steps: same build, same device kind, same MPI library). {}",
+                self.state.step,
+                ranks.join(", "),
+                self.last_good("check the ranks' machines", "")
+            ),
+        })
+    }
+
+    fn write_checkpoint(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
         let (moments, opt_step) = self.opt.state()?;
         let saved = self.run.save_checkpoint(
             &self.current()?,
@@ -530,6 +715,14 @@ impl Trainer {
 
     /// Trains until `max_steps` or until `stop` is set (then checkpoints and returns).
     pub fn run(&mut self, stop: &AtomicBool, on: &mut dyn FnMut(Event)) -> Result<Summary> {
+        // Rank 0 alone reports (progress bar, messages).
+        let lead = self.group.rank() == 0;
+        let mut on = |ev: Event| {
+            if lead {
+                on(ev)
+            }
+        };
+        let on: &mut dyn FnMut(Event) = &mut on;
         on(Event::Start {
             step: self.state.step,
             max_steps: self.max_steps,
@@ -547,13 +740,14 @@ impl Trainer {
         let mut last_loss = None;
         let mut outcome = Outcome::Finished;
         let mut saved_at = self.last_checkpoint.as_ref().map(|_| self.state.step);
+        crate::dist::set_resume_hint(self.last_good("fix the failed rank", ""));
         while self.state.step < self.max_steps {
-            if stop.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) && self.group.size() == 1 {
                 outcome = Outcome::Interrupted;
                 break;
             }
             let t0 = Instant::now();
-            let (loss, norm, lr) = self.step()?;
+            let (loss, norm, lr, stop_all) = self.step(stop.load(Ordering::SeqCst))?;
             win_time += t0.elapsed().as_secs_f64();
             self.state.elapsed_s = elapsed0 + session.elapsed().as_secs_f64();
             (win_loss, win_norm, win_n) = (win_loss + loss, win_norm + norm, win_n + 1);
@@ -577,7 +771,7 @@ impl Trainer {
                     elapsed_s: Some(self.state.elapsed_s),
                     ..Default::default()
                 };
-                self.metrics.push(&rec)?;
+                self.push(&rec)?;
                 on(Event::Log(&rec));
                 self.history.push(rec);
                 last_loss = Some(mean);
@@ -587,18 +781,26 @@ impl Trainer {
             if (e.every > 0 && step.is_multiple_of(e.every)) || last {
                 self.evaluate(on)?;
             }
-            if (e.sample_every > 0 && step.is_multiple_of(e.sample_every)) || last {
+            if ((e.sample_every > 0 && step.is_multiple_of(e.sample_every)) || last) && lead {
                 self.samples(on)?;
             }
             if step.is_multiple_of(t.checkpoint_every) || last {
                 self.checkpoint(on)?;
                 saved_at = Some(step);
-                crate::plot::run_plots(&self.history, &self.run.plots())?;
+                if lead {
+                    crate::plot::run_plots(&self.history, &self.run.plots())?;
+                }
+            }
+            if stop_all {
+                outcome = Outcome::Interrupted;
+                break;
             }
         }
         if saved_at != Some(self.state.step) {
             self.checkpoint(on)?;
-            crate::plot::run_plots(&self.history, &self.run.plots())?;
+            if lead {
+                crate::plot::run_plots(&self.history, &self.run.plots())?;
+            }
         }
         let val = self.history.iter().rev().find(|r| r.val_bpd.is_some());
         Ok(Summary {
@@ -673,4 +875,60 @@ fn not_a_run(root: &Path) -> TrainError {
         path: root.to_path_buf(),
         msg,
     }
+}
+
+/// Refuses to start a data-parallel run whose ranks disagree with rank 0 about the config,
+/// the data (count and SHA-256 of the training and held-out images) or the step they resume
+/// from; every rank learns which ranks differ, so none is left waiting.
+fn same_as_rank0(
+    group: &dyn Group,
+    cfg: &TrainConfig,
+    train: &Loader,
+    val: Option<&Loader>,
+    step: u64,
+) -> Result<()> {
+    if group.size() == 1 {
+        return Ok(());
+    }
+    // The device may differ per rank (one GPU each); everything else must not.
+    let mut same = cfg.clone();
+    same.train.device = String::new();
+    let subset = |l: &Loader| format!("{} of {}", l.len(), l.set().checksum());
+    let mine = format!(
+        "config {}\ntraining data {}\nheld-out data {}\nresumed at step {step}",
+        same.to_toml()?,
+        subset(train),
+        val.map_or_else(|| "none".to_string(), subset)
+    );
+    let mut theirs = mine.clone().into_bytes();
+    group.broadcast(&mut theirs)?;
+    let mut differ = vec![0.0f64; group.size()];
+    differ[group.rank()] = (theirs != mine.as_bytes()) as u8 as f64;
+    group.sum_f64(&mut differ)?;
+    let ranks: Vec<String> = (0..differ.len())
+        .filter(|&r| differ[r] > 0.0)
+        .map(|r| r.to_string())
+        .collect();
+    if ranks.is_empty() {
+        return Ok(());
+    }
+    let what = if group.rank() > 0 && differ[group.rank()] > 0.0 {
+        let theirs = String::from_utf8_lossy(&theirs);
+        let first = mine
+            .lines()
+            .zip(theirs.lines())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!(": this rank has `{a}`, rank 0 has `{b}`"))
+            .unwrap_or_default();
+        format!("this rank ({}) differs{first}", group.rank())
+    } else {
+        format!("rank {} differ from rank 0", ranks.join(", "))
+    };
+    Err(TrainError::config(
+        "<ranks>",
+        format!(
+            "the ranks must train on the same config and data and resume from the same step; \
+             {what}. Give every rank the same config file and data (a shared folder)"
+        ),
+    ))
 }
