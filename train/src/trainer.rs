@@ -497,6 +497,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// Installs a hook that sees (and may change) every micro-batch before the forward pass.
+    pub fn set_batch_hook(&mut self, hook: BatchHook) {
+        self.batch_hook = Some(hook);
+    }
+
     fn non_finite(&self, step: u64, value: f64) -> TrainError {
         TrainError::NonFinite {
             step,
