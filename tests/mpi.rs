@@ -112,7 +112,7 @@ fn a_killed_rank_stops_the_other_naming_it_and_the_run_resumes() {
         "--set",
         "eval.sample_every=0",
     ];
-    let mut job = mpirun()
+    let job = mpirun()
         .args(["-np", "2", bin(), "train", "--config", &cfg])
         .args(sets)
         .stdout(Stdio::piped())

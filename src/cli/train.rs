@@ -157,13 +157,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
             last_ips = r.images_per_s.unwrap_or(0.0);
             if !tty {
                 eprintln!(
-                    "step {} epoch {:.2} loss {:.4} bpd {:.3} lr {:.2e} {:.0} img/s",
+                    "step {} epoch {:.2} loss {:.4} bpd {:.3} lr {:.2e} {:.0} img/s{}",
                     r.step,
                     r.epoch,
                     r.loss.unwrap_or(f64::NAN),
                     r.bpd.unwrap_or(f64::NAN),
                     r.lr.unwrap_or(f64::NAN),
-                    last_ips
+                    last_ips,
+                    r.allreduce_s
+                        .map(|s| format!(" allreduce {:.1} ms/step", s * 1e3))
+                        .unwrap_or_default()
                 );
             }
         }

@@ -278,3 +278,99 @@ mod mpi_group {
         }
     }
 }
+
+/// This rank's index among the ranks on its host (the GPU it takes), from the launcher.
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// GPU ranks sum gradients with NCCL on the devices (one rank per GPU), bootstrapped through
+/// MPI: rank 0 makes the NCCL id and broadcasts it.
+#[cfg(all(feature = "mpi", feature = "cuda"))]
+pub(crate) mod nccl {
+    use super::Group;
+    use crate::error::{Result, TrainError};
+    use candle_core::cuda::cudarc::nccl::{Comm, Id, ReduceOp};
+    use candle_core::{CpuStorage, CudaStorage, Device, InplaceOp1, Layout, Tensor};
+
+    /// One NCCL communicator over every rank's GPU.
+    pub struct Nccl {
+        comm: Comm,
+    }
+
+    fn err(e: impl std::fmt::Debug) -> TrainError {
+        TrainError::config("<nccl>", format!("NCCL: {e:?}"))
+    }
+
+    impl Nccl {
+        /// Joins the communicator on `device` (this rank's GPU).
+        pub fn new(group: &dyn Group, device: &Device) -> Result<Self> {
+            let Device::Cuda(dev) = device else {
+                return Err(TrainError::config(
+                    "train.device",
+                    "NCCL needs a CUDA device",
+                ));
+            };
+            let mut bytes = if group.rank() == 0 {
+                Id::new()
+                    .map_err(err)?
+                    .internal()
+                    .iter()
+                    .map(|&c| c as u8)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            group.broadcast(&mut bytes)?;
+            let mut raw = [0 as std::ffi::c_char; 128];
+            if bytes.len() != raw.len() {
+                return Err(err(format!("an id of {} bytes from rank 0", bytes.len())));
+            }
+            for (r, b) in raw.iter_mut().zip(&bytes) {
+                *r = *b as std::ffi::c_char;
+            }
+            let comm = Comm::from_rank(
+                dev.cuda_stream(),
+                group.rank(),
+                group.size(),
+                Id::uninit(raw),
+            )
+            .map_err(err)?;
+            Ok(Self { comm })
+        }
+
+        /// Sums `t` (contiguous f32 on this rank's GPU) over the ranks, in place.
+        pub fn sum(&self, t: &Tensor) -> Result<()> {
+            Ok(t.inplace_op1(&Sum(&self.comm))?)
+        }
+    }
+
+    struct Sum<'a>(&'a Comm);
+
+    impl InplaceOp1 for Sum<'_> {
+        fn name(&self) -> &'static str {
+            "tarflow-nccl-sum"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+            candle_core::bail!("NCCL sums tensors on a GPU")
+        }
+
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+            if !l.is_contiguous() || l.start_offset() != 0 {
+                candle_core::bail!("NCCL sums a whole contiguous buffer");
+            }
+            let slice = s.as_cuda_slice_mut::<f32>()?;
+            self.0
+                .all_reduce_in_place(slice, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok(())
+        }
+    }
+}

@@ -27,6 +27,9 @@ pub struct Record {
     /// Training throughput over the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images_per_s: Option<f64>,
+    /// Mean seconds per step spent summing gradients across ranks (data-parallel runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
     /// Wall-clock training seconds so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_s: Option<f64>,

@@ -119,6 +119,11 @@ pub struct Trainer {
     batch_hook: Option<BatchHook>,
     /// The ranks of a data-parallel run (one process: [`Solo`]).
     group: Box<dyn Group>,
+    /// Seconds in the gradient allreduce since the last log line.
+    allreduce_s: f64,
+    /// The GPUs' communicator (CUDA ranks).
+    #[cfg(all(feature = "mpi", feature = "cuda"))]
+    nccl: Option<crate::dist::nccl::Nccl>,
 }
 
 fn pick_dtype(name: &str, device: &Device) -> DType {
@@ -197,7 +202,17 @@ impl Trainer {
         group: Box<dyn Group>,
     ) -> Result<(Self, Vec<String>)> {
         let mut warnings = Vec::new();
-        let device = tarflow_flows::device::select(&cfg.train.device)?;
+        let mut device = tarflow_flows::device::select(&cfg.train.device)?;
+        if device.is_cuda() && group.size() > 1 {
+            // One GPU per rank: the rank's index on its host.
+            let local = crate::dist::local_rank().unwrap_or(group.rank());
+            device = Device::new_cuda(local).map_err(|e| {
+                TrainError::config(
+                    "train.device",
+                    format!("rank {} takes GPU {local} of its host: {e}", group.rank()),
+                )
+            })?;
+        }
         let dtype = pick_dtype(&cfg.train.dtype, &device);
         if device.is_cpu() {
             check_memory(&cfg)?;
@@ -326,6 +341,11 @@ impl Trainer {
         );
         crate::dist::watch(group.as_ref())?;
         let train_images = train.len();
+        #[cfg(all(feature = "mpi", feature = "cuda"))]
+        let nccl = match device.is_cuda() && group.size() > 1 {
+            true => Some(crate::dist::nccl::Nccl::new(group.as_ref(), &device)?),
+            false => None,
+        };
         Ok((
             Self {
                 cfg,
@@ -346,7 +366,10 @@ impl Trainer {
                 history,
                 last_checkpoint,
                 batch_hook: None,
+                #[cfg(all(feature = "mpi", feature = "cuda"))]
+                nccl,
                 group,
+                allreduce_s: 0.0,
             },
             warnings,
         ))
@@ -436,7 +459,9 @@ impl Trainer {
         let mut grads =
             total.ok_or_else(|| TrainError::config("train.grad_accum", "must be ≥ 1"))?;
         if self.group.size() > 1 {
+            let t0 = Instant::now();
             self.all_reduce(&mut grads)?;
+            self.allreduce_s += t0.elapsed().as_secs_f64();
         }
         let mut sq = 0.0;
         for (_, var) in &self.vars {
@@ -476,8 +501,33 @@ impl Trainer {
     }
 
     /// Sums every rank's gradients (each already divided by the number of micro-batches of the
-    /// whole step) in one allreduce over one flat buffer, in the variables' name order.
+    /// whole step) in one allreduce over one flat buffer, in the variables' name order: on the
+    /// GPUs with NCCL, else through MPI on the host.
     fn all_reduce(&self, grads: &mut GradStore) -> Result<()> {
+        #[cfg(all(feature = "mpi", feature = "cuda"))]
+        if let Some(nccl) = &self.nccl {
+            let parts = self
+                .vars
+                .iter()
+                .map(|(_, var)| match grads.get(var.as_tensor()) {
+                    Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+                    None => Tensor::zeros(var.elem_count(), DType::F32, &self.device),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let flat = Tensor::cat(&parts, 0)?;
+            nccl.sum(&flat)?;
+            let mut at = 0;
+            for (_, var) in &self.vars {
+                let n = var.elem_count();
+                let g = flat
+                    .narrow(0, at, n)?
+                    .reshape(var.shape())?
+                    .to_dtype(var.dtype())?;
+                grads.insert(var.as_tensor(), g);
+                at += n;
+            }
+            return Ok(());
+        }
         let mut flat = Vec::new();
         for (_, var) in &self.vars {
             match grads.get(var.as_tensor()) {
@@ -773,6 +823,8 @@ impl Trainer {
                     lr: Some(lr),
                     grad_norm: Some(win_norm / win_n as f64),
                     images_per_s: Some((win_n * t.batch_size as u64) as f64 / win_time.max(1e-9)),
+                    allreduce_s: (self.group.size() > 1)
+                        .then(|| std::mem::take(&mut self.allreduce_s) / win_n as f64),
                     elapsed_s: Some(self.state.elapsed_s),
                     ..Default::default()
                 };
