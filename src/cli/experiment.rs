@@ -19,6 +19,13 @@ pub struct ExperimentArgs {
 
 /// Runs `tarflow experiment`.
 pub fn run_cmd(a: ExperimentArgs) -> Result<()> {
+    if let Some(n) = tarflow_train::dist::launched_size().filter(|&n| n > 1) {
+        anyhow::bail!(
+            "`tarflow experiment` runs in one process, but an MPI launcher started {n}: every \
+             rank would run every variant into the same folders. Run it without mpirun, or \
+             train one variant data-parallel with `mpirun -np {n} tarflow train --config …`"
+        );
+    }
     let e = Experiment::load(&a.file)?;
     let (runs, results) = dirs(&PathBuf::from("."), &e.name);
     if a.dry_run {
