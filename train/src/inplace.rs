@@ -3,6 +3,10 @@
 //! (AdamW cost 7 % of a training step that way). Other devices and dtypes keep candle's ops.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use rayon::prelude::*;
+
+/// Values per parallel task (small tensors run on one thread).
+const CHUNK: usize = 64 * 1024;
 
 /// Whether every tensor is f32, contiguous and on the CPU.
 pub(crate) fn applies(ts: &[&Tensor]) -> bool {
@@ -48,15 +52,20 @@ impl InplaceOp2 for Lerp {
     ) -> Result<()> {
         let (d, x) = (f32s_mut(dst, dst_l)?, f32s(src, src_l)?);
         let (a, b, s) = (self.a, 1.0 - self.a, self.s);
-        if self.square {
-            d.iter_mut()
-                .zip(x)
-                .for_each(|(d, x)| *d = a * *d + b * (s * x) * (s * x));
-        } else {
-            d.iter_mut()
-                .zip(x)
-                .for_each(|(d, x)| *d = a * *d + b * (s * x));
-        }
+        let square = self.square;
+        d.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(d, x)| {
+                if square {
+                    d.iter_mut()
+                        .zip(x)
+                        .for_each(|(d, x)| *d = a * *d + b * (s * x) * (s * x));
+                } else {
+                    d.iter_mut()
+                        .zip(x)
+                        .for_each(|(d, x)| *d = a * *d + b * (s * x));
+                }
+            });
         Ok(())
     }
 }
@@ -135,9 +144,13 @@ impl InplaceOp3 for AdamUpdate {
             (1.0 / self.bc2) as f32,
             self.eps as f32,
         );
-        for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-            *p = *p * decay - lr * (m * ibc1) / ((v * ibc2).sqrt() + eps);
-        }
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * decay - lr * (m * ibc1) / ((v * ibc2).sqrt() + eps);
+                }
+            });
         Ok(())
     }
 }

@@ -9,8 +9,9 @@
 //! straight into one buffer: per layer the tape holds one node, and the work is the eight
 //! weight products each way plus a few row-wise passes.
 //!
-//! The layer's twelve parameters enter as one packed vector (`Tensor::cat` of the flattened
-//! weights, in [`Dims::sizes`] order), so candle's `cat` hands each its gradient slice.
+//! The layer's twelve parameters enter as one packed (·, C) matrix (`Tensor::cat` of the
+//! weights as rows of C, in [`Dims::sizes`] order), so candle's `cat` hands each its gradient
+//! slice.
 
 use super::attention::Attn;
 use super::pool::{self, Buf};
@@ -171,7 +172,7 @@ impl CustomOp2 for LayerOp {
         let out = x.apply_op3_no_bwd(p, &g.contiguous()?, &bwd)?;
         let nx = x.elem_count();
         let dx = out.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dp = out.narrow(0, nx, self.d.len())?;
+        let dp = out.narrow(0, nx, self.d.len())?.reshape(p.shape())?;
         Ok((Some(dx), Some(dp)))
     }
 }
@@ -215,7 +216,7 @@ impl CustomOp3 for LayerBwd {
         linear::backward(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, dfc1b);
         drop(du);
         // dx₂ = dy + LN₂'(dh₂), kept in dx (the residual passes it on to x).
-        dx.copy_from_slice(dy);
+        pool::par_copy(dx, dy);
         layer_norm::backward(&s.x2, ln2w, &dh, dx, dln2w, dln2b);
         // Attention: datt = dx₂·W_proj, dqkv from the kept probabilities, dh₁ = dqkv·W_qkv.
         linear::backward(&s.att, projw, dx, Some(&mut dh), dprojw, dprojb);
@@ -248,16 +249,22 @@ pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<T
         parts.fc2.0,
         parts.fc2.1,
     ]
-    .iter()
-    .map(|w| w.flatten_all())
-    .collect::<candle_core::Result<Vec<_>>>()?;
+    .map(|w| w.clone());
     let d = Dims { c, hidden };
-    for (w, n) in weights.iter().zip(d.sizes()) {
+    // Every part is a whole number of rows of C: the (k, C) weights enter `cat` as they are,
+    // the rest as (n/C, C) views. Each extra node would cost candle's backward a zeroed buffer
+    // and an add per weight.
+    let mut rows = Vec::with_capacity(12);
+    for (w, n) in weights.into_iter().zip(d.sizes()) {
         if w.elem_count() != n {
             return Err(sizes_error("a weight", w.elem_count(), n));
         }
+        rows.push(match w.dims() {
+            [_, k] if *k == c => w,
+            _ => w.reshape((n / c, c))?,
+        });
     }
-    let packed = Tensor::cat(&weights, 0)?;
+    let packed = Tensor::cat(&rows, 0)?; // (Σ n/C, C)
     let op = LayerOp {
         d,
         attn: Attn {

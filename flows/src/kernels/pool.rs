@@ -43,8 +43,16 @@ pub(crate) fn take(n: usize) -> Buf {
 /// [`take`] holding a copy of `src`.
 pub(crate) fn copy_of(src: &[f32]) -> Buf {
     let mut b = take(src.len());
-    b.copy_from_slice(src);
+    par_copy(&mut b, src);
     b
+}
+
+/// `dst ← src` on every thread (a step copies a few MiB per layer; one core would idle).
+pub(crate) fn par_copy(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(64 * 1024)
+        .zip(src.par_chunks(64 * 1024))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 impl Buf {
