@@ -4,7 +4,7 @@
 //! sampling of 16 images without and with guidance 2.0, each the median of `--iters` timed
 //! runs after one warm-up, plus the peak RSS.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
 use std::sync::Arc;
@@ -155,10 +155,20 @@ fn time_train(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+    // What `tarflow train` does with one micro-batch (on the CPU: `train.cpu_streams` passes
+    // at once), then the optimizer.
+    let streams = tarflow_train::config::TrainSection::default().cpu_streams;
+    let labels = if cfg.num_classes > 0 {
+        &labels[..]
+    } else {
+        &[]
+    };
     median_time(iters, || {
-        let loss = TarFlow::loss(&model.forward(&x, cond(cfg, &labels))?)?;
-        opt.step(&loss.backward()?, 1e-4)?;
+        match tarflow_train::grads::loss_and_grads(&model, &vars, (&x, labels), 1, streams, 0.0)? {
+            tarflow_train::grads::Pass::Grads(_, g) => opt.step(&g, 1e-4)?,
+            tarflow_train::grads::Pass::NonFinite(v) => bail!("the benchmark's loss is {v}"),
+        }
         Ok(())
     })
 }

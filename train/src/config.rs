@@ -198,6 +198,9 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Micro-batches whose gradients are summed per step.
     pub grad_accum: usize,
+    /// On the CPU, each micro-batch is cut into this many equal parts whose passes run at the
+    /// same time (1: off). The numbers depend on this value, not on the machine.
+    pub cpu_streams: usize,
     /// Seed of the initial weights, the data order, the noise and the sample grids.
     pub seed: u64,
     /// cpu, cuda, metal or auto.
@@ -219,6 +222,7 @@ impl Default for TrainSection {
             epochs: None,
             batch_size: 64,
             grad_accum: 1,
+            cpu_streams: 2,
             seed: 0,
             device: "cpu".into(),
             dtype: "auto".into(),
@@ -438,6 +442,7 @@ impl TrainConfig {
         for (k, v) in [
             ("train.batch_size", t.batch_size as u64),
             ("train.grad_accum", t.grad_accum as u64),
+            ("train.cpu_streams", t.cpu_streams as u64),
             ("train.log_every", t.log_every),
             ("train.checkpoint_every", t.checkpoint_every),
             ("data.workers", d.workers as u64),

@@ -10,6 +10,7 @@ pub mod dist;
 pub mod ema;
 pub mod error;
 pub mod evaluate;
+pub mod grads;
 mod inplace;
 pub mod metrics;
 pub mod optim;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tarflow_datasets::loader::Loader;
-use tarflow_flows::{Checkpoint, Cond, TarFlow};
+use tarflow_flows::{Checkpoint, TarFlow};
 
 /// What the loop reports as it goes (the CLI draws a progress bar from these).
 #[derive(Debug)]
@@ -389,10 +389,6 @@ impl Trainer {
         self.state.images_seen as f64 / self.train_images.max(1) as f64
     }
 
-    fn cond<'a>(&self, labels: &'a [i64]) -> Cond<'a> {
-        Cond::of(self.cfg.model.num_classes, Some(labels))
-    }
-
     /// One optimizer step over `grad_accum` micro-batches on each rank. Returns the mean loss,
     /// the gradient norm, the learning rate, and whether any rank asked to stop: every rank
     /// learns that in the same step, so all of them stop together.
@@ -416,18 +412,27 @@ impl Trainer {
             }
             let [n, c, h, w] = b.shape;
             let x = Tensor::from_vec(b.images, (n, c, h, w), &self.device)?.to_dtype(self.dtype)?;
-            let out = self.model.forward(&x, self.cond(&b.labels))?;
-            let mut loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
-            if self.cfg.optim.latent_norm > 0.0 {
-                loss = (loss + (TarFlow::latent_norm(&out)? * self.cfg.optim.latent_norm)?)?;
-            }
-            let v = loss.to_scalar::<f32>()? as f64;
-            if !v.is_finite() {
-                (flags[2], bad_loss) = (flags[2] + 1.0, v);
-                continue;
-            }
+            let labels = if self.cfg.model.num_classes > 0 {
+                &b.labels[..]
+            } else {
+                &[]
+            };
+            let pass = crate::grads::loss_and_grads(
+                &self.model,
+                &self.vars,
+                (&x, labels),
+                accum * self.group.size(),
+                self.cfg.train.cpu_streams,
+                self.cfg.optim.latent_norm,
+            )?;
+            let (v, grads) = match pass {
+                crate::grads::Pass::Grads(v, g) => (v, g),
+                crate::grads::Pass::NonFinite(v) => {
+                    (flags[2], bad_loss) = (flags[2] + 1.0, v);
+                    continue;
+                }
+            };
             flags[0] += v;
-            let grads = (loss / shares)?.backward()?;
             total = Some(match total {
                 None => grads,
                 Some(mut acc) => {

@@ -1,0 +1,96 @@
+//! The loss and gradients of one micro-batch. On the CPU the batch is cut into
+//! `train.cpu_streams` equal parts whose forward and backward passes run at the same time.
+//!
+//! One pass over a whole batch keeps every core busy only inside its products. candle's
+//! element-wise ops, its autograd bookkeeping and the block-level ops run on one thread while
+//! the others wait. Two passes over half batches fill those gaps. On 2 cores this took the
+//! `small` training step from 0.52 to 0.41–0.43 s and `tiny`'s from 0.31 to 0.20 s, for about
+//! 15 % more peak memory. The parts' gradients are added in a fixed order, so a run gives the
+//! same numbers on any machine for the same `cpu_streams`, whatever its core count. GPUs run
+//! the batch whole.
+
+use crate::error::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
+use tarflow_flows::{Cond, TarFlow};
+
+/// What one micro-batch gave.
+pub enum Pass {
+    /// The mean loss over the batch, and the gradients of that loss divided by `divisor`.
+    Grads(f64, GradStore),
+    /// A part's loss was not finite (its value); no gradient was taken.
+    NonFinite(f64),
+}
+
+/// The loss of `x` (N, C, H, W) with `labels` (one per image, or none for an unconditional
+/// model), plus `latent_norm ×` the latent-norm penalty, and the gradients of that loss divided
+/// by `divisor` (the micro-batches of the whole step); on the CPU, `streams` parts at once when
+/// N divides evenly.
+pub fn loss_and_grads(
+    model: &TarFlow,
+    vars: &[(String, Var)],
+    (x, labels): (&Tensor, &[i64]),
+    divisor: usize,
+    streams: usize,
+    latent_norm: f64,
+) -> Result<Pass> {
+    let n = x.dim(0)?;
+    let parts = match streams {
+        s if s > 1 && x.device().is_cpu() && n.is_multiple_of(s) => s,
+        _ => 1,
+    };
+    let h = n / parts;
+    let num_classes = model.config().num_classes;
+    let part = |i: usize| -> Result<std::result::Result<(f64, GradStore), f64>> {
+        let xs = x.narrow(0, i * h, h)?;
+        let ls = labels.get(i * h..(i + 1) * h).unwrap_or(&[]);
+        let out = model.forward(&xs, Cond::of(num_classes, Some(ls)))?;
+        let mut loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
+        if latent_norm > 0.0 {
+            loss = (loss + (TarFlow::latent_norm(&out)? * latent_norm)?)?;
+        }
+        let v = loss.to_scalar::<f32>()? as f64;
+        if !v.is_finite() {
+            return Ok(Err(v));
+        }
+        // One division by the number of terms of the whole step (exact for powers of two).
+        Ok(Ok((v, (loss / (divisor * parts) as f64)?.backward()?)))
+    };
+    let done: Vec<_> = if parts == 1 {
+        vec![part(0)?]
+    } else {
+        (0..parts)
+            .into_par_iter()
+            .map(part)
+            .collect::<Result<Vec<_>>>()?
+    };
+    let mut sum = 0.0;
+    let mut acc: Option<GradStore> = None;
+    for d in done {
+        let (v, g) = match d {
+            Ok(p) => p,
+            Err(v) => return Ok(Pass::NonFinite(v)),
+        };
+        sum += v;
+        acc = Some(match acc {
+            None => g,
+            Some(mut a) => {
+                for (_, var) in vars {
+                    if let Some(gv) = g.get(var.as_tensor()) {
+                        let s = match a.get(var.as_tensor()) {
+                            Some(av) => (av + gv)?,
+                            None => gv.clone(),
+                        };
+                        a.insert(var.as_tensor(), s);
+                    }
+                }
+                a
+            }
+        });
+    }
+    Ok(match acc {
+        Some(g) => Pass::Grads(sum / parts as f64, g),
+        None => Pass::NonFinite(f64::NAN),
+    })
+}
