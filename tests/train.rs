@@ -129,6 +129,43 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     common::assert_same_checkpoint(&dir.path().join("full"), &run, "checkpoints/step-0000016");
 }
 
+/// `train.cpu_streams` runs each micro-batch as concurrent parts: the losses are one pass's up
+/// to float rounding, and the numbers do not depend on the number of threads.
+#[test]
+fn concurrent_cpu_streams_train_like_one_pass_on_any_number_of_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), TINY);
+    let run = |name: &str, streams: &str, threads: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tarflow"))
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .args(["--set", &format!("output.dir={}", dir.path().display())])
+            .args(["--set", &format!("output.name={name}")])
+            .args(["--set", &format!("train.cpu_streams={streams}")])
+            .args(["--set", "train.max_steps=6", "--set", "eval.every=0"])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        losses(&dir.path().join(name))
+    };
+    let one = run("one", "1", "1");
+    let two = run("two", "2", "1");
+    let two_on_two = run("two2", "2", "2");
+    assert_eq!(one.len(), 6);
+    for ((s, a), (_, b)) in one.iter().zip(&two) {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+            "step {s}: one pass {a}, two streams {b}"
+        );
+    }
+    assert_eq!(two, two_on_two, "cpu_streams = 2 on 1 thread and on 2");
+    common::assert_same_checkpoint(
+        &dir.path().join("two"),
+        &dir.path().join("two2"),
+        "checkpoints/step-0000006",
+    );
+}
+
 /// Stale half-written checkpoint folders (`.tmp-step-…`) of a killed process.
 fn temp_folders(run: &Path) -> usize {
     std::fs::read_dir(run.join("checkpoints")).map_or(0, |d| {
