@@ -315,10 +315,12 @@ fn the_fast_forward_equals_the_composed_ops() {
         cfg.nvp = nvp;
         let ck = random_checkpoint(&cfg, 5);
         let m = ck.model(&Device::Cpu, DType::F32).unwrap();
-        let x = random_images(5, 3, 6, 2);
-        let y = [0i64, 3, -1, 2, 1];
+        // Ten images: the fast path runs the two halves at once, the composed ops the batch.
+        let x = random_images(10, 3, 6, 2);
+        let y = [0i64, 3, -1, 2, 1, 1, -1, 0, 2, 3];
         for cond in [Cond::Labels(&y), Cond::Null] {
             let (a, b) = on_both_paths(|| m.forward(&x, cond).unwrap());
+            assert_eq!(a.z.dims(), b.z.dims());
             assert!(max_abs_diff(&a.z, &b.z) < 1e-4, "z");
             assert!(max_abs_diff(&a.logdets, &b.logdets) < 1e-5, "logdets");
             for (p, q) in a.blocks.iter().zip(&b.blocks) {

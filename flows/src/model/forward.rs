@@ -10,7 +10,30 @@ impl TarFlow {
     /// x (N, C, S, S) in [-1, 1] → z, with every block's output and log-det.
     pub fn forward(&self, x: &Tensor, cond: Cond) -> Result<FlowOutput> {
         self.check_images(x)?;
-        self.check_labels(cond, x.dim(0)?)?;
+        let n = x.dim(0)?;
+        self.check_labels(cond, n)?;
+        // Gradient-free on the CPU kernels, the two halves of a batch run at once: one pass
+        // keeps both cores busy only inside its products (scoring the `small` shape: 200 → 255–270
+        // images/s on 2 cores). Every image's numbers are its own either way.
+        let frozen = !x.track_op() && !self.blocks.iter().any(|b| b.is_trainable());
+        let kernels = crate::kernels::enabled() && self.dtype == DType::F32 && self.device.is_cpu();
+        if frozen && kernels && n >= 8 && n.is_multiple_of(2) {
+            let h = n / 2;
+            let half = |i: usize| {
+                let c = match cond {
+                    Cond::Labels(l) => Cond::Labels(&l[i * h..(i + 1) * h]),
+                    Cond::Null => Cond::Null,
+                };
+                self.forward_whole(&x.narrow(0, i * h, h)?, c)
+            };
+            let (a, b) = rayon::join(|| half(0), || half(1));
+            return FlowOutput::cat(&a?, &b?);
+        }
+        self.forward_whole(x, cond)
+    }
+
+    /// [`Self::forward`] in one pass.
+    fn forward_whole(&self, x: &Tensor, cond: Cond) -> Result<FlowOutput> {
         let mut s = patchify(&x.to_dtype(self.dtype)?, self.cfg.patch_size)?; // (N, T, D)
         let mut blocks = Vec::with_capacity(self.blocks.len());
         let mut logdets: Option<Tensor> = None;

@@ -30,6 +30,30 @@ pub struct FlowOutput {
     pub blocks: Vec<BlockOutput>,
 }
 
+impl FlowOutput {
+    /// The outputs of two batches as one (rows of `a`, then of `b`).
+    pub fn cat(a: &Self, b: &Self) -> Result<Self> {
+        let two = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0);
+        Ok(Self {
+            z: two(&a.z, &b.z)?,
+            logdets: two(&a.logdets, &b.logdets)?,
+            blocks: a
+                .blocks
+                .iter()
+                .zip(&b.blocks)
+                .map(|(p, q)| {
+                    Ok(BlockOutput {
+                        out: two(&p.out, &q.out)?,
+                        logdet: two(&p.logdet, &q.logdet)?,
+                        proj_out: two(&p.proj_out, &q.proj_out)?,
+                        alpha: two(&p.alpha, &q.alpha)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
 /// Bits/dim dimension count: the true C·H·W, or evaluate_bpd.py's hard-coded 3·S².
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BpdConvention {
