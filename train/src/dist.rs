@@ -94,6 +94,18 @@ pub fn from_env() -> Result<Box<dyn Group>> {
     }
 }
 
+/// Rank 0's `mine`, and the ranks whose own `mine` differs from it; every rank learns both, so
+/// a check that fails stops all of them instead of leaving some in the next collective.
+pub(crate) fn differ_from_rank0(group: &dyn Group, mine: &[u8]) -> Result<(Vec<u8>, Vec<usize>)> {
+    let mut theirs = mine.to_vec();
+    group.broadcast(&mut theirs)?;
+    let mut differ = vec![0.0f64; group.size()];
+    differ[group.rank()] = (theirs != mine) as u8 as f64;
+    group.sum_f64(&mut differ)?;
+    let ranks = (0..differ.len()).filter(|&r| differ[r] > 0.0).collect();
+    Ok((theirs, ranks))
+}
+
 /// Milliseconds since the epoch at which the pending collective started; 0 when none is.
 static PENDING_SINCE: AtomicU64 = AtomicU64::new(0);
 

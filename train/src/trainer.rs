@@ -718,18 +718,11 @@ impl Trainer {
                 h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
             }
         }
-        let mut bytes = h.to_le_bytes().to_vec();
-        self.group.broadcast(&mut bytes)?;
-        let mut differ = vec![0.0f64; self.group.size()];
-        differ[self.group.rank()] = (bytes != h.to_le_bytes()) as u8 as f64;
-        self.group.sum_f64(&mut differ)?;
-        let ranks: Vec<String> = (0..differ.len())
-            .filter(|&r| differ[r] > 0.0)
-            .map(|r| r.to_string())
-            .collect();
+        let (_, ranks) = crate::dist::differ_from_rank0(self.group.as_ref(), &h.to_le_bytes())?;
         if ranks.is_empty() {
             return Ok(());
         }
+        let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
         Err(TrainError::Run {
             path: self.run.root.clone(),
             msg: format!(
@@ -962,19 +955,13 @@ fn same_as_rank0(
         subset(train),
         val.map_or_else(|| "none".to_string(), subset)
     );
-    let mut theirs = mine.clone().into_bytes();
-    group.broadcast(&mut theirs)?;
-    let mut differ = vec![0.0f64; group.size()];
-    differ[group.rank()] = (theirs != mine.as_bytes()) as u8 as f64;
-    group.sum_f64(&mut differ)?;
-    let ranks: Vec<String> = (0..differ.len())
-        .filter(|&r| differ[r] > 0.0)
-        .map(|r| r.to_string())
-        .collect();
+    let (theirs, ranks) = crate::dist::differ_from_rank0(group, mine.as_bytes())?;
     if ranks.is_empty() {
         return Ok(());
     }
-    let what = if group.rank() > 0 && differ[group.rank()] > 0.0 {
+    let me_too = ranks.contains(&group.rank());
+    let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+    let what = if group.rank() > 0 && me_too {
         let theirs = String::from_utf8_lossy(&theirs);
         let first = mine
             .lines()
