@@ -168,10 +168,12 @@ pub(crate) fn watch(group: &dyn Group) -> Result<()> {
     Ok(())
 }
 
-/// Whether this rank is waiting in a collective, or a rank on this host has died: then a
-/// termination signal means the job is failing, not a user's request to stop.
+/// Whether a rank on this host has died, or this rank has waited in a collective for more than
+/// a few seconds (a step's allreduce takes milliseconds): then a termination signal means the
+/// job is failing, not a user's request to stop (which waits for the step to end).
 pub fn in_fault() -> bool {
-    PENDING_SINCE.load(Ordering::SeqCst) > 0 || !dead_peers().is_empty()
+    let since = PENDING_SINCE.load(Ordering::SeqCst);
+    (since > 0 && now_ms().saturating_sub(since) > 5_000) || !dead_peers().is_empty()
 }
 
 /// The dead ranks this host can see, the last good checkpoint and how to resume.
