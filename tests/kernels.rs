@@ -155,13 +155,16 @@ fn composed_attention(qkv: &Tensor, heads: usize, hd: usize, scale: f64) -> Tens
 
 /// The fused layer (one autograd node: LayerNorm, attention, GELU MLP, both residuals) equals
 /// the composed ops in its output and the gradients of its input and all twelve weights, on
-/// odd shapes, one position, and an attention temperature.
+/// odd shapes, one position, an attention temperature, and a sequence long enough that the
+/// probabilities are recomputed.
 #[test]
 fn the_fused_transformer_layer_matches_composed_ops() {
     for (n, t, heads, hd, ratio, temp) in [
         (3, 5, 3, 7, 2, 1.0),
         (2, 16, 2, 32, 4, 1.3),
         (1, 1, 1, 4, 1, 1.0),
+        // T > 3·hd: the backward recomputes the probabilities instead of keeping them.
+        (2, 13, 2, 4, 2, 0.9),
     ] {
         let c = heads * hd;
         let h = c * ratio;

@@ -76,18 +76,33 @@ impl Attn {
         }
     }
 
+    /// Whether [`Self::forward`] should keep the probabilities for the backward: when they take
+    /// no more memory than qkv (T ≤ 3·hd), else the backward recomputes them (long sequences:
+    /// T = 1024 would keep N·heads·4 MiB per layer).
+    pub(crate) fn keeps_probs(&self) -> bool {
+        self.t <= 3 * self.hd
+    }
+
     /// The gradient `d` (N·T rows of 3C, overwritten) of the packed projection for the output
-    /// gradient `g`, from the probabilities [`Self::forward`] kept.
-    pub(crate) fn backward(&self, qkv: &[f32], probs: &[f32], g: &[f32], d: &mut [f32]) {
+    /// gradient `g`, from the probabilities [`Self::forward`] kept (recomputed when `None`).
+    pub(crate) fn backward(&self, qkv: &[f32], probs: Option<&[f32]>, g: &[f32], d: &mut [f32]) {
         let (c, t, hd) = (self.heads * self.hd, self.t, self.hd);
         let (c3, tt) = (3 * c, t * t);
         d.par_chunks_mut(t * c3)
             .zip(qkv.par_chunks(t * c3).zip(g.par_chunks(t * c)))
-            .zip(probs.par_chunks(self.heads * tt))
-            .for_each(|((d, (qkv, g)), probs)| {
+            .enumerate()
+            .for_each(|(i, (d, (qkv, g)))| {
                 let mut dp = vec![0f32; tt];
+                let mut own = Vec::new();
                 for h in 0..self.heads {
-                    let p = &probs[h * tt..(h + 1) * tt];
+                    let p: &[f32] = match probs {
+                        Some(all) => &all[(i * self.heads + h) * tt..(i * self.heads + h + 1) * tt],
+                        None => {
+                            own.resize(tt, 0.0);
+                            self.probs(qkv, h, &mut own);
+                            &own
+                        }
+                    };
                     let (qo, ko, vo, go) = (h * hd, c + h * hd, 2 * c + h * hd, h * hd);
                     // SAFETY (all products): T rows of hd values at the given offsets of rows
                     // of 3C (qkv, d) or C (g); P and dP are T×T.

@@ -63,7 +63,7 @@ struct Saved {
     h1: Buf,
     /// rows × 3C.
     qkv: Buf,
-    /// Attention probabilities, N·heads·T·T.
+    /// Attention probabilities, N·heads·T·T (empty for long sequences: recomputed).
     probs: Buf,
     /// Attention output before its projection, rows × C.
     att: Buf,
@@ -120,8 +120,12 @@ impl CustomOp2 for LayerOp {
         let mut qkv = pool::take(rows * 3 * c);
         linear::forward(&h1, qkvw, qkvb, &mut qkv, false);
         let mut att = pool::take(rows * c);
-        let mut probs = pool::take(n * a.heads * t * t);
-        a.forward(&qkv, &mut att, Some(&mut probs));
+        let mut probs = pool::take(if a.keeps_probs() {
+            n * a.heads * t * t
+        } else {
+            0
+        });
+        a.forward(&qkv, &mut att, a.keeps_probs().then_some(&mut probs[..]));
         let mut x2 = pool::copy_of(x);
         linear::forward(&att, projw, projb, &mut x2, true);
         let mut h2 = pool::take(rows * c);
@@ -221,7 +225,8 @@ impl CustomOp3 for LayerBwd {
         // Attention: datt = dx₂·W_proj, dqkv from the kept probabilities, dh₁ = dqkv·W_qkv.
         linear::backward(&s.att, projw, dx, Some(&mut dh), dprojw, dprojb);
         let mut dqkv = pool::take(rows * 3 * c);
-        self.attn.backward(&s.qkv, &s.probs, &dh, &mut dqkv);
+        let probs = self.attn.keeps_probs().then_some(&s.probs[..]);
+        self.attn.backward(&s.qkv, probs, &dh, &mut dqkv);
         linear::backward(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, dqkvb);
         layer_norm::backward(x, ln1w, &dh, dx, dln1w, dln1b);
         let len = out.len();
