@@ -29,6 +29,14 @@ impl<'a> Cond<'a> {
             _ => Cond::Null,
         }
     }
+
+    /// The conditioning of rows `a..b` of the batch (a share run on its own).
+    pub fn rows(self, a: usize, b: usize) -> Self {
+        match self {
+            Cond::Labels(l) => Cond::Labels(&l[a..b]),
+            Cond::Null => Cond::Null,
+        }
+    }
 }
 
 /// What one block's forward pass produced.

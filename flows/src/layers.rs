@@ -408,11 +408,7 @@ impl AttentionBlock {
     /// Causal pass over (N, T, C); `attn_temp` divides the attention scores.
     pub fn forward(&self, x: &Tensor, mask: &Tensor, attn_temp: f64) -> Result<Tensor> {
         if crate::kernels::applies(x) && !self.is_quantised() {
-            return Ok(crate::kernels::layer::layer(
-                &x.contiguous()?,
-                &self.parts()?,
-                attn_temp,
-            )?);
+            return Ok(crate::kernels::layer::layer(x, &self.parts()?, attn_temp)?);
         }
         let x = (x + self.attention.forward(x, mask, attn_temp)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)

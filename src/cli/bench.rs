@@ -159,13 +159,8 @@ fn time_train(
     // What `tarflow train` does with one micro-batch (on the CPU: `train.cpu_streams` passes
     // at once), then the optimizer.
     let streams = tarflow_train::config::TrainSection::default().cpu_streams;
-    let labels = if cfg.num_classes > 0 {
-        &labels[..]
-    } else {
-        &[]
-    };
     median_time(iters, || {
-        match tarflow_train::grads::loss_and_grads(&model, &vars, (&x, labels), 1, streams, 0.0)? {
+        match tarflow_train::grads::loss_and_grads(&model, &vars, (&x, &labels), 1, streams, 0.0)? {
             tarflow_train::grads::Pass::Grads(_, g) => opt.step(&g, 1e-4)?,
             tarflow_train::grads::Pass::NonFinite(v) => bail!("the benchmark's loss is {v}"),
         }

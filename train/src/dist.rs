@@ -35,8 +35,6 @@ pub trait Group {
     fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()>;
     /// One value from every rank, in rank order.
     fn gather_u64(&self, v: u64) -> Result<Vec<u64>>;
-    /// What this is, for messages (`1 process`, `MPI, 2 ranks`).
-    fn describe(&self) -> String;
 }
 
 /// A single process: every collective is the identity.
@@ -61,9 +59,6 @@ impl Group for Solo {
     }
     fn gather_u64(&self, v: u64) -> Result<Vec<u64>> {
         Ok(vec![v])
-    }
-    fn describe(&self) -> String {
-        "1 process".into()
     }
 }
 
@@ -286,9 +281,6 @@ mod mpi_group {
             let mut all = vec![0u64; self.size()];
             pending(|| self.world.all_gather_into(&v, &mut all[..]));
             Ok(all)
-        }
-        fn describe(&self) -> String {
-            format!("MPI, {} ranks", self.size())
         }
     }
 }

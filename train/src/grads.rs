@@ -36,16 +36,20 @@ pub fn loss_and_grads(
     latent_norm: f64,
 ) -> Result<Pass> {
     let n = x.dim(0)?;
+    let cond = Cond::of(model.config().num_classes, Some(labels));
+    // A label count that does not match the batch is left to the forward pass to report.
+    let whole = matches!(cond, Cond::Labels(l) if l.len() != n);
     let parts = match streams {
-        s if s > 1 && x.device().is_cpu() && n.is_multiple_of(s) => s,
+        s if s > 1 && !whole && x.device().is_cpu() && n.is_multiple_of(s) => s,
         _ => 1,
     };
     let h = n / parts;
-    let num_classes = model.config().num_classes;
     let part = |i: usize| -> Result<std::result::Result<(f64, GradStore), f64>> {
-        let xs = x.narrow(0, i * h, h)?;
-        let ls = labels.get(i * h..(i + 1) * h).unwrap_or(&[]);
-        let out = model.forward(&xs, Cond::of(num_classes, Some(ls)))?;
+        let (xs, c) = match parts {
+            1 => (x.clone(), cond),
+            _ => (x.narrow(0, i * h, h)?, cond.rows(i * h, (i + 1) * h)),
+        };
+        let out = model.forward(&xs, c)?;
         let mut loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
         if latent_norm > 0.0 {
             loss = (loss + (TarFlow::latent_norm(&out)? * latent_norm)?)?;
@@ -66,31 +70,35 @@ pub fn loss_and_grads(
             .collect::<Result<Vec<_>>>()?
     };
     let mut sum = 0.0;
-    let mut acc: Option<GradStore> = None;
+    let mut acc = None;
     for d in done {
-        let (v, g) = match d {
-            Ok(p) => p,
-            Err(v) => return Ok(Pass::NonFinite(v)),
-        };
-        sum += v;
-        acc = Some(match acc {
-            None => g,
-            Some(mut a) => {
-                for (_, var) in vars {
-                    if let Some(gv) = g.get(var.as_tensor()) {
-                        let s = match a.get(var.as_tensor()) {
-                            Some(av) => (av + gv)?,
-                            None => gv.clone(),
-                        };
-                        a.insert(var.as_tensor(), s);
-                    }
-                }
-                a
+        match d {
+            Ok((v, g)) => {
+                sum += v;
+                acc = Some(add_into(vars, acc, g)?);
             }
-        });
+            Err(v) => return Ok(Pass::NonFinite(v)),
+        }
     }
-    Ok(match acc {
-        Some(g) => Pass::Grads(sum / parts as f64, g),
-        None => Pass::NonFinite(f64::NAN),
-    })
+    let grads =
+        acc.ok_or_else(|| crate::error::TrainError::config("train.cpu_streams", "no pass ran"))?;
+    Ok(Pass::Grads(sum / parts as f64, grads))
+}
+
+/// `acc + g` for each variable (`g` alone when `acc` is empty): the one place gradients of
+/// several passes are summed, in the order given.
+pub fn add_into(vars: &[(String, Var)], acc: Option<GradStore>, g: GradStore) -> Result<GradStore> {
+    let Some(mut a) = acc else {
+        return Ok(g);
+    };
+    for (_, var) in vars {
+        if let Some(gv) = g.get(var.as_tensor()) {
+            let s = match a.get(var.as_tensor()) {
+                Some(av) => (av + gv)?,
+                None => gv.clone(),
+            };
+            a.insert(var.as_tensor(), s);
+        }
+    }
+    Ok(a)
 }

@@ -412,15 +412,10 @@ impl Trainer {
             }
             let [n, c, h, w] = b.shape;
             let x = Tensor::from_vec(b.images, (n, c, h, w), &self.device)?.to_dtype(self.dtype)?;
-            let labels = if self.cfg.model.num_classes > 0 {
-                &b.labels[..]
-            } else {
-                &[]
-            };
             let pass = crate::grads::loss_and_grads(
                 &self.model,
                 &self.vars,
-                (&x, labels),
+                (&x, &b.labels),
                 accum * self.group.size(),
                 self.cfg.train.cpu_streams,
                 self.cfg.optim.latent_norm,
@@ -433,21 +428,7 @@ impl Trainer {
                 }
             };
             flags[0] += v;
-            total = Some(match total {
-                None => grads,
-                Some(mut acc) => {
-                    for (_, var) in &self.vars {
-                        if let Some(g) = grads.get(var.as_tensor()) {
-                            let sum = match acc.get(var.as_tensor()) {
-                                Some(a) => (a + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(var.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
-            });
+            total = Some(crate::grads::add_into(&self.vars, total, grads)?);
         }
         self.group.sum_f64(&mut flags)?;
         if flags[1] > 0.0 {
@@ -509,47 +490,47 @@ impl Trainer {
     /// whole step) in one allreduce over one flat buffer, in the variables' name order: on the
     /// GPUs with NCCL, else through MPI on the host.
     fn all_reduce(&self, grads: &mut GradStore) -> Result<()> {
-        #[cfg(all(feature = "mpi", feature = "cuda"))]
-        if let Some(nccl) = &self.nccl {
-            let parts = self
-                .vars
-                .iter()
-                .map(|(_, var)| match grads.get(var.as_tensor()) {
-                    Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
-                    None => Tensor::zeros(var.elem_count(), DType::F32, &self.device),
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let flat = Tensor::cat(&parts, 0)?;
-            nccl.sum(&flat)?;
-            let mut at = 0;
-            for (_, var) in &self.vars {
-                let n = var.elem_count();
-                let g = flat
-                    .narrow(0, at, n)?
-                    .reshape(var.shape())?
-                    .to_dtype(var.dtype())?;
-                grads.insert(var.as_tensor(), g);
-                at += n;
+        let parts = self
+            .vars
+            .iter()
+            .map(|(_, var)| match grads.get(var.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+                None => Tensor::zeros(var.elem_count(), DType::F32, &self.device),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let flat = Tensor::cat(&parts, 0)?;
+        drop(parts);
+        let flat = match self.sum_on_device(&flat)? {
+            true => flat,
+            false => {
+                let mut v = flat.to_vec1::<f32>()?;
+                self.group.sum_f32(&mut v)?;
+                Tensor::from_vec(v, flat.elem_count(), &self.device)?
             }
-            return Ok(());
-        }
-        let mut flat = Vec::new();
-        for (_, var) in &self.vars {
-            match grads.get(var.as_tensor()) {
-                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
-            }
-        }
-        self.group.sum_f32(&mut flat)?;
+        };
         let mut at = 0;
         for (_, var) in &self.vars {
             let n = var.elem_count();
-            let g = Tensor::from_slice(&flat[at..at + n], var.shape(), &self.device)?
+            let g = flat
+                .narrow(0, at, n)?
+                .reshape(var.shape())?
                 .to_dtype(var.dtype())?;
             grads.insert(var.as_tensor(), g);
             at += n;
         }
         Ok(())
+    }
+
+    /// Sums `flat` across the ranks in place on the GPUs (NCCL); false where there is no GPU
+    /// communicator and the sum goes through MPI on the host.
+    fn sum_on_device(&self, flat: &Tensor) -> Result<bool> {
+        #[cfg(all(feature = "mpi", feature = "cuda"))]
+        if let Some(nccl) = &self.nccl {
+            nccl.sum(flat)?;
+            return Ok(true);
+        }
+        let _ = flat;
+        Ok(false)
     }
 
     /// Installs a hook that sees (and may change) every micro-batch before the forward pass.
@@ -795,10 +776,6 @@ impl Trainer {
         let mut saved_at = self.last_checkpoint.as_ref().map(|_| self.state.step);
         crate::dist::set_resume_hint(self.last_good("fix the failed rank", ""));
         while self.state.step < self.max_steps {
-            if stop.load(Ordering::SeqCst) && self.group.size() == 1 {
-                outcome = Outcome::Interrupted;
-                break;
-            }
             let t0 = Instant::now();
             let (loss, norm, lr, stop_all) = self.step(stop.load(Ordering::SeqCst))?;
             win_time += t0.elapsed().as_secs_f64();

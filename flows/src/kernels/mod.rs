@@ -62,7 +62,12 @@ pub fn enabled() -> bool {
 
 /// Whether the kernels apply to `x`: switched on, f32, on the CPU.
 pub fn applies(x: &Tensor) -> bool {
-    enabled() && x.dtype() == DType::F32 && x.device().is_cpu()
+    applies_to(x.dtype(), x.device())
+}
+
+/// Whether the kernels apply to tensors of `dtype` on `device`.
+pub fn applies_to(dtype: DType, device: &candle_core::Device) -> bool {
+    enabled() && dtype == DType::F32 && device.is_cpu()
 }
 
 /// The contiguous f32 data of a custom op's argument.

@@ -16,15 +16,11 @@ impl TarFlow {
         // keeps both cores busy only inside its products (scoring the `small` shape: 200 → 255–270
         // images/s on 2 cores). Every image's numbers are its own either way.
         let frozen = !x.track_op() && !self.blocks.iter().any(|b| b.is_trainable());
-        let kernels = crate::kernels::enabled() && self.dtype == DType::F32 && self.device.is_cpu();
+        let kernels = crate::kernels::applies_to(self.dtype, &self.device);
         if frozen && kernels && n >= 8 && n.is_multiple_of(2) {
             let h = n / 2;
             let half = |i: usize| {
-                let c = match cond {
-                    Cond::Labels(l) => Cond::Labels(&l[i * h..(i + 1) * h]),
-                    Cond::Null => Cond::Null,
-                };
-                self.forward_whole(&x.narrow(0, i * h, h)?, c)
+                self.forward_whole(&x.narrow(0, i * h, h)?, cond.rows(i * h, (i + 1) * h))
             };
             let (a, b) = rayon::join(|| half(0), || half(1));
             return FlowOutput::cat(&a?, &b?);

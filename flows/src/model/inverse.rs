@@ -159,11 +159,7 @@ impl TarFlow {
             .into_par_iter()
             .map(|k| {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(n));
-                let c = match cond {
-                    Cond::Labels(y) => Cond::Labels(&y[a..b]),
-                    Cond::Null => Cond::Null,
-                };
-                self.reverse_rows(block, &s.narrow(0, a, b - a)?, c, opts)
+                self.reverse_rows(block, &s.narrow(0, a, b - a)?, cond.rows(a, b), opts)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
