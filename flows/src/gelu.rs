@@ -2,11 +2,12 @@
 //!
 //! candle's `gelu_erf` calls scalar libm `erff` per element (~13% of scoring time); this uses a
 //! branch-free rational approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond)
-//! that the compiler vectorises. The fused layer ([`crate::kernels::layer`]) and the trunk use
+//! that the compiler vectorises, in clones for the CPU's widest SIMD (chosen at run time). The fused layer ([`crate::kernels::layer`]) and the trunk use
 //! it; the composed path keeps candle's op.
 
 use crate::error::Result;
 use candle_core::Tensor;
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Values per parallel task.
@@ -55,27 +56,43 @@ pub fn gelu_f32(x: f32) -> f32 {
 pub(crate) fn forward(x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_f32(v)));
+        .for_each(|(o, x)| forward_chunk(x, o));
+}
+
+#[multiversion(targets = "simd")]
+fn forward_chunk(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = gelu_f32(v);
+    }
 }
 
 /// GELU of every value of `x` in place.
 pub(crate) fn in_place(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|x| x.iter_mut().for_each(|v| *v = gelu_f32(*v)));
+    x.par_chunks_mut(CHUNK).for_each(in_place_chunk);
+}
+
+#[multiversion(targets = "simd")]
+fn in_place_chunk(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = gelu_f32(*v);
+    }
 }
 
 /// `g ← g·GELU'(x)`: the backward of [`forward`] in place.
 pub(crate) fn backward_in_place(x: &[f32], g: &mut [f32]) {
-    let inv_sqrt_2pi = 0.398_942_3_f32;
     g.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(g, x)| {
-            for (g, &v) in g.iter_mut().zip(x) {
-                let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = crate::kernels::exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
-                *g *= cdf + v * pdf;
-            }
-        });
+        .for_each(|(g, x)| backward_chunk(x, g));
+}
+
+#[multiversion(targets = "simd")]
+fn backward_chunk(x: &[f32], g: &mut [f32]) {
+    let inv_sqrt_2pi = 0.398_942_3_f32;
+    for (g, &v) in g.iter_mut().zip(x) {
+        let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = crate::kernels::exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
+        *g *= cdf + v * pdf;
+    }
 }
 
 /// GELU with the exact erf form: this file's approximation on CPU/f32 without gradient

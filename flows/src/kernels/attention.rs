@@ -4,6 +4,7 @@
 //! P: `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))`, `dQ = s·dS K`, `dK = s·dSᵀ Q`.
 
 use super::gemm_strided;
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// The attention's shape: heads of `hd` values, scores multiplied by `scale`, `t` positions.
@@ -130,14 +131,7 @@ impl Attn {
                             false,
                         );
                     }
-                    // dS = P ⊙ (dP − rowsum(P ⊙ dP)); zero above the diagonal since P is.
-                    for i in 0..t {
-                        let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                        let dot: f32 = pr[..=i].iter().zip(&dr[..=i]).map(|(a, b)| a * b).sum();
-                        for j in 0..t {
-                            dr[j] = pr[j] * (dr[j] - dot);
-                        }
-                    }
+                    softmax_backward(p, &mut dp, t);
                     unsafe {
                         // dQ = s·dS K
                         gemm_strided(
@@ -164,5 +158,17 @@ impl Attn {
                     }
                 }
             });
+    }
+}
+
+/// dS = P ⊙ (dP − rowsum(P ⊙ dP)) in place of dP, for causal T×T rows (zero above the
+/// diagonal, since P is).
+#[multiversion(targets = "simd")]
+fn softmax_backward(p: &[f32], dp: &mut [f32], t: usize) {
+    for (i, (pr, dr)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
+        let dot = super::dot16(&pr[..=i], &dr[..=i]);
+        for (d, &p) in dr.iter_mut().zip(pr) {
+            *d = p * (*d - dot);
+        }
     }
 }

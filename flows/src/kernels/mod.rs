@@ -22,6 +22,7 @@ pub mod step;
 pub mod trunk;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
+use multiversion::multiversion;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// 0: not yet read from the environment; 1: on; 2: off.
@@ -147,19 +148,59 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     e * f32::from_bits(((n + 127) as u32) << 23)
 }
 
+/// Σ a·b in sixteen interleaved partial sums: a fixed order that vectorises.
+#[inline(always)]
+pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (mut ia, mut ib) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for l in 0..16 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let tail: f32 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Softmax over the first `len` values of `row` in place; the rest become 0 (causal rows).
+#[multiversion(targets = "simd")]
 pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
-    let max = row[..len].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    let mut sum = 0f32;
-    for v in row[..len].iter_mut() {
+    let (head, rest) = row.split_at_mut(len);
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut it = head.chunks_exact(16);
+    for ch in &mut it {
+        for l in 0..16 {
+            lanes[l] = lanes[l].max(ch[l]);
+        }
+    }
+    let max = it
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let mut acc = [0f32; 16];
+    let mut it = head.chunks_exact_mut(16);
+    for ch in &mut it {
+        for l in 0..16 {
+            ch[l] = exp_f32(ch[l] - max);
+            acc[l] += ch[l];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for v in it.into_remainder() {
         *v = exp_f32(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
-    for v in row[..len].iter_mut() {
+    for v in head.iter_mut() {
         *v *= inv;
     }
-    row[len..].fill(0.0);
+    rest.fill(0.0);
 }
 
 #[cfg(test)]
