@@ -7,7 +7,6 @@
 
 use crate::error::Result;
 use candle_core::Tensor;
-use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Values per parallel task.
@@ -59,11 +58,12 @@ pub(crate) fn forward(x: &[f32], out: &mut [f32]) {
         .for_each(|(o, x)| forward_chunk(x, o));
 }
 
-#[multiversion(targets = "simd")]
+crate::kernels::simd_clones! {
 fn forward_chunk(x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = gelu_f32(v);
     }
+}
 }
 
 /// GELU of every value of `x` in place.
@@ -71,11 +71,12 @@ pub(crate) fn in_place(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK).for_each(in_place_chunk);
 }
 
-#[multiversion(targets = "simd")]
+crate::kernels::simd_clones! {
 fn in_place_chunk(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v = gelu_f32(*v);
     }
+}
 }
 
 /// `g ← g·GELU'(x)`: the backward of [`forward`] in place.
@@ -85,7 +86,7 @@ pub(crate) fn backward_in_place(x: &[f32], g: &mut [f32]) {
         .for_each(|(g, x)| backward_chunk(x, g));
 }
 
-#[multiversion(targets = "simd")]
+crate::kernels::simd_clones! {
 fn backward_chunk(x: &[f32], g: &mut [f32]) {
     let inv_sqrt_2pi = 0.398_942_3_f32;
     for (g, &v) in g.iter_mut().zip(x) {
@@ -93,6 +94,7 @@ fn backward_chunk(x: &[f32], g: &mut [f32]) {
         let pdf = crate::kernels::exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
         *g *= cdf + v * pdf;
     }
+}
 }
 
 /// GELU with the exact erf form: this file's approximation on CPU/f32 without gradient

@@ -4,7 +4,6 @@
 //! P: `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))`, `dQ = s·dS K`, `dK = s·dSᵀ Q`.
 
 use super::gemm_strided;
-use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// The attention's shape: heads of `hd` values, scores multiplied by `scale`, `t` positions.
@@ -161,9 +160,9 @@ impl Attn {
     }
 }
 
+crate::kernels::simd_clones! {
 /// dS = P ⊙ (dP − rowsum(P ⊙ dP)) in place of dP, for causal T×T rows (zero above the
 /// diagonal, since P is).
-#[multiversion(targets = "simd")]
 fn softmax_backward(p: &[f32], dp: &mut [f32], t: usize) {
     for (i, (pr, dr)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
         let dot = super::dot16(&pr[..=i], &dr[..=i]);
@@ -171,4 +170,5 @@ fn softmax_backward(p: &[f32], dp: &mut [f32], t: usize) {
             *d = p * (*d - dot);
         }
     }
+}
 }

@@ -2,7 +2,6 @@
 //! ([`super::layer`]) and the trunk: `x̂ = (x − μ)·r`, `y = x̂·w + b`;
 //! `dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))` with `ĝ = dy·w`, `dw = Σ dy·x̂`, `db = Σ dy` over rows.
 
-use multiversion::multiversion;
 use rayon::prelude::*;
 
 const EPS: f32 = 1e-5;
@@ -59,7 +58,7 @@ pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
         .for_each(|(o, x)| forward_rows(x, w, b, o));
 }
 
-#[multiversion(targets = "simd")]
+crate::kernels::simd_clones! {
 fn forward_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
     let c = w.len();
     for (o, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
@@ -68,6 +67,7 @@ fn forward_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
             o[i] = (x[i] - m) * r * w[i] + b[i];
         }
     }
+}
 }
 
 /// The backward of [`forward`] for the output gradient `g`: `dx` is added to (so a residual's
@@ -104,8 +104,8 @@ pub(crate) fn backward(
     }
 }
 
+crate::kernels::simd_clones! {
 /// [`backward`] of a run of rows, adding their `dw`, `db` into f64 sums.
-#[multiversion(targets = "simd")]
 fn backward_rows(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f64], db: &mut [f64]) {
     let c = w.len();
     let (mut xh, mut gh) = (vec![0f32; c], vec![0f32; c]);
@@ -128,4 +128,5 @@ fn backward_rows(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f64]
             dx[i] += r * (gh[i] - m1 - xh[i] * m2);
         }
     }
+}
 }

@@ -22,7 +22,6 @@ pub mod step;
 pub mod trunk;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
-use multiversion::multiversion;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// 0: not yet read from the environment; 1: on; 2: off.
@@ -148,6 +147,22 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     e * f32::from_bits(((n + 127) as u32) << 23)
 }
 
+/// Compiles a row-wise kernel for the CPU's widest SIMD, chosen at run time: AVX-512 or AVX2
+/// on x86_64 (whose default target is SSE2), NEON on aarch64. The clones compute the same
+/// values: Rust never reorders or fuses float operations, so each lane count gives the same
+/// results.
+macro_rules! simd_clones {
+    ($($item:item)*) => {$(
+        #[multiversion::multiversion(targets(
+            "x86_64+avx512f+avx512vl+avx2+fma",
+            "x86_64+avx2+fma",
+            "aarch64+neon"
+        ))]
+        $item
+    )*};
+}
+pub(crate) use simd_clones;
+
 /// Σ a·b in sixteen interleaved partial sums: a fixed order that vectorises.
 #[inline(always)]
 pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
@@ -167,8 +182,8 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+simd_clones! {
 /// Softmax over the first `len` values of `row` in place; the rest become 0 (causal rows).
-#[multiversion(targets = "simd")]
 pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
     let (head, rest) = row.split_at_mut(len);
     let mut lanes = [f32::NEG_INFINITY; 16];
@@ -201,6 +216,7 @@ pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
         *v *= inv;
     }
     rest.fill(0.0);
+}
 }
 
 #[cfg(test)]
