@@ -135,7 +135,11 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // Round to nearest by adding and removing 1.5·2²³ (SSE2 has no rounding instruction, and
     // `round` would be a libm call again).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    // n as an integer, read from the mantissa of `shifted`: `n as i32` saturates, which the
+    // compiler does one lane at a time.
+    let ni = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
@@ -143,8 +147,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
     let e = p * r * r + r + 1.0;
     // 2ⁿ for n in [−126, 127]; n = −127 only at the clamp, where e·2ⁿ underflows anyway.
-    let n = (n as i32).max(-126);
-    e * f32::from_bits(((n + 127) as u32) << 23)
+    let ni = ni.max(-126);
+    e * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 /// Compiles a row-wise kernel for the CPU's widest SIMD, chosen at run time: AVX-512 or AVX2
