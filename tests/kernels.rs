@@ -6,7 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::{max_abs_diff, random_checkpoint, random_images};
+use std::collections::HashMap;
 use tarflow::flows::kernels;
+use tarflow::flows::packing::Packing;
 use tarflow::flows::rng::{randn, seeded};
 use tarflow::{Cond, ModelConfig, TarFlow};
 
@@ -201,6 +203,7 @@ fn the_fused_transformer_layer_matches_composed_ops() {
                     fc1: (&w[9], &w[10]),
                     fc2: (&w[11], &w[12]),
                     head_dim: hd,
+                    packed: None,
                 };
                 kernels::layer::layer(&w[0], &parts, temp).unwrap()
             },
@@ -231,17 +234,23 @@ fn a_model_trains_the_same_with_and_without_fused_kernels() {
         let loss = TarFlow::loss(&out).unwrap();
         let g = loss.backward().unwrap();
         let vars = vm.data().lock().unwrap().clone();
-        let mut grads: Vec<(String, Tensor)> = vars
+        let grads: HashMap<String, Tensor> = vars
             .iter()
             .map(|(k, v)| (k.clone(), g.get(v.as_tensor()).unwrap().clone()))
             .collect();
+        // The fused path trains each layer as one packed variable: compare per parameter.
+        let packing = Packing::among(&cfg, vars.keys().map(|k| k.as_str())).unwrap();
+        let mut grads: Vec<(String, Tensor)> =
+            packing.unpack(grads, "").unwrap().into_iter().collect();
         grads.sort_by(|a, b| a.0.cmp(&b.0));
         (out.z, loss, grads)
     };
     let ((z1, l1, g1), (z0, l0, g0)) = on_both_paths(run);
     close("z", &z1, &z0, 1e-5);
     close("loss", &l1, &l0, 1e-5);
-    for ((k, a), (_, b)) in g1.iter().zip(&g0) {
+    assert_eq!(g1.len(), g0.len(), "parameters with a gradient");
+    for ((k, a), (k0, b)) in g1.iter().zip(&g0) {
+        assert_eq!(k, k0);
         close(k, a, b, 1e-4);
     }
 }

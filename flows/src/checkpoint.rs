@@ -4,6 +4,7 @@
 use crate::config::ModelConfig;
 use crate::error::{FlowError, Result};
 use crate::model::TarFlow;
+use crate::packing::Packing;
 use crate::params::{buffers, count_params, init_params, is_buffer, param_specs};
 use crate::quant::QuantWeights;
 use candle_core::Var;
@@ -217,7 +218,9 @@ impl Checkpoint {
         count_params(&self.config)
     }
 
-    /// Builds a trainable model: every parameter becomes a [`candle_core::Var`] in the returned map.
+    /// Builds a trainable model: every parameter becomes a [`candle_core::Var`] in the returned
+    /// map, each transformer layer's as one packed variable on the CPU in f32
+    /// ([`crate::packing`]).
     pub fn trainable_model(&self, device: &Device, dtype: DType) -> Result<(TarFlow, VarMap)> {
         if let Some(q) = &self.quant {
             return Err(FlowError::Config(format!(
@@ -226,20 +229,30 @@ impl Checkpoint {
                 q.provenance()
             )));
         }
+        // On the CPU in f32 each transformer layer's weights are one variable (`packing`).
+        let packing = match crate::kernels::applies_to(dtype, device) {
+            true => Packing::all(&self.config)?,
+            false => Packing::default(),
+        };
+        let mut tensors = HashMap::new();
+        for (k, v) in &self.tensors {
+            tensors.insert(k.clone(), v.to_device(device)?.to_dtype(dtype)?);
+        }
         let varmap = VarMap::new();
+        let mut served = HashMap::new();
         {
             let mut data = varmap
                 .data()
                 .lock()
                 .map_err(|_| FlowError::Config("variable map lock poisoned".into()))?;
-            for (k, v) in &self.tensors {
-                data.insert(
-                    k.clone(),
-                    Var::from_tensor(&v.to_device(device)?.to_dtype(dtype)?)?,
-                );
+            for (k, v) in packing.pack(&tensors, "")? {
+                let var = Var::from_tensor(&v)?;
+                served.insert(k.clone(), var.as_tensor().clone());
+                data.insert(k, var);
             }
         }
-        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        packing.with_views(&mut served)?;
+        let vb = VarBuilder::from_tensors(served, dtype, device);
         let mut model = TarFlow::new(&self.config, vb)?;
         if let Some(v) = &self.var {
             // The prior variance is a buffer: read by sampling, never trained.

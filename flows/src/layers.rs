@@ -349,6 +349,9 @@ pub struct LayerParts<'a> {
     pub fc2: (&'a Tensor, &'a Tensor),
     /// Attention head width.
     pub head_dim: usize,
+    /// All twelve as one packed training variable, when the model was built that way
+    /// ([`crate::packing`]): the parts above are views of it.
+    pub packed: Option<&'a Tensor>,
 }
 
 /// One transformer layer: `x + Attn(LN(x))`, then `x + MLP(LN(x))`.
@@ -356,6 +359,7 @@ pub struct LayerParts<'a> {
 pub struct AttentionBlock {
     attention: Attention,
     mlp: Mlp,
+    packed: Option<Tensor>,
 }
 
 impl AttentionBlock {
@@ -367,9 +371,14 @@ impl AttentionBlock {
         vb: VarBuilder,
         quant: Option<&QuantWeights>,
     ) -> Result<Self> {
+        let packed = match vb.contains_tensor(crate::packing::PACKED) {
+            true => Some(vb.get_unchecked(crate::packing::PACKED)?),
+            false => None,
+        };
         Ok(Self {
             attention: Attention::new(channels, head_dim, vb.pp("attention"), quant)?,
             mlp: Mlp::new(channels, channels * mlp_ratio, vb.pp("mlp"), quant)?,
+            packed,
         })
     }
 
@@ -402,6 +411,7 @@ impl AttentionBlock {
             fc1: self.mlp.fc1.parts()?,
             fc2: self.mlp.fc2.parts()?,
             head_dim: self.attention.head_dim,
+            packed: self.packed.as_ref(),
         })
     }
 

@@ -12,6 +12,7 @@ pub mod gelu;
 pub mod kernels;
 pub mod layers;
 pub mod model;
+pub mod packing;
 pub mod params;
 pub mod patch;
 pub mod pickle_guard;

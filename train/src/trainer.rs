@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tarflow_datasets::loader::Loader;
+use tarflow_flows::packing::Packing;
 use tarflow_flows::{Checkpoint, TarFlow};
 
 /// What the loop reports as it goes (the CLI draws a progress bar from these).
@@ -104,6 +105,8 @@ pub struct Trainer {
     dtype: DType,
     model: TarFlow,
     vars: Vec<(String, Var)>,
+    /// Which of `vars` are packed layers, unpacked wherever weights leave the trainer.
+    packing: Packing,
     opt: AdamW,
     ema: Option<Ema>,
     sched: WarmupCosine,
@@ -279,6 +282,7 @@ impl Trainer {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let packing = Packing::among(&cfg.model, vars.iter().map(|(k, _)| k.as_str()))?;
         let adam = AdamWConfig {
             beta1: o.beta1,
             beta2: o.beta2,
@@ -293,15 +297,16 @@ impl Trainer {
         };
         let state = match &restored {
             Some(r) => {
-                opt.set_master(&weights.tensors)?;
-                opt.load_state(&r.optimizer, r.optimizer_step)
+                opt.set_master(&packing.pack(&weights.tensors, "")?)?;
+                let moments = packing.pack(&packing.pack(&r.optimizer, "m.")?, "v.")?;
+                opt.load_state(&moments, r.optimizer_step)
                     .map_err(|e| TrainError::Run {
                         path: r.dir.join("optimizer.safetensors"),
                         msg: e.to_string(),
                     })?;
                 if let Some(e) = ema.as_mut() {
                     match &r.ema {
-                        Some(w) => e.load(w)?,
+                        Some(w) => e.load(&packing.pack(w, "")?)?,
                         None => warnings.push(format!(
                             "{} has no EMA weights: the average restarts from the current weights",
                             r.dir.display()
@@ -354,6 +359,7 @@ impl Trainer {
                 dtype,
                 model,
                 vars,
+                packing,
                 opt,
                 ema,
                 sched,
@@ -566,19 +572,22 @@ impl Trainer {
     fn current(&self) -> Result<Checkpoint> {
         Ok(Checkpoint {
             config: self.cfg.model.clone(),
-            tensors: self.opt.weights()?,
+            tensors: self.packing.unpack(self.opt.weights()?, "")?,
             var: None,
             quant: None,
         })
     }
 
-    fn ema_checkpoint(&self) -> Option<Checkpoint> {
-        self.ema.as_ref().map(|e| Checkpoint {
+    fn ema_checkpoint(&self) -> Result<Option<Checkpoint>> {
+        let Some(e) = &self.ema else {
+            return Ok(None);
+        };
+        Ok(Some(Checkpoint {
             config: self.cfg.model.clone(),
-            tensors: e.weights().clone(),
+            tensors: self.packing.unpack(e.weights().clone(), "")?,
             var: None,
             quant: None,
-        })
+        }))
     }
 
     /// Mean held-out bits/dim of `weights`, and the images left out as not finite; each rank
@@ -607,7 +616,7 @@ impl Trainer {
 
     fn evaluate(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
         let raw = self.val_bpd(&self.current()?)?;
-        let ema = match self.ema_checkpoint() {
+        let ema = match self.ema_checkpoint()? {
             Some(e) => self.val_bpd(&e)?,
             None => None,
         };
@@ -634,7 +643,7 @@ impl Trainer {
 
     /// Writes `samples/step-XXXXXXX.png` from the EMA weights (or the trained ones).
     fn samples(&self, on: &mut dyn FnMut(Event)) -> Result<()> {
-        let weights = match self.ema_checkpoint() {
+        let weights = match self.ema_checkpoint()? {
             Some(e) => e,
             None => self.current()?,
         };
@@ -718,9 +727,12 @@ impl Trainer {
 
     fn write_checkpoint(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
         let (moments, opt_step) = self.opt.state()?;
+        let moments = self
+            .packing
+            .unpack(self.packing.unpack(moments, "m.")?, "v.")?;
         let saved = self.run.save_checkpoint(
             &self.current()?,
-            self.ema_checkpoint().as_ref(),
+            self.ema_checkpoint()?.as_ref(),
             (&moments, opt_step),
             &self.state,
             self.cfg.train.keep_checkpoints,

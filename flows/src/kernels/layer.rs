@@ -9,9 +9,10 @@
 //! straight into one buffer: per layer the tape holds one node, and the work is the eight
 //! weight products each way plus a few row-wise passes.
 //!
-//! The layer's twelve parameters enter as one packed (·, C) matrix (`Tensor::cat` of the
-//! weights as rows of C, in [`Dims::sizes`] order), so candle's `cat` hands each its gradient
-//! slice.
+//! The layer's twelve parameters enter as one packed (·, C) matrix: the weights as rows of C,
+//! in [`PARAMS`] order. A model built for training on the CPU holds that matrix as its variable
+//! ([`crate::packing`]), so candle's backward gives the layer's weights one gradient buffer; any
+//! other model's weights are joined by `Tensor::cat`, which hands each its slice.
 
 use super::attention::Attn;
 use super::pool::{self, Buf};
@@ -19,6 +20,22 @@ use super::{layer_norm, linear, slice};
 use crate::layers::LayerParts;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
+
+/// The layer's parameters (under `blocks.{k}.attn_blocks.{l}`) in packing order.
+pub const PARAMS: [&str; 12] = [
+    "attention.norm.weight",
+    "attention.norm.bias",
+    "attention.qkv.weight",
+    "attention.qkv.bias",
+    "attention.proj.weight",
+    "attention.proj.bias",
+    "mlp.norm.weight",
+    "mlp.norm.bias",
+    "mlp.main.0.weight",
+    "mlp.main.0.bias",
+    "mlp.main.2.weight",
+    "mlp.main.2.bias",
+];
 
 /// The layer's widths.
 #[derive(Debug, Clone, Copy)]
@@ -256,20 +273,11 @@ pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<T
     ]
     .map(|w| w.clone());
     let d = Dims { c, hidden };
-    // Every part is a whole number of rows of C: the (k, C) weights enter `cat` as they are,
-    // the rest as (n/C, C) views. Each extra node would cost candle's backward a zeroed buffer
-    // and an add per weight.
-    let mut rows = Vec::with_capacity(12);
-    for (w, n) in weights.into_iter().zip(d.sizes()) {
-        if w.elem_count() != n {
-            return Err(sizes_error("a weight", w.elem_count(), n));
-        }
-        rows.push(match w.dims() {
-            [_, k] if *k == c => w,
-            _ => w.reshape((n / c, c))?,
-        });
-    }
-    let packed = Tensor::cat(&rows, 0)?; // (Σ n/C, C)
+    let packed = match parts.packed {
+        Some(p) if p.dims() == [d.len() / c, c] => p.clone(),
+        Some(p) => return Err(sizes_error("the packed weights", p.elem_count(), d.len())),
+        None => pack(&weights, d)?,
+    };
     let op = LayerOp {
         d,
         attn: Attn {
@@ -281,4 +289,22 @@ pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<T
         saved: Mutex::new(None),
     };
     x.contiguous()?.apply_op2(&packed, op)
+}
+
+/// The weights joined into the packed (Σ n/C, C) matrix. Every part is a whole number of rows
+/// of C: the (k, C) weights enter `cat` as they are, the rest as (n/C, C) views (each extra
+/// node would cost candle's backward a zeroed buffer and an add per weight).
+fn pack(weights: &[Tensor; 12], d: Dims) -> candle_core::Result<Tensor> {
+    let c = d.c;
+    let mut rows = Vec::with_capacity(12);
+    for (w, n) in weights.iter().zip(d.sizes()) {
+        if w.elem_count() != n {
+            return Err(sizes_error("a weight", w.elem_count(), n));
+        }
+        rows.push(match w.dims() {
+            [_, k] if *k == c => w.clone(),
+            _ => w.reshape((n / c, c))?,
+        });
+    }
+    Tensor::cat(&rows, 0)
 }
