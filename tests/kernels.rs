@@ -6,9 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::{max_abs_diff, random_checkpoint, random_images};
-use std::collections::HashMap;
 use tarflow::flows::kernels;
-use tarflow::flows::packing::Packing;
 use tarflow::flows::rng::{randn, seeded};
 use tarflow::{Cond, ModelConfig, TarFlow};
 
@@ -232,16 +230,8 @@ fn a_model_trains_the_same_with_and_without_fused_kernels() {
         let (m, vm) = ck.trainable_model(&Device::Cpu, DType::F32).unwrap();
         let out = m.forward(&x, Cond::Labels(&y)).unwrap();
         let loss = TarFlow::loss(&out).unwrap();
-        let g = loss.backward().unwrap();
-        let vars = vm.data().lock().unwrap().clone();
-        let grads: HashMap<String, Tensor> = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), g.get(v.as_tensor()).unwrap().clone()))
-            .collect();
-        // The fused path trains each layer as one packed variable: compare per parameter.
-        let packing = Packing::among(&cfg, vars.keys().map(|k| k.as_str())).unwrap();
-        let mut grads: Vec<(String, Tensor)> =
-            packing.unpack(grads, "").unwrap().into_iter().collect();
+        let grads = common::param_grads(&cfg, &vm, &loss.backward().unwrap());
+        let mut grads: Vec<(String, Tensor)> = grads.into_iter().collect();
         grads.sort_by(|a, b| a.0.cmp(&b.0));
         (out.z, loss, grads)
     };

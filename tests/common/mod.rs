@@ -97,6 +97,28 @@ pub fn random_checkpoint(cfg: &tarflow::ModelConfig, seed: u64) -> tarflow::Chec
     ckpt
 }
 
+/// The gradient of every model parameter by name, from a trainable model's variables (on the
+/// CPU each transformer layer is one packed variable: its gradient is cut back per parameter).
+pub fn param_grads(
+    cfg: &tarflow::ModelConfig,
+    vars: &candle_nn::VarMap,
+    grads: &candle_core::backprop::GradStore,
+) -> HashMap<String, Tensor> {
+    let data = vars.data().lock().unwrap();
+    let by_var: HashMap<String, Tensor> = data
+        .iter()
+        .map(|(name, var)| {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            (name.clone(), g.clone())
+        })
+        .collect();
+    let packing =
+        tarflow::flows::packing::Packing::among(cfg, data.keys().map(|k| k.as_str())).unwrap();
+    packing.unpack(by_var, "").unwrap()
+}
+
 /// Random images in [-1, 1] of shape (n, c, s, s).
 pub fn random_images(n: usize, c: usize, s: usize, seed: u64) -> Tensor {
     let mut rng = tarflow::flows::rng::seeded(seed);
