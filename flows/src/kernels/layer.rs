@@ -135,7 +135,7 @@ impl CustomOp2 for LayerOp {
         let mut h1 = pool::take(rows * c);
         layer_norm::forward(x, ln1w, ln1b, &mut h1);
         let mut qkv = pool::take(rows * 3 * c);
-        linear::forward(&h1, qkvw, qkvb, &mut qkv, false);
+        linear::forward(&h1, qkvw, qkvb, &mut qkv, None);
         let mut att = pool::take(rows * c);
         let mut probs = pool::take(if a.keeps_probs() {
             n * a.heads * t * t
@@ -143,16 +143,16 @@ impl CustomOp2 for LayerOp {
             0
         });
         a.forward(&qkv, &mut att, a.keeps_probs().then_some(&mut probs[..]));
-        let mut x2 = pool::copy_of(x);
-        linear::forward(&att, projw, projb, &mut x2, true);
+        let mut x2 = pool::take(x.len());
+        linear::forward(&att, projw, projb, &mut x2, Some(x));
         let mut h2 = pool::take(rows * c);
         layer_norm::forward(&x2, ln2w, ln2b, &mut h2);
         let mut u = pool::take(rows * d.hidden);
-        linear::forward(&h2, fc1w, fc1b, &mut u, false);
+        linear::forward(&h2, fc1w, fc1b, &mut u, None);
         let mut g = pool::take(rows * d.hidden);
         crate::gelu::forward(&u, &mut g);
-        let mut y = pool::copy_of(&x2);
-        linear::forward(&g, fc2w, fc2b, &mut y, true);
+        let mut y = pool::take(x.len());
+        linear::forward(&g, fc2w, fc2b, &mut y, Some(&x2));
         let saved = Saved {
             h1,
             qkv,

@@ -10,21 +10,33 @@ use rayon::prelude::*;
 /// Rows per parallel task of the bias gradient.
 const ROWS: usize = 256;
 
-/// `y (rows × out) [+]= x (rows × in)·Wᵀ + b` for W (out × in); with `add`, onto what `y` holds.
-pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], add: bool) {
+/// `y (rows × out) = [residual +] x (rows × in)·Wᵀ + b` for W (out × in).
+pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], residual: Option<&[f32]>) {
     let (out_dim, in_dim) = (b.len(), w.len() / b.len().max(1));
     let rows = x.len() / in_dim.max(1);
     assert!(
-        w.len() == out_dim * in_dim && y.len() == rows * out_dim && x.len() == rows * in_dim,
+        w.len() == out_dim * in_dim
+            && y.len() == rows * out_dim
+            && x.len() == rows * in_dim
+            && residual.is_none_or(|r| r.len() == y.len()),
         "linear::forward: buffer sizes"
     );
-    for r in y.chunks_exact_mut(out_dim) {
-        if add {
-            r.iter_mut().zip(b).for_each(|(r, b)| *r += b);
-        } else {
-            r.copy_from_slice(b);
-        }
-    }
+    // The bias (and residual) first, in one pass on every thread; the product adds onto it.
+    y.par_chunks_mut(ROWS * out_dim)
+        .enumerate()
+        .for_each(|(i, y)| match residual {
+            Some(res) => {
+                let res = &res[i * ROWS * out_dim..][..y.len()];
+                for (y, r) in y.chunks_exact_mut(out_dim).zip(res.chunks_exact(out_dim)) {
+                    for ((y, r), b) in y.iter_mut().zip(r).zip(b) {
+                        *y = r + b;
+                    }
+                }
+            }
+            None => y
+                .chunks_exact_mut(out_dim)
+                .for_each(|y| y.copy_from_slice(b)),
+        });
     // SAFETY: x is rows×in, W (out×in) read as Wᵀ (in×out), y rows×out (checked above).
     unsafe {
         gemm_strided(
@@ -134,7 +146,7 @@ impl CustomOp3 for Linear {
         let (out_dim, in_dim) = l2.shape().dims2()?;
         let rows = x.len() / in_dim;
         let mut y = vec![0f32; rows * out_dim];
-        forward(x, w, b, &mut y, false);
+        forward(x, w, b, &mut y, None);
         let mut dims = l1.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_dim;

@@ -40,13 +40,6 @@ pub(crate) fn take(n: usize) -> Buf {
     Buf(vec![0f32; n])
 }
 
-/// [`take`] holding a copy of `src`.
-pub(crate) fn copy_of(src: &[f32]) -> Buf {
-    let mut b = take(src.len());
-    par_copy(&mut b, src);
-    b
-}
-
 /// `dst ← src` on every thread (a step copies a few MiB per layer; one core would idle).
 pub(crate) fn par_copy(dst: &mut [f32], src: &[f32]) {
     use rayon::prelude::*;

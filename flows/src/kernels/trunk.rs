@@ -44,13 +44,27 @@ impl DenseT {
 
     /// `out (rows × n) = x (rows × k) · Wᵀ + b`, on every thread when `parallel`.
     pub(crate) fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool) {
+        self.apply_into(x, rows, out, parallel, false)
+    }
+
+    /// `h (rows × n) += x (rows × k) · Wᵀ + b`: a residual branch added in place, with no
+    /// buffer between the product and the sum.
+    pub(crate) fn add_to(&self, x: &[f32], rows: usize, h: &mut [f32], parallel: bool) {
+        self.apply_into(x, rows, h, parallel, true)
+    }
+
+    fn apply_into(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool, add: bool) {
         let (n, k) = (self.b.len(), self.k());
         assert!(
             x.len() >= rows * k && out.len() >= rows * n,
             "DenseT::apply: buffer sizes"
         );
-        for r in 0..rows {
-            out[r * n..(r + 1) * n].copy_from_slice(&self.b);
+        for r in out[..rows * n].chunks_exact_mut(n.max(1)) {
+            if add {
+                r.iter_mut().zip(&self.b).for_each(|(r, b)| *r += b);
+            } else {
+                r.copy_from_slice(&self.b);
+            }
         }
         // SAFETY: x holds rows×k, Wᵀ k×n and out rows×n values (checked above).
         unsafe {
@@ -86,12 +100,6 @@ impl Norm {
     fn apply(&self, x: &[f32], out: &mut [f32]) {
         super::layer_norm::forward(x, &self.w, &self.b, out)
     }
-}
-
-fn add_in_place(h: &mut [f32], d: &[f32]) {
-    h.par_chunks_mut(16 * 1024)
-        .zip(d.par_chunks(16 * 1024))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
 /// One row of a step's attention: its index, output, qkv row, K and V caches.
@@ -174,13 +182,11 @@ impl Trunk {
                 t,
             };
             attn.forward(&qkv, &mut att, None);
-            layer.proj.apply(&att, rows, &mut tmp, true);
-            add_in_place(h, &tmp);
+            layer.proj.add_to(&att, rows, h, true);
             layer.ln2.apply(h, &mut tmp);
             layer.fc1.apply(&tmp, rows, &mut mlp, true);
             crate::gelu::in_place(&mut mlp);
-            layer.fc2.apply(&mlp, rows, &mut tmp, true);
-            add_in_place(h, &tmp);
+            layer.fc2.add_to(&mlp, rows, h, true);
         }
     }
 
@@ -258,13 +264,11 @@ impl Trunk {
                     .enumerate()
                     .for_each(attend);
             }
-            layer.proj.apply(&st.att, rows, &mut st.tmp, par);
-            h.iter_mut().zip(&st.tmp).for_each(|(a, b)| *a += b);
+            layer.proj.add_to(&st.att, rows, h, par);
             layer.ln2.apply(h, &mut st.tmp);
             layer.fc1.apply(&st.tmp, rows, &mut st.mlp, par);
             st.mlp.iter_mut().for_each(|x| *x = gelu_f32(*x));
-            layer.fc2.apply(&st.mlp, rows, &mut st.tmp, par);
-            h.iter_mut().zip(&st.tmp).for_each(|(a, b)| *a += b);
+            layer.fc2.add_to(&st.mlp, rows, h, par);
         }
         Ok(())
     }
