@@ -188,34 +188,37 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
 
 simd_clones! {
 /// Softmax over the first `len` values of `row` in place; the rest become 0 (causal rows).
+/// Whole 16-value chunks are computed even where they pass `len` (those lanes are zeroed), so
+/// that short rows take no scalar tail.
 pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
-    let (head, rest) = row.split_at_mut(len);
+    let whole = (len.div_ceil(16) * 16).min(row.len() / 16 * 16);
     let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut it = head.chunks_exact(16);
-    for ch in &mut it {
+    for (j, ch) in row[..whole].chunks_exact(16).enumerate() {
         for l in 0..16 {
-            lanes[l] = lanes[l].max(ch[l]);
+            let v = if j * 16 + l < len { ch[l] } else { f32::NEG_INFINITY };
+            lanes[l] = lanes[l].max(v);
         }
     }
-    let max = it
-        .remainder()
+    let tail = whole.min(len)..len;
+    let max = row[tail.clone()]
         .iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
     let mut acc = [0f32; 16];
-    let mut it = head.chunks_exact_mut(16);
-    for ch in &mut it {
+    for (j, ch) in row[..whole].chunks_exact_mut(16).enumerate() {
         for l in 0..16 {
-            ch[l] = exp_f32(ch[l] - max);
+            let e = exp_f32(ch[l] - max);
+            ch[l] = if j * 16 + l < len { e } else { 0.0 };
             acc[l] += ch[l];
         }
     }
     let mut sum = acc.iter().sum::<f32>();
-    for v in it.into_remainder() {
+    for v in row[tail].iter_mut() {
         *v = exp_f32(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
+    let (head, rest) = row.split_at_mut(len);
     for v in head.iter_mut() {
         *v *= inv;
     }
