@@ -294,3 +294,55 @@ fn a_model_too_large_for_memory_is_refused_before_allocating() {
         assert!(rel < 0.05, "{c:?}: {} vs {exact}", c.approx_params());
     }
 }
+
+#[test]
+fn an_optimizer_state_missing_a_moment_is_named_on_resume() {
+    // The trainer holds each layer's weights as one packed variable; a saved moment that is
+    // missing must still be named by its file and parameter, not by the packed name.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let o = tarflow(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &format!("output.dir={}", dir.path().display()),
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.sample_every=0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("tiny");
+    let latest = RunDir::new(&run).latest().unwrap().unwrap();
+    let file = latest.join("optimizer.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut state = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let key = "v.blocks.1.attn_blocks.0.mlp.main.2.weight";
+    assert!(
+        state.remove(key).is_some(),
+        "the moments are saved per parameter"
+    );
+    let kept = safetensors::tensor::serialize(
+        state.iter().map(|(k, v)| (k.as_str(), v)),
+        meta.metadata().clone(),
+    )
+    .unwrap();
+    std::fs::write(&file, kept).unwrap();
+    let o = tarflow(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--set",
+        "train.max_steps=12",
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("optimizer.safetensors") && t.contains(key),
+        "the error names the file and the moment: {t}"
+    );
+}

@@ -92,7 +92,9 @@ impl Packing {
             for (name, _) in &g.parts {
                 let key = format!("{prefix}{name}");
                 let t = out.remove(&key).ok_or_else(|| {
-                    FlowError::Config(format!("`{key}` is missing (expected every layer weight)"))
+                    FlowError::Input(format!(
+                        "`{key}` is missing (every transformer layer weight is expected)"
+                    ))
                 })?;
                 rows.push(t.reshape((t.elem_count() / g.c, g.c))?);
             }

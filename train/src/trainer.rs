@@ -297,16 +297,24 @@ impl Trainer {
         };
         let state = match &restored {
             Some(r) => {
+                let in_file = |file: &str, msg: String| TrainError::Run {
+                    path: r.dir.join(file),
+                    msg,
+                };
                 opt.set_master(&packing.pack(&weights.tensors, "")?)?;
-                let moments = packing.pack(&packing.pack(&r.optimizer, "m.")?, "v.")?;
+                let moments = packing
+                    .pack(&r.optimizer, "m.")
+                    .and_then(|m| packing.pack(&m, "v."))
+                    .map_err(|e| in_file("optimizer.safetensors", e.to_string()))?;
                 opt.load_state(&moments, r.optimizer_step)
-                    .map_err(|e| TrainError::Run {
-                        path: r.dir.join("optimizer.safetensors"),
-                        msg: e.to_string(),
-                    })?;
+                    .map_err(|e| in_file("optimizer.safetensors", e.to_string()))?;
                 if let Some(e) = ema.as_mut() {
                     match &r.ema {
-                        Some(w) => e.load(&packing.pack(w, "")?)?,
+                        Some(w) => e.load(
+                            &packing
+                                .pack(w, "")
+                                .map_err(|e| in_file("ema.safetensors", e.to_string()))?,
+                        )?,
                         None => warnings.push(format!(
                             "{} has no EMA weights: the average restarts from the current weights",
                             r.dir.display()
