@@ -2,8 +2,9 @@
 //!
 //! candle's `gelu_erf` calls scalar libm `erff` per element (~13% of scoring time); this uses a
 //! branch-free rational approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond)
-//! that the compiler vectorises, in clones for the CPU's widest SIMD (chosen at run time). The fused layer ([`crate::kernels::layer`]) and the trunk use
-//! it; the composed path keeps candle's op.
+//! that the compiler vectorises, in clones for the CPU's widest SIMD
+//! ([`crate::kernels::simd_clones`]). The fused layer ([`crate::kernels::layer`]) and the trunk
+//! use it; the composed path keeps candle's op.
 
 use crate::error::Result;
 use candle_core::Tensor;

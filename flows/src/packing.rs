@@ -74,11 +74,6 @@ impl Packing {
         Ok(all)
     }
 
-    /// Whether no layer is packed.
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
-    }
-
     /// `named` with each layer's parts (keys `{prefix}{part}`) joined into its packed tensor
     /// (`{prefix}{layer}.packed`); an error names a missing part.
     pub fn pack(
@@ -103,8 +98,9 @@ impl Packing {
         Ok(out)
     }
 
-    /// The inverse of [`Self::pack`]: each packed tensor present cut back into its parts
-    /// (copies, so that they outlive the variable's next update).
+    /// The inverse of [`Self::pack`]: each packed tensor present cut back into its parts, as
+    /// views of it (the trainer's weights and moments come here as copies already; its EMA
+    /// weights are written or scored before the next update).
     pub fn unpack(
         &self,
         mut named: HashMap<String, Tensor>,
@@ -113,7 +109,7 @@ impl Packing {
         for g in &self.groups {
             if let Some(p) = named.remove(&format!("{prefix}{}", g.name)) {
                 for (name, t) in g.views(&p)? {
-                    named.insert(format!("{prefix}{name}"), t.copy()?);
+                    named.insert(format!("{prefix}{name}"), t);
                 }
             }
         }

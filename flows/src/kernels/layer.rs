@@ -257,26 +257,11 @@ pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<T
     let (_, t, c) = x.dims3()?;
     let hidden = parts.fc1.1.elem_count();
     let hd = parts.head_dim;
-    let weights = [
-        parts.ln1.0,
-        parts.ln1.1,
-        parts.qkv.0,
-        parts.qkv.1,
-        parts.proj.0,
-        parts.proj.1,
-        parts.ln2.0,
-        parts.ln2.1,
-        parts.fc1.0,
-        parts.fc1.1,
-        parts.fc2.0,
-        parts.fc2.1,
-    ]
-    .map(|w| w.clone());
     let d = Dims { c, hidden };
     let packed = match parts.packed {
         Some(p) if p.dims() == [d.len() / c, c] => p.clone(),
         Some(p) => return Err(sizes_error("the packed weights", p.elem_count(), d.len())),
-        None => pack(&weights, d)?,
+        None => pack(parts, d)?,
     };
     let op = LayerOp {
         d,
@@ -294,10 +279,24 @@ pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<T
 /// The weights joined into the packed (Σ n/C, C) matrix. Every part is a whole number of rows
 /// of C: the (k, C) weights enter `cat` as they are, the rest as (n/C, C) views (each extra
 /// node would cost candle's backward a zeroed buffer and an add per weight).
-fn pack(weights: &[Tensor; 12], d: Dims) -> candle_core::Result<Tensor> {
+fn pack(parts: &LayerParts, d: Dims) -> candle_core::Result<Tensor> {
     let c = d.c;
+    let weights = [
+        parts.ln1.0,
+        parts.ln1.1,
+        parts.qkv.0,
+        parts.qkv.1,
+        parts.proj.0,
+        parts.proj.1,
+        parts.ln2.0,
+        parts.ln2.1,
+        parts.fc1.0,
+        parts.fc1.1,
+        parts.fc2.0,
+        parts.fc2.1,
+    ];
     let mut rows = Vec::with_capacity(12);
-    for (w, n) in weights.iter().zip(d.sizes()) {
+    for (w, n) in weights.into_iter().zip(d.sizes()) {
         if w.elem_count() != n {
             return Err(sizes_error("a weight", w.elem_count(), n));
         }
