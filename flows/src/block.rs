@@ -3,6 +3,7 @@
 
 use crate::config::{ModelConfig, ScaleHead};
 use crate::error::{FlowError, Result};
+use crate::kernels::flow::TrainParts;
 use crate::kernels::step::{heads, StepKernel, StepParts, StepWeights};
 use crate::layers::{AttentionBlock, Linear, RmsNorm};
 use crate::quant::QuantWeights;
@@ -143,6 +144,32 @@ impl MetaBlock {
                 None
             },
             step_weights: OnceLock::new(),
+        })
+    }
+
+    /// The weights the CPU training pass reads ([`crate::kernels::flow`]), when it covers this
+    /// block: TarFlow's block (no start token, final norm or soft-clipped head) with dense
+    /// weights and layers trained as packed variables.
+    pub(crate) fn train_parts(&self) -> Option<TrainParts<'_>> {
+        if self.sos.is_some() || self.final_norm.is_some() || self.scale != ScaleHead::Exp {
+            return None;
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let p = l.parts().ok()?;
+                Some((p.packed?, p.head_dim, p.fc1.1.elem_count()))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(TrainParts {
+            proj_in: self.proj_in.parts().ok()?,
+            pos: &self.pos_embed,
+            class_embed: self.class_embed.as_ref(),
+            layers,
+            proj_out: self.proj_out.parts().ok()?,
+            flipped: self.flip.is_some(),
+            nvp: self.nvp,
         })
     }
 

@@ -11,8 +11,10 @@
 
 use crate::error::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
+use std::collections::HashMap;
+use tarflow_flows::kernels;
 use tarflow_flows::{Cond, TarFlow};
 
 /// What one micro-batch gave.
@@ -49,6 +51,13 @@ pub fn loss_and_grads(
             1 => (x.clone(), cond),
             _ => (x.narrow(0, i * h, h)?, cond.rows(i * h, (i + 1) * h)),
         };
+        let scale = 1.0 / (divisor * parts) as f64;
+        if let Some(pass) = kernels::flow::train_pass(model, &xs, c, latent_norm, scale)? {
+            return match pass.grads {
+                Some(g) => Ok(Ok((pass.loss, store(vars, g)?))),
+                None => Ok(Err(pass.loss)),
+            };
+        }
         let out = model.forward(&xs, c)?;
         let mut loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
         if latent_norm > 0.0 {
@@ -83,6 +92,23 @@ pub fn loss_and_grads(
     let grads =
         acc.ok_or_else(|| crate::error::TrainError::config("train.cpu_streams", "no pass ran"))?;
     Ok(Pass::Grads(sum / parts as f64, grads))
+}
+
+/// The gradients of the CPU training pass, by parameter name, as a store keyed by `vars`.
+fn store(vars: &[(String, Var)], grads: Vec<(String, Vec<f32>)>) -> Result<GradStore> {
+    let by_name: HashMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    // candle makes a store only through a backward pass: that of a constant holds just itself.
+    let one = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+    let mut s = one.backward()?;
+    s.remove(&one);
+    for (name, g) in grads {
+        let var = by_name.get(name.as_str()).ok_or_else(|| {
+            crate::error::TrainError::config("model", format!("no trainable variable `{name}`"))
+        })?;
+        let t = Tensor::from_vec(g, var.shape(), var.device())?;
+        s.insert(var.as_tensor(), t);
+    }
+    Ok(s)
 }
 
 /// `acc + g` for each variable (`g` alone when `acc` is empty): the one place gradients of

@@ -75,7 +75,7 @@ impl Dims {
 }
 
 /// What the forward keeps for the backward (rows = N·T).
-struct Saved {
+pub(crate) struct Saved {
     /// LN₁(x), rows × C.
     h1: Buf,
     /// rows × 3C.
@@ -94,16 +94,107 @@ struct Saved {
     g: Buf,
 }
 
-struct LayerOp {
+/// One layer's shape: what its forward and backward over slices need.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layer {
     d: Dims,
     attn: Attn,
+}
+
+impl Layer {
+    /// A layer of width `c`, MLP width `hidden`, heads of `head_dim` over `t` positions, scores
+    /// divided by `temp`.
+    pub(crate) fn new(c: usize, hidden: usize, head_dim: usize, t: usize, temp: f64) -> Self {
+        Layer {
+            d: Dims { c, hidden },
+            attn: Attn {
+                heads: c / head_dim.max(1),
+                hd: head_dim,
+                scale: (1.0 / ((head_dim as f64).sqrt() * temp)) as f32,
+                t,
+            },
+        }
+    }
+
+    /// Values in the packed weights.
+    pub(crate) fn packed_len(&self) -> usize {
+        self.d.len()
+    }
+
+    /// `y` = the layer over `x` (rows × C) with packed weights `p`; returns what the backward
+    /// needs besides `x`.
+    pub(crate) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32]) -> Saved {
+        let (d, a) = (self.d, self.attn);
+        let (c, rows) = (d.c, x.len() / d.c);
+        let n = rows / a.t.max(1);
+        let [ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fc1w, fc1b, fc2w, fc2b] = d.split(p);
+        let mut h1 = pool::take(rows * c);
+        layer_norm::forward(x, ln1w, ln1b, &mut h1);
+        let mut qkv = pool::take(rows * 3 * c);
+        linear::forward(&h1, qkvw, qkvb, &mut qkv, None);
+        let mut att = pool::take(rows * c);
+        let mut probs = pool::take(if a.keeps_probs() {
+            n * a.heads * a.t * a.t
+        } else {
+            0
+        });
+        a.forward(&qkv, &mut att, a.keeps_probs().then_some(&mut probs[..]));
+        let mut x2 = pool::take(x.len());
+        linear::forward(&att, projw, projb, &mut x2, Some(x));
+        let mut h2 = pool::take(rows * c);
+        layer_norm::forward(&x2, ln2w, ln2b, &mut h2);
+        let mut u = pool::take(rows * d.hidden);
+        linear::forward(&h2, fc1w, fc1b, &mut u, None);
+        let mut g = pool::take(rows * d.hidden);
+        crate::gelu::forward(&u, &mut g);
+        linear::forward(&g, fc2w, fc2b, y, Some(&x2));
+        Saved {
+            h1,
+            qkv,
+            probs,
+            att,
+            x2,
+            h2,
+            u,
+            g,
+        }
+    }
+
+    /// The backward of [`Self::forward`] for the output gradient `dy`, which it consumes:
+    /// `dy` becomes `dx`, and `dp` receives the packed weights' gradient (overwritten).
+    pub(crate) fn backward(&self, s: Saved, x: &[f32], p: &[f32], dy: &mut [f32], dp: &mut [f32]) {
+        let d = self.d;
+        let (c, rows) = (d.c, x.len() / d.c);
+        let [ln1w, _, qkvw, _, projw, _, ln2w, _, fc1w, _, fc2w, _] = d.split(p);
+        let [dln1w, dln1b, dqkvw, dqkvb, dprojw, dprojb, dln2w, dln2b, dfc1w, dfc1b, dfc2w, dfc2b] =
+            d.split_mut(dp);
+        // MLP: dg = dy·W₂, du = dg ⊙ GELU'(u), dh₂ = du·W₁.
+        let mut du = pool::take(rows * d.hidden);
+        linear::backward(&s.g, fc2w, dy, Some(&mut du), dfc2w, dfc2b);
+        crate::gelu::backward_in_place(&s.u, &mut du);
+        let mut dh = pool::take(rows * c);
+        linear::backward(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, dfc1b);
+        drop(du);
+        // dx₂ = dy + LN₂'(dh₂), in dy's buffer (the residual passes it on to x).
+        layer_norm::backward(&s.x2, ln2w, &dh, dy, dln2w, dln2b);
+        // Attention: datt = dx₂·W_proj, dqkv from the kept probabilities, dh₁ = dqkv·W_qkv.
+        linear::backward(&s.att, projw, dy, Some(&mut dh), dprojw, dprojb);
+        let mut dqkv = pool::take(rows * 3 * c);
+        let probs = self.attn.keeps_probs().then_some(&s.probs[..]);
+        self.attn.backward(&s.qkv, probs, &dh, &mut dqkv);
+        linear::backward(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, dqkvb);
+        layer_norm::backward(x, ln1w, &dh, dy, dln1w, dln1b);
+    }
+}
+
+struct LayerOp {
+    layer: Layer,
     saved: Mutex<Option<Saved>>,
 }
 
 struct LayerBwd {
-    d: Dims,
-    attn: Attn,
-    saved: Saved,
+    layer: Layer,
+    saved: Mutex<Option<Saved>>,
 }
 
 fn sizes_error(what: &str, got: usize, want: usize) -> candle_core::Error {
@@ -125,44 +216,13 @@ impl CustomOp2 for LayerOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, p) = (slice(s1, l1, "layer")?, slice(s2, l2, "layer weights")?);
-        let (n, t, c) = l1.shape().dims3()?;
-        let (d, rows) = (self.d, n * t);
+        let (_, _, c) = l1.shape().dims3()?;
+        let d = self.layer.d;
         if c != d.c || p.len() != d.len() {
             return Err(sizes_error("the packed weights", p.len(), d.len()));
         }
-        let [ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fc1w, fc1b, fc2w, fc2b] = d.split(p);
-        let a = self.attn;
-        let mut h1 = pool::take(rows * c);
-        layer_norm::forward(x, ln1w, ln1b, &mut h1);
-        let mut qkv = pool::take(rows * 3 * c);
-        linear::forward(&h1, qkvw, qkvb, &mut qkv, None);
-        let mut att = pool::take(rows * c);
-        let mut probs = pool::take(if a.keeps_probs() {
-            n * a.heads * t * t
-        } else {
-            0
-        });
-        a.forward(&qkv, &mut att, a.keeps_probs().then_some(&mut probs[..]));
-        let mut x2 = pool::take(x.len());
-        linear::forward(&att, projw, projb, &mut x2, Some(x));
-        let mut h2 = pool::take(rows * c);
-        layer_norm::forward(&x2, ln2w, ln2b, &mut h2);
-        let mut u = pool::take(rows * d.hidden);
-        linear::forward(&h2, fc1w, fc1b, &mut u, None);
-        let mut g = pool::take(rows * d.hidden);
-        crate::gelu::forward(&u, &mut g);
         let mut y = pool::take(x.len());
-        linear::forward(&g, fc2w, fc2b, &mut y, Some(&x2));
-        let saved = Saved {
-            h1,
-            qkv,
-            probs,
-            att,
-            x2,
-            h2,
-            u,
-            g,
-        };
+        let saved = self.layer.forward(x, p, &mut y);
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         Ok((CpuStorage::F32(y.into_vec()), l1.shape().clone()))
     }
@@ -185,15 +245,14 @@ impl CustomOp2 for LayerOp {
                 )
             })?;
         let bwd = LayerBwd {
-            d: self.d,
-            attn: self.attn,
-            saved,
+            layer: self.layer,
+            saved: Mutex::new(Some(saved)),
         };
         // One buffer: [dx (rows·C) | d(packed weights)].
         let out = x.apply_op3_no_bwd(p, &g.contiguous()?, &bwd)?;
         let nx = x.elem_count();
         let dx = out.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dp = out.narrow(0, nx, self.d.len())?.reshape(p.shape())?;
+        let dp = out.narrow(0, nx, self.layer.d.len())?.reshape(p.shape())?;
         Ok((Some(dx), Some(dp)))
     }
 }
@@ -217,35 +276,23 @@ impl CustomOp3 for LayerBwd {
             slice(s2, l2, "layer bwd weights")?,
             slice(s3, l3, "layer bwd gradient")?,
         );
-        let (d, s) = (self.d, &self.saved);
-        let (c, nx) = (d.c, x.len());
+        let nx = x.len();
         if dy.len() != nx {
             return Err(sizes_error("the output gradient", dy.len(), nx));
         }
-        let rows = nx / c;
-        let [ln1w, _, qkvw, _, projw, _, ln2w, _, fc1w, _, fc2w, _] = d.split(p);
-        // Every value is written below: dx from dy, each weight's gradient by its kernel.
-        let mut out = pool::take(nx + d.len());
+        let saved = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("fused transformer layer: no saved pass".into())
+            })?;
+        // Every value is written: dx from dy, each weight's gradient by its kernel.
+        let mut out = pool::take(nx + self.layer.d.len());
         let (dx, dp) = out.split_at_mut(nx);
-        let [dln1w, dln1b, dqkvw, dqkvb, dprojw, dprojb, dln2w, dln2b, dfc1w, dfc1b, dfc2w, dfc2b] =
-            d.split_mut(dp);
-        // MLP: dg = dy·W₂, du = dg ⊙ GELU'(u), dh₂ = du·W₁.
-        let mut du = pool::take(rows * d.hidden);
-        linear::backward(&s.g, fc2w, dy, Some(&mut du), dfc2w, dfc2b);
-        crate::gelu::backward_in_place(&s.u, &mut du);
-        let mut dh = pool::take(rows * c);
-        linear::backward(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, dfc1b);
-        drop(du);
-        // dx₂ = dy + LN₂'(dh₂), kept in dx (the residual passes it on to x).
         pool::par_copy(dx, dy);
-        layer_norm::backward(&s.x2, ln2w, &dh, dx, dln2w, dln2b);
-        // Attention: datt = dx₂·W_proj, dqkv from the kept probabilities, dh₁ = dqkv·W_qkv.
-        linear::backward(&s.att, projw, dx, Some(&mut dh), dprojw, dprojb);
-        let mut dqkv = pool::take(rows * 3 * c);
-        let probs = self.attn.keeps_probs().then_some(&s.probs[..]);
-        self.attn.backward(&s.qkv, probs, &dh, &mut dqkv);
-        linear::backward(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, dqkvb);
-        layer_norm::backward(x, ln1w, &dh, dx, dln1w, dln1b);
+        self.layer.backward(saved, x, p, dx, dp);
         let len = out.len();
         Ok((CpuStorage::F32(out.into_vec()), Shape::from(len)))
     }
@@ -255,22 +302,15 @@ impl CustomOp3 for LayerBwd {
 /// on the CPU. Gradients reach `x` and every weight.
 pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<Tensor> {
     let (_, t, c) = x.dims3()?;
-    let hidden = parts.fc1.1.elem_count();
-    let hd = parts.head_dim;
-    let d = Dims { c, hidden };
+    let layer = Layer::new(c, parts.fc1.1.elem_count(), parts.head_dim, t, temp);
+    let d = layer.d;
     let packed = match parts.packed {
         Some(p) if p.dims() == [d.len() / c, c] => p.clone(),
         Some(p) => return Err(sizes_error("the packed weights", p.elem_count(), d.len())),
         None => pack(parts, d)?,
     };
     let op = LayerOp {
-        d,
-        attn: Attn {
-            heads: c / hd.max(1),
-            hd,
-            scale: (1.0 / ((hd as f64).sqrt() * temp)) as f32,
-            t,
-        },
+        layer,
         saved: Mutex::new(None),
     };
     x.contiguous()?.apply_op2(&packed, op)

@@ -37,6 +37,17 @@ pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], residual: 
                 .chunks_exact_mut(out_dim)
                 .for_each(|y| y.copy_from_slice(b)),
         });
+    accumulate(x, w, y, out_dim);
+}
+
+/// `y (rows × out) += x (rows × in)·Wᵀ` for W (out × in).
+pub(crate) fn accumulate(x: &[f32], w: &[f32], y: &mut [f32], out_dim: usize) {
+    let in_dim = w.len() / out_dim.max(1);
+    let rows = x.len() / in_dim.max(1);
+    assert!(
+        w.len() == out_dim * in_dim && x.len() == rows * in_dim && y.len() == rows * out_dim,
+        "linear::accumulate: buffer sizes"
+    );
     // SAFETY: x is rows×in, W (out×in) read as Wᵀ (in×out), y rows×out (checked above).
     unsafe {
         gemm_strided(

@@ -14,6 +14,7 @@
 //! runs, so the GPU path is testable on any machine.
 
 pub(crate) mod attention;
+pub mod flow;
 pub mod layer;
 pub(crate) mod layer_norm;
 pub mod linear;

@@ -202,7 +202,7 @@ impl TarFlow {
         &self.blocks
     }
 
-    fn check_labels(&self, cond: Cond, n: usize) -> Result<()> {
+    pub(crate) fn check_labels(&self, cond: Cond, n: usize) -> Result<()> {
         if let Cond::Labels(y) = cond {
             if y.len() != n {
                 return Err(FlowError::Input(format!(
