@@ -80,20 +80,39 @@ fn in_place_chunk(x: &mut [f32]) {
 }
 }
 
-/// `g ← g·GELU'(x)`: the backward of [`forward`] in place.
-pub(crate) fn backward_in_place(x: &[f32], g: &mut [f32]) {
-    g.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(g, x)| backward_chunk(x, g));
+/// GELU of every value of `x` into `out`, and `x` replaced by GELU'(x): the training forward
+/// pass, which then leaves its backward ([`backward_in_place`]) one product.
+pub(crate) fn forward_keeping_slope(x: &mut [f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks_mut(CHUNK))
+        .for_each(|(o, x)| forward_slope_chunk(x, o));
 }
 
 crate::kernels::simd_clones! {
-fn backward_chunk(x: &[f32], g: &mut [f32]) {
+fn forward_slope_chunk(x: &mut [f32], out: &mut [f32]) {
     let inv_sqrt_2pi = 0.398_942_3_f32;
-    for (g, &v) in g.iter_mut().zip(x) {
-        let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = crate::kernels::exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
-        *g *= cdf + v * pdf;
+    for (o, v) in out.iter_mut().zip(x.iter_mut()) {
+        let u = *v;
+        let erf = erf_f32(u * std::f32::consts::FRAC_1_SQRT_2);
+        let pdf = crate::kernels::exp_f32(-0.5 * u * u) * inv_sqrt_2pi;
+        // The value exactly as `gelu_f32` rounds it.
+        *o = 0.5 * u * (1.0 + erf);
+        *v = 0.5 * (1.0 + erf) + u * pdf;
+    }
+}
+}
+
+/// `g ← g·slope`: the backward of [`forward_keeping_slope`] in place.
+pub(crate) fn backward_in_place(slope: &[f32], g: &mut [f32]) {
+    g.par_chunks_mut(CHUNK)
+        .zip(slope.par_chunks(CHUNK))
+        .for_each(|(g, s)| backward_chunk(s, g));
+}
+
+crate::kernels::simd_clones! {
+fn backward_chunk(slope: &[f32], g: &mut [f32]) {
+    for (g, s) in g.iter_mut().zip(slope) {
+        *g *= s;
     }
 }
 }

@@ -88,7 +88,7 @@ pub(crate) struct Saved {
     x2: Buf,
     /// LN₂(x₂), rows × C.
     h2: Buf,
-    /// MLP pre-activation, rows × hidden.
+    /// GELU' of the MLP pre-activation, rows × hidden.
     u: Buf,
     /// GELU(u), rows × hidden.
     g: Buf,
@@ -146,7 +146,7 @@ impl Layer {
         let mut u = pool::take(rows * d.hidden);
         linear::forward(&h2, fc1w, fc1b, &mut u, None);
         let mut g = pool::take(rows * d.hidden);
-        crate::gelu::forward(&u, &mut g);
+        crate::gelu::forward_keeping_slope(&mut u, &mut g);
         linear::forward(&g, fc2w, fc2b, y, Some(&x2));
         Saved {
             h1,
