@@ -52,20 +52,28 @@ pub(crate) fn stats(x: &[f32]) -> (f32, f32) {
 
 /// LayerNorm of each row of `x` (rows of `w.len()`) into `out`.
 pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+    forward_strided(x, w, b, out, w.len())
+}
+
+/// [`forward`] into rows of `stride` ≥ C values, each ending in ones past its C: the input of a
+/// product whose weights carry the bias as one more row ([`super::trunk`]).
+pub(crate) fn forward_strided(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], stride: usize) {
     let c = w.len();
-    out.par_chunks_mut(ROWS * c)
+    out.par_chunks_mut(ROWS * stride)
         .zip(x.par_chunks(ROWS * c))
-        .for_each(|(o, x)| forward_rows(x, w, b, o));
+        .for_each(|(o, x)| forward_rows(x, w, b, o, stride));
 }
 
 crate::kernels::simd_clones! {
-fn forward_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+fn forward_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], stride: usize) {
     let c = w.len();
-    for (o, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+    for (o, x) in out.chunks_exact_mut(stride).zip(x.chunks_exact(c)) {
         let (m, r) = stats(x);
+        let (o, ones) = o.split_at_mut(c);
         for i in 0..c {
             o[i] = (x[i] - m) * r * w[i] + b[i];
         }
+        ones.fill(1.0);
     }
 }
 }
