@@ -8,46 +8,28 @@ const EPS: f32 = 1e-5;
 /// Rows per parallel task.
 const ROWS: usize = 64;
 
-/// Σ f(v) over `x` in eight interleaved f64 partial sums: a fixed order that vectorises.
+/// Σ f(v) over `x` in sixteen interleaved f32 partial sums: a fixed order that vectorises
+/// (rows are a few hundred to a few thousand values; the partial sums hold a few dozen each).
 #[inline(always)]
-fn sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut it = x.chunks_exact(8);
+fn sum16(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut it = x.chunks_exact(16);
     for ch in &mut it {
-        for l in 0..8 {
+        for l in 0..16 {
             acc[l] += f(ch[l]);
         }
     }
-    let tail: f64 = it.remainder().iter().map(|&v| f(v)).sum();
-    acc.iter().sum::<f64>() + tail
+    let tail: f32 = it.remainder().iter().map(|&v| f(v)).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
-/// Σ a·b in f64, ordered as [`sum_f64`].
-#[inline(always)]
-fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (mut ia, mut ib) = (a.chunks_exact(8), b.chunks_exact(8));
-    for (ca, cb) in (&mut ia).zip(&mut ib) {
-        for l in 0..8 {
-            acc[l] += ca[l] as f64 * cb[l] as f64;
-        }
-    }
-    let tail: f64 = ia
-        .remainder()
-        .iter()
-        .zip(ib.remainder())
-        .map(|(&x, &y)| x as f64 * y as f64)
-        .sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// (mean, 1/σ) of one row, accumulated in f64 for rows of thousands of values.
+/// (mean, 1/σ) of one row.
 #[inline(always)]
 pub(crate) fn stats(x: &[f32]) -> (f32, f32) {
-    let n = x.len() as f64;
-    let mean = sum_f64(x, |v| v as f64) / n;
-    let var = sum_f64(x, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
-    (mean as f32, (1.0 / (var + EPS as f64).sqrt()) as f32)
+    let n = x.len() as f32;
+    let mean = sum16(x, |v| v) / n;
+    let var = sum16(x, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + EPS).sqrt())
 }
 
 /// LayerNorm of each row of `x` (rows of `w.len()`) into `out`.
@@ -89,12 +71,12 @@ pub(crate) fn backward(
     db: &mut [f32],
 ) {
     let c = w.len();
-    // Per-task partial sums of dw, db; added up afterwards in a fixed order.
-    let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+    // Per-task partial sums of dw, db (f32 over a task's rows); added up in f64 in a fixed order.
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(ROWS * c)
         .zip(x.par_chunks(ROWS * c).zip(g.par_chunks(ROWS * c)))
         .map(|(dx, (x, g))| {
-            let (mut dw, mut db) = (vec![0f64; c], vec![0f64; c]);
+            let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
             backward_rows(x, w, g, dx, &mut dw, &mut db);
             (dw, db)
         })
@@ -102,8 +84,8 @@ pub(crate) fn backward(
     let (mut sw, mut sb) = (vec![0f64; c], vec![0f64; c]);
     for (pw, pb) in partial {
         for i in 0..c {
-            sw[i] += pw[i];
-            sb[i] += pb[i];
+            sw[i] += pw[i] as f64;
+            sb[i] += pb[i] as f64;
         }
     }
     for i in 0..c {
@@ -113,8 +95,8 @@ pub(crate) fn backward(
 }
 
 crate::kernels::simd_clones! {
-/// [`backward`] of a run of rows, adding their `dw`, `db` into f64 sums.
-fn backward_rows(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f64], db: &mut [f64]) {
+/// [`backward`] of a run of rows, adding their `dw`, `db` into `dw`, `db`.
+fn backward_rows(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
     let c = w.len();
     let (mut xh, mut gh) = (vec![0f32; c], vec![0f32; c]);
     for ((dx, x), g) in dx
@@ -126,12 +108,11 @@ fn backward_rows(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f64]
         for i in 0..c {
             xh[i] = (x[i] - m) * r;
             gh[i] = g[i] * w[i];
-            dw[i] += (g[i] * xh[i]) as f64;
-            db[i] += g[i] as f64;
+            dw[i] += g[i] * xh[i];
+            db[i] += g[i];
         }
-        let s1 = sum_f64(&gh, |v| v as f64);
-        let s2 = dot_f64(&gh, &xh);
-        let (m1, m2) = ((s1 / c as f64) as f32, (s2 / c as f64) as f32);
+        let m1 = sum16(&gh, |v| v) / c as f32;
+        let m2 = super::dot16(&gh, &xh) / c as f32;
         for i in 0..c {
             dx[i] += r * (gh[i] - m1 - xh[i] * m2);
         }
