@@ -1,13 +1,16 @@
 //! The loss and gradients of one micro-batch. On the CPU the batch is cut into
 //! `train.cpu_streams` equal parts whose forward and backward passes run at the same time.
 //!
-//! One pass over a whole batch keeps every core busy only inside its products. candle's
-//! element-wise ops, its autograd bookkeeping and the block-level ops run on one thread while
-//! the others wait. Two passes over half batches fill those gaps. On 2 cores this took the
-//! `small` training step from 0.52 to 0.41–0.43 s and `tiny`'s from 0.31 to 0.20 s, for about
-//! 15 % more peak memory. The parts' gradients are added in a fixed order, so a run gives the
-//! same numbers on any machine for the same `cpu_streams`, whatever its core count. GPUs run
-//! the batch whole.
+//! Where the CPU kernels cover the model, each part is one tape-free pass
+//! ([`tarflow_flows::kernels::flow::train_pass`]); elsewhere candle's forward and backward.
+//!
+//! One pass over a whole batch keeps every core busy only inside its products; its row-wise
+//! kernels, small products and block-level loops leave cores waiting. Two passes over half
+//! batches fill those gaps: on 2 cores this took the `small` training step from 0.52 to
+//! 0.41–0.43 s when candle's tape still ran it, and with the tape-free pass it is still 0.34–0.35
+//! s against 0.39–0.41 s for one pass, for about 7 % more peak memory. The parts' gradients are
+//! added in a fixed order, so a run gives the same numbers on any machine for the same
+//! `cpu_streams`, whatever its core count. GPUs run the batch whole.
 
 use crate::error::Result;
 use candle_core::backprop::GradStore;

@@ -9,6 +9,9 @@
 //! straight into one buffer: per layer the tape holds one node, and the work is the eight
 //! weight products each way plus a few row-wise passes.
 //!
+//! The slice-level [`Layer`] (a forward that returns what it keeps, a backward that consumes it)
+//! is also what the whole-flow training pass ([`super::flow`]) runs, with no node at all.
+//!
 //! The layer's twelve parameters enter as one packed (·, C) matrix: the weights as rows of C,
 //! in [`PARAMS`] order. A model built for training on the CPU holds that matrix as its variable
 //! ([`crate::packing`]), so candle's backward gives the layer's weights one gradient buffer; any

@@ -1,4 +1,6 @@
-//! Fused CPU kernels: for training, a whole transformer layer as one autograd node with a
+//! Fused CPU kernels: for training, the whole flow's loss and gradients in one pass with no
+//! autograd tape ([`flow`]), and, where that pass does not reach (STARFlow's extra options, a
+//! gradient through the input), a whole transformer layer as one autograd node with a
 //! hand-written backward ([`layer`]) and the Linear op of the embeddings and heads ([`linear`]);
 //! for gradient-free passes, the trunk ([`trunk`]) and the step engine ([`step`]) of inference.
 //! LayerNorm, causal attention and GELU are slice functions they share.
