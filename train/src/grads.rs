@@ -49,17 +49,17 @@ pub fn loss_and_grads(
         _ => 1,
     };
     let h = n / parts;
-    let part = |i: usize| -> Result<std::result::Result<(f64, GradStore), f64>> {
+    let part = |i: usize| -> Result<Done> {
         let (xs, c) = match parts {
             1 => (x.clone(), cond),
             _ => (x.narrow(0, i * h, h)?, cond.rows(i * h, (i + 1) * h)),
         };
         let scale = 1.0 / (divisor * parts) as f64;
         if let Some(pass) = kernels::flow::train_pass(model, &xs, c, latent_norm, scale)? {
-            return match pass.grads {
-                Some(g) => Ok(Ok((pass.loss, store(vars, g)?))),
-                None => Ok(Err(pass.loss)),
-            };
+            return Ok(match pass.grads {
+                Some(g) => Done::Named(pass.loss, g),
+                None => Done::NonFinite(pass.loss),
+            });
         }
         let out = model.forward(&xs, c)?;
         let mut loss = TarFlow::loss(&out)?.to_dtype(DType::F32)?;
@@ -68,10 +68,10 @@ pub fn loss_and_grads(
         }
         let v = loss.to_scalar::<f32>()? as f64;
         if !v.is_finite() {
-            return Ok(Err(v));
+            return Ok(Done::NonFinite(v));
         }
         // One division by the number of terms of the whole step (exact for powers of two).
-        Ok(Ok((v, (loss / (divisor * parts) as f64)?.backward()?)))
+        Ok(Done::Store(v, (loss / (divisor * parts) as f64)?.backward()?))
     };
     let done: Vec<_> = if parts == 1 {
         vec![part(0)?]
@@ -82,19 +82,58 @@ pub fn loss_and_grads(
             .collect::<Result<Vec<_>>>()?
     };
     let mut sum = 0.0;
+    let mut named: Option<Vec<(String, Vec<f32>)>> = None;
     let mut acc = None;
     for d in done {
         match d {
-            Ok((v, g)) => {
+            Done::Named(v, g) => {
+                sum += v;
+                named = Some(match named {
+                    Some(a) => add_named(a, g)?,
+                    None => g,
+                });
+            }
+            Done::Store(v, g) => {
                 sum += v;
                 acc = Some(add_into(vars, acc, g)?);
             }
-            Err(v) => return Ok(Pass::NonFinite(v)),
+            Done::NonFinite(v) => return Ok(Pass::NonFinite(v)),
         }
+    }
+    if let Some(g) = named {
+        acc = Some(add_into(vars, acc, store(vars, g)?)?);
     }
     let grads =
         acc.ok_or_else(|| crate::error::TrainError::config("train.cpu_streams", "no pass ran"))?;
     Ok(Pass::Grads(sum / parts as f64, grads))
+}
+
+/// What one part of a micro-batch gave.
+enum Done {
+    /// The loss and the tape-free pass's gradients by parameter name.
+    Named(f64, Vec<(String, Vec<f32>)>),
+    /// The loss and candle's gradients.
+    Store(f64, GradStore),
+    /// A loss that was not finite.
+    NonFinite(f64),
+}
+
+/// `a + g`, parameter by parameter, in place in `a`: the parts' gradients summed as
+/// [`add_into`] sums them (the same order, the same rounding) without a tensor op each.
+fn add_named(
+    mut a: Vec<(String, Vec<f32>)>,
+    g: Vec<(String, Vec<f32>)>,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    if a.len() != g.len() || a.iter().zip(&g).any(|((x, _), (y, _))| x != y) {
+        return Err(crate::error::TrainError::config(
+            "train.cpu_streams",
+            "the parts of a batch gave different parameters",
+        ));
+    }
+    a.par_iter_mut().zip(g).for_each(|((_, av), (_, gv))| {
+        av.iter_mut().zip(gv).for_each(|(x, y)| *x += y);
+    });
+    Ok(a)
 }
 
 /// The gradients of the CPU training pass, by parameter name, as a store keyed by `vars`.
