@@ -80,39 +80,64 @@ fn in_place_chunk(x: &mut [f32]) {
 }
 }
 
-/// GELU of every value of `x` into `out`, and `x` replaced by GELU'(x): the training forward
-/// pass, which then leaves its backward ([`backward_in_place`]) one product.
-pub(crate) fn forward_keeping_slope(x: &mut [f32], out: &mut [f32]) {
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks_mut(CHUNK))
-        .for_each(|(o, x)| forward_slope_chunk(x, o));
+/// Rows per parallel task of the training passes (the column sums' fixed blocks).
+const ROWS: usize = 256;
+
+/// The training forward of the MLP's activation: for `x` a product without its bias `b` (rows
+/// of `b.len()`), `out` = GELU(x + b) and `x` replaced by GELU'(x + b). The bias rides in this
+/// pass (the product leaves no fill to do and no output to read), and the backward is left one
+/// product ([`backward_in_place`]).
+pub(crate) fn forward_keeping_slope(x: &mut [f32], b: &[f32], out: &mut [f32]) {
+    let n = b.len();
+    out.par_chunks_mut(ROWS * n)
+        .zip(x.par_chunks_mut(ROWS * n))
+        .for_each(|(o, x)| forward_slope_rows(x, b, o));
 }
 
 crate::kernels::simd_clones! {
-fn forward_slope_chunk(x: &mut [f32], out: &mut [f32]) {
+fn forward_slope_rows(x: &mut [f32], b: &[f32], out: &mut [f32]) {
     let inv_sqrt_2pi = 0.398_942_3_f32;
-    for (o, v) in out.iter_mut().zip(x.iter_mut()) {
-        let u = *v;
-        let erf = erf_f32(u * std::f32::consts::FRAC_1_SQRT_2);
-        let pdf = crate::kernels::exp_f32(-0.5 * u * u) * inv_sqrt_2pi;
-        // The value exactly as `gelu_f32` rounds it.
-        *o = 0.5 * u * (1.0 + erf);
-        *v = 0.5 * (1.0 + erf) + u * pdf;
+    let n = b.len();
+    for (xr, or) in x.chunks_exact_mut(n).zip(out.chunks_exact_mut(n)) {
+        for ((o, v), bias) in or.iter_mut().zip(xr.iter_mut()).zip(b) {
+            let u = *v + bias;
+            let erf = erf_f32(u * std::f32::consts::FRAC_1_SQRT_2);
+            let pdf = crate::kernels::exp_f32(-0.5 * u * u) * inv_sqrt_2pi;
+            // The value exactly as `gelu_f32` rounds it.
+            *o = 0.5 * u * (1.0 + erf);
+            *v = 0.5 * (1.0 + erf) + u * pdf;
+        }
     }
 }
 }
 
-/// `g ← g·slope`: the backward of [`forward_keeping_slope`] in place.
-pub(crate) fn backward_in_place(slope: &[f32], g: &mut [f32]) {
-    g.par_chunks_mut(CHUNK)
-        .zip(slope.par_chunks(CHUNK))
-        .for_each(|(g, s)| backward_chunk(s, g));
+/// `g ← g·slope` in place (the backward of [`forward_keeping_slope`]), and `db` = the column
+/// sums of the result (the bias's gradient), per fixed block of rows added in order.
+pub(crate) fn backward_in_place(slope: &[f32], g: &mut [f32], db: &mut [f32]) {
+    let n = db.len();
+    let partial: Vec<Vec<f32>> = g
+        .par_chunks_mut(ROWS * n)
+        .zip(slope.par_chunks(ROWS * n))
+        .map(|(g, s)| {
+            let mut acc = vec![0f32; n];
+            backward_rows(s, g, &mut acc);
+            acc
+        })
+        .collect();
+    db.fill(0.0);
+    for p in partial {
+        db.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+    }
 }
 
 crate::kernels::simd_clones! {
-fn backward_chunk(slope: &[f32], g: &mut [f32]) {
-    for (g, s) in g.iter_mut().zip(slope) {
-        *g *= s;
+fn backward_rows(slope: &[f32], g: &mut [f32], acc: &mut [f32]) {
+    let n = acc.len();
+    for (gr, sr) in g.chunks_exact_mut(n).zip(slope.chunks_exact(n)) {
+        for ((g, s), a) in gr.iter_mut().zip(sr).zip(acc.iter_mut()) {
+            *g *= s;
+            *a += *g;
+        }
     }
 }
 }

@@ -202,7 +202,7 @@ fn block_forward(
             }
         }
     }
-    linear::accumulate(&xp, b.w_in.get(), &mut h, c);
+    linear::product(&xp, b.w_in.get(), &mut h, c, true);
     let mut hs = vec![h];
     let mut saved = Vec::with_capacity(b.layers.len());
     for (p, layer) in &b.layers {

@@ -91,7 +91,7 @@ pub(crate) struct Saved {
     x2: Buf,
     /// LN₂(x₂), rows × C.
     h2: Buf,
-    /// GELU' of the MLP pre-activation, rows × hidden.
+    /// GELU' of the MLP pre-activation (bias included), rows × hidden.
     u: Buf,
     /// GELU(u), rows × hidden.
     g: Buf,
@@ -146,10 +146,11 @@ impl Layer {
         linear::forward(&att, projw, projb, &mut x2, Some(x));
         let mut h2 = pool::take(rows * c);
         layer_norm::forward(&x2, ln2w, ln2b, &mut h2);
+        // u = h₂·W₁ᵀ, its bias added by the activation's pass, which leaves GELU'(u + b) in u.
         let mut u = pool::take(rows * d.hidden);
-        linear::forward(&h2, fc1w, fc1b, &mut u, None);
+        linear::product(&h2, fc1w, &mut u, d.hidden, false);
         let mut g = pool::take(rows * d.hidden);
-        crate::gelu::forward_keeping_slope(&mut u, &mut g);
+        crate::gelu::forward_keeping_slope(&mut u, fc1b, &mut g);
         linear::forward(&g, fc2w, fc2b, y, Some(&x2));
         Saved {
             h1,
@@ -174,9 +175,9 @@ impl Layer {
         // MLP: dg = dy·W₂, du = dg ⊙ GELU'(u), dh₂ = du·W₁.
         let mut du = pool::take(rows * d.hidden);
         linear::backward(&s.g, fc2w, dy, Some(&mut du), dfc2w, dfc2b);
-        crate::gelu::backward_in_place(&s.u, &mut du);
+        crate::gelu::backward_in_place(&s.u, &mut du, dfc1b);
         let mut dh = pool::take(rows * c);
-        linear::backward(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, dfc1b);
+        linear::backward_products(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, d.hidden);
         drop(du);
         // dx₂ = dy + LN₂'(dh₂), in dy's buffer (the residual passes it on to x).
         layer_norm::backward(&s.x2, ln2w, &dh, dy, dln2w, dln2b);

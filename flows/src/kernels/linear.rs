@@ -37,16 +37,17 @@ pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], residual: 
                 .chunks_exact_mut(out_dim)
                 .for_each(|y| y.copy_from_slice(b)),
         });
-    accumulate(x, w, y, out_dim);
+    product(x, w, y, out_dim, true);
 }
 
-/// `y (rows × out) += x (rows × in)·Wᵀ` for W (out × in).
-pub(crate) fn accumulate(x: &[f32], w: &[f32], y: &mut [f32], out_dim: usize) {
+/// `y (rows × out) [+]= x (rows × in)·Wᵀ` for W (out × in): added onto `y` when `add`, else
+/// written without reading it.
+pub(crate) fn product(x: &[f32], w: &[f32], y: &mut [f32], out_dim: usize, add: bool) {
     let in_dim = w.len() / out_dim.max(1);
     let rows = x.len() / in_dim.max(1);
     assert!(
         w.len() == out_dim * in_dim && x.len() == rows * in_dim && y.len() == rows * out_dim,
-        "linear::accumulate: buffer sizes"
+        "linear::product: buffer sizes"
     );
     // SAFETY: x is rows×in, W (out×in) read as Wᵀ (in×out), y rows×out (checked above).
     unsafe {
@@ -54,7 +55,7 @@ pub(crate) fn accumulate(x: &[f32], w: &[f32], y: &mut [f32], out_dim: usize) {
             (rows, out_dim, in_dim),
             y.as_mut_ptr(),
             out_dim,
-            true,
+            add,
             (x.as_ptr(), in_dim, 1),
             (w.as_ptr(), 1, in_dim),
             1.0,
@@ -73,7 +74,21 @@ pub(crate) fn backward(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    let (out_dim, in_dim) = (db.len(), dw.len() / db.len().max(1));
+    backward_products(x, w, g, dx, dw, db.len());
+    column_sums(g, db);
+}
+
+/// [`backward`] without the bias's gradient (a caller that sums `g`'s columns in a pass of its
+/// own): `dx = g·W` (when asked) and `dW = gᵀ·x` for W (out × in).
+pub(crate) fn backward_products(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    out_dim: usize,
+) {
+    let in_dim = dw.len() / out_dim.max(1);
     let rows = g.len() / out_dim.max(1);
     assert!(
         w.len() == out_dim * in_dim && x.len() == rows * in_dim && g.len() == rows * out_dim,
@@ -105,7 +120,6 @@ pub(crate) fn backward(
             true,
         );
     }
-    column_sums(g, db);
 }
 
 /// `out[j] = Σ_rows g[r, j]`, partial sums per fixed block of rows added in order (the same
