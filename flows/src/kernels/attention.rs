@@ -43,11 +43,24 @@ impl Attn {
     }
 
     /// The attention of every sample of `qkv` into `out`, one sample per task; the
-    /// probabilities are kept in `probs` (N·heads·T·T, sample-major) when given.
-    pub(crate) fn forward(&self, qkv: &[f32], out: &mut [f32], probs: Option<&mut [f32]>) {
+    /// probabilities are kept in `probs` (N·heads·T·T, sample-major) when given. With `bias`
+    /// (3C), `qkv` is a product without its bias, which each task adds to its sample's rows
+    /// first: they are then in cache for its products, where a fill before the product would
+    /// stream the whole of qkv through memory once more.
+    pub(crate) fn forward(
+        &self,
+        qkv: &mut [f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        probs: Option<&mut [f32]>,
+    ) {
         let (c, t) = (self.heads * self.hd, self.t);
         let tt = t * t;
-        let one = |((o, qkv), p): ((&mut [f32], &[f32]), &mut [f32])| {
+        let one = |((o, qkv), p): ((&mut [f32], &mut [f32]), &mut [f32])| {
+            if let Some(b) = bias {
+                super::add_rows_of(qkv, b);
+            }
+            let qkv = &*qkv;
             for h in 0..self.heads {
                 let p = &mut p[h * tt..(h + 1) * tt];
                 self.probs(qkv, h, p);
@@ -67,7 +80,7 @@ impl Attn {
                 }
             }
         };
-        let tasks = out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * 3 * c));
+        let tasks = out.par_chunks_mut(t * c).zip(qkv.par_chunks_mut(t * 3 * c));
         match probs {
             Some(p) => tasks
                 .zip(p.par_chunks_mut(self.heads * tt))

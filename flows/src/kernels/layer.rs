@@ -133,15 +133,17 @@ impl Layer {
         let [ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fc1w, fc1b, fc2w, fc2b] = d.split(p);
         let mut h1 = pool::take(rows * c);
         layer_norm::forward(x, ln1w, ln1b, &mut h1);
+        // qkv = h₁·W_qkvᵀ; the attention adds the bias sample by sample.
         let mut qkv = pool::take(rows * 3 * c);
-        linear::forward(&h1, qkvw, qkvb, &mut qkv, None);
+        linear::product(&h1, qkvw, &mut qkv, 3 * c, false);
         let mut att = pool::take(rows * c);
         let mut probs = pool::take(if a.keeps_probs() {
             n * a.heads * a.t * a.t
         } else {
             0
         });
-        a.forward(&qkv, &mut att, a.keeps_probs().then_some(&mut probs[..]));
+        let keep = a.keeps_probs().then_some(&mut probs[..]);
+        a.forward(&mut qkv, Some(qkvb), &mut att, keep);
         let mut x2 = pool::take(x.len());
         linear::forward(&att, projw, projb, &mut x2, Some(x));
         let mut h2 = pool::take(rows * c);

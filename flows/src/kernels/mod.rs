@@ -190,6 +190,15 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
 }
 
 simd_clones! {
+/// `x += b` for every row of `x` (rows of `b.len()`).
+pub(crate) fn add_rows_of(x: &mut [f32], b: &[f32]) {
+    for r in x.chunks_exact_mut(b.len()) {
+        for (v, b) in r.iter_mut().zip(b) {
+            *v += b;
+        }
+    }
+}
+
 /// Softmax over the first `len` values of `row` in place; the rest become 0 (causal rows).
 /// Whole 16-value chunks are computed even where they pass `len` (those lanes are zeroed), so
 /// that short rows take no scalar tail.

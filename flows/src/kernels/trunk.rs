@@ -223,7 +223,7 @@ impl Trunk {
                 scale,
                 t,
             };
-            attn.forward(&qkv, &mut att, None);
+            attn.forward(&mut qkv, None, &mut att, None);
             layer.proj.add_to(&att, rows, h, true);
             layer.ln2.apply(h, &mut tmp);
             layer.fc1.apply(&tmp, rows, &mut mlp, true);
