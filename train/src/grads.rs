@@ -71,7 +71,10 @@ pub fn loss_and_grads(
             return Ok(Done::NonFinite(v));
         }
         // One division by the number of terms of the whole step (exact for powers of two).
-        Ok(Done::Store(v, (loss / (divisor * parts) as f64)?.backward()?))
+        Ok(Done::Store(
+            v,
+            (loss / (divisor * parts) as f64)?.backward()?,
+        ))
     };
     let done: Vec<_> = if parts == 1 {
         vec![part(0)?]
