@@ -203,6 +203,14 @@ struct LayerBwd {
     saved: Mutex<Option<Saved>>,
 }
 
+/// What a forward kept, taken once; `err` says why it is missing.
+fn take_saved(slot: &Mutex<Option<Saved>>, err: &str) -> candle_core::Result<Saved> {
+    slot.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("fused transformer layer: {err}")))
+}
+
 fn sizes_error(what: &str, got: usize, want: usize) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "fused transformer layer: {what} has {got} values, expected {want}"
@@ -240,16 +248,7 @@ impl CustomOp2 for LayerOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg(
-                    "fused transformer layer: backward asked twice of one forward pass".into(),
-                )
-            })?;
+        let saved = take_saved(&self.saved, "backward asked twice of one forward pass")?;
         let bwd = LayerBwd {
             layer: self.layer,
             saved: Mutex::new(Some(saved)),
@@ -286,14 +285,7 @@ impl CustomOp3 for LayerBwd {
         if dy.len() != nx {
             return Err(sizes_error("the output gradient", dy.len(), nx));
         }
-        let saved = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg("fused transformer layer: no saved pass".into())
-            })?;
+        let saved = take_saved(&self.saved, "no saved pass")?;
         // Every value is written: dx from dy, each weight's gradient by its kernel.
         let mut out = pool::take(nx + self.layer.d.len());
         let (dx, dp) = out.split_at_mut(nx);
