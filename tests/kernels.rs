@@ -248,23 +248,28 @@ fn a_model_trains_the_same_with_and_without_fused_kernels() {
 /// The whole-flow CPU training pass (no autograd tape) against candle's composed ops: loss and
 /// every parameter gradient through `grads::loss_and_grads`, as the trainer calls it, with
 /// labels (some dropped) or none, an affine or volume-preserving head, the latent-norm penalty,
-/// two streams and a divisor that is not a power of two.
+/// two streams and a divisor that is not a power of two. A STARFlow model (start token, final
+/// norm, soft-clipped head) is not covered by the pass and takes the tape, fused layers and all.
 #[test]
 fn the_training_pass_equals_the_composed_ops() {
     use tarflow::train::grads::{loss_and_grads, Pass};
-    for (labels, nvp, latent) in [
-        ([0i64, 2, -1, 1], true, 0.25),
-        ([-1, -1, -1, -1], true, 0.0),
-        ([1, 1, 0, -1], false, 0.5),
-    ] {
+    let tarflow = |nvp: bool| {
         let mut cfg = ModelConfig::new(3, 8, 2, 64, 3, 2, 3);
         cfg.head_dim = 32;
         cfg.nvp = nvp;
+        cfg
+    };
+    for (cfg, labels, latent, covered) in [
+        (tarflow(true), [0i64, 2, -1, 1], 0.25, true),
+        (tarflow(true), [-1, -1, -1, -1], 0.0, true),
+        (tarflow(false), [1, 1, 0, -1], 0.5, true),
+        (starflow_config(), [3, 0, -1, 2], 0.25, false),
+    ] {
         let ck = random_checkpoint(&cfg, 21);
-        let x = random_images(4, 3, 8, 22);
+        let x = random_images(4, 3, cfg.img_size, 22);
         let run = || {
             let (m, vm) = ck.trainable_model(&Device::Cpu, DType::F32).unwrap();
-            let covered = kernels::flow::covers(&m);
+            let covers = kernels::flow::covers(&m);
             let vars: Vec<(String, Var)> = vm
                 .data()
                 .lock()
@@ -280,18 +285,22 @@ fn the_training_pass_equals_the_composed_ops() {
             let mut grads: Vec<(String, Tensor)> =
                 common::param_grads(&cfg, &vm, &g).into_iter().collect();
             grads.sort_by(|a, b| a.0.cmp(&b.0));
-            (covered, loss, grads)
+            (covers, loss, grads)
         };
-        let ((covered, l1, g1), (_, l0, g0)) = on_both_paths(run);
-        assert!(covered, "the training pass covers this model");
+        let ((covers, l1, g1), (_, l0, g0)) = on_both_paths(run);
+        let what = format!("labels {labels:?}, nvp {}, sos {}", cfg.nvp, cfg.sos);
+        assert_eq!(
+            covers, covered,
+            "whether the training pass covers the model ({what})"
+        );
         assert!(
             (l1 - l0).abs() <= 1e-5 * l0.abs().max(1.0),
-            "loss {l1} vs {l0}"
+            "loss {l1} vs {l0} ({what})"
         );
-        assert_eq!(g1.len(), g0.len(), "parameters with a gradient");
+        assert_eq!(g1.len(), g0.len(), "parameters with a gradient ({what})");
         for ((k, a), (k0, b)) in g1.iter().zip(&g0) {
             assert_eq!(k, k0);
-            close(&format!("{k} (labels {labels:?}, nvp {nvp})"), a, b, 1e-4);
+            close(&format!("{k} ({what})"), a, b, 1e-4);
         }
     }
 }
