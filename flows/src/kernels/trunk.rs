@@ -9,7 +9,6 @@
 use super::attention::Attn;
 use super::{gemm_strided, softmax_prefix};
 use crate::error::{FlowError, Result};
-use crate::gelu::gelu_f32;
 use crate::layers::AttentionBlock;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -309,7 +308,7 @@ impl Trunk {
             layer.proj.add_to(&st.att, rows, h, par);
             layer.ln2.apply(h, &mut st.tmp);
             layer.fc1.apply(&st.tmp, rows, &mut st.mlp, par);
-            st.mlp.iter_mut().for_each(|x| *x = gelu_f32(*x));
+            crate::gelu::in_place_chunk(&mut st.mlp);
             layer.fc2.add_to(&st.mlp, rows, h, par);
         }
         Ok(())
