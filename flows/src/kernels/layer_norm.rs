@@ -53,7 +53,7 @@ fn forward_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], stride: usize)
         let (m, r) = stats(x);
         let (o, ones) = o.split_at_mut(c);
         for i in 0..c {
-            o[i] = (x[i] - m) * r * w[i] + b[i];
+            o[i] = ((x[i] - m) * r).mul_add(w[i], b[i]);
         }
         ones.fill(1.0);
     }
@@ -108,13 +108,13 @@ fn backward_rows(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32]
         for i in 0..c {
             xh[i] = (x[i] - m) * r;
             gh[i] = g[i] * w[i];
-            dw[i] += g[i] * xh[i];
+            dw[i] = g[i].mul_add(xh[i], dw[i]);
             db[i] += g[i];
         }
         let m1 = sum16(&gh, |v| v) / c as f32;
         let m2 = super::dot16(&gh, &xh) / c as f32;
         for i in 0..c {
-            dx[i] += r * (gh[i] - m1 - xh[i] * m2);
+            dx[i] = r.mul_add((-xh[i]).mul_add(m2, gh[i] - m1), dx[i]);
         }
     }
 }

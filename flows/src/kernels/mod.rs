@@ -178,7 +178,7 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
     let (mut ia, mut ib) = (a.chunks_exact(16), b.chunks_exact(16));
     for (ca, cb) in (&mut ia).zip(&mut ib) {
         for l in 0..16 {
-            acc[l] += ca[l] * cb[l];
+            acc[l] = ca[l].mul_add(cb[l], acc[l]);
         }
     }
     let tail: f32 = ia
