@@ -97,14 +97,24 @@ impl Attn {
     }
 
     /// The gradient `d` (N·T rows of 3C, overwritten) of the packed projection for the output
-    /// gradient `g`, from the probabilities [`Self::forward`] kept (recomputed when `None`).
-    pub(crate) fn backward(&self, qkv: &[f32], probs: Option<&[f32]>, g: &[f32], d: &mut [f32]) {
+    /// gradient `g`, from the probabilities [`Self::forward`] kept (recomputed when `None`);
+    /// `db` (3C) receives the column sums of `d`, the projection bias's gradient, summed by
+    /// each sample's task while its rows are in cache and added in sample order.
+    pub(crate) fn backward(
+        &self,
+        qkv: &[f32],
+        probs: Option<&[f32]>,
+        g: &[f32],
+        d: &mut [f32],
+        db: &mut [f32],
+    ) {
         let (c, t, hd) = (self.heads * self.hd, self.t, self.hd);
         let (c3, tt) = (3 * c, t * t);
-        d.par_chunks_mut(t * c3)
+        let partial: Vec<Vec<f32>> = d
+            .par_chunks_mut(t * c3)
             .zip(qkv.par_chunks(t * c3).zip(g.par_chunks(t * c)))
             .enumerate()
-            .for_each(|(i, (d, (qkv, g)))| {
+            .map(|(i, (d, (qkv, g)))| {
                 let mut dp = vec![0f32; tt];
                 let mut own = Vec::new();
                 for h in 0..self.heads {
@@ -169,7 +179,15 @@ impl Attn {
                         );
                     }
                 }
-            });
+                let mut acc = vec![0f32; c3];
+                super::add_rows_into(d, &mut acc);
+                acc
+            })
+            .collect();
+        db.fill(0.0);
+        for p in partial {
+            db.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+        }
     }
 }
 

@@ -187,8 +187,8 @@ impl Layer {
         linear::backward(&s.att, projw, dy, Some(&mut dh), dprojw, dprojb);
         let mut dqkv = pool::take(rows * 3 * c);
         let probs = self.attn.keeps_probs().then_some(&s.probs[..]);
-        self.attn.backward(&s.qkv, probs, &dh, &mut dqkv);
-        linear::backward(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, dqkvb);
+        self.attn.backward(&s.qkv, probs, &dh, &mut dqkv, dqkvb);
+        linear::backward_products(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, 3 * c);
         layer_norm::backward(x, ln1w, &dh, dy, dln1w, dln1b);
     }
 }

@@ -200,6 +200,15 @@ pub(crate) fn add_rows_of(x: &mut [f32], b: &[f32]) {
     }
 }
 
+/// `acc += ` each row of `x` (rows of `acc.len()`), in order.
+pub(crate) fn add_rows_into(x: &[f32], acc: &mut [f32]) {
+    for r in x.chunks_exact(acc.len()) {
+        for (a, v) in acc.iter_mut().zip(r) {
+            *a += v;
+        }
+    }
+}
+
 /// Softmax over the first `len` values of `row` in place; the rest become 0 (causal rows).
 /// Whole 16-value chunks are computed even where they pass `len` (those lanes are zeroed), so
 /// that short rows take no scalar tail.
