@@ -61,6 +61,16 @@ fn config(dir: &Path) -> PathBuf {
     p
 }
 
+/// Runs `tarflow train` on `cfg` with its output in `out_dir` and these `--set`s.
+fn train(cfg: &Path, out_dir: &Path, sets: &[&str]) -> std::process::Output {
+    let out = format!("output.dir={}", out_dir.display());
+    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--set", &out];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    tarflow(&args)
+}
+
 /// Starts `tarflow train` on `cfg` (output in `out_dir`, these `--set`s) and returns once its
 /// first checkpoint exists.
 fn train_until_first_checkpoint(cfg: &Path, out_dir: &Path, sets: &[&str]) -> std::process::Child {
@@ -115,24 +125,17 @@ fn a_full_disk_stops_with_the_last_good_checkpoint() {
     let Some(m) = Mount::tmpfs(&dir.path().join("disk"), "size=5m") else {
         return;
     };
-    let out = format!("output.dir={}", m.0.display());
-    let o = tarflow(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        &out,
-        "--set",
-        "train.max_steps=40",
-        "--set",
-        "train.checkpoint_every=4",
-        "--set",
-        "train.keep_checkpoints=0",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "eval.sample_every=0",
-    ]);
+    let o = train(
+        &cfg,
+        &m.0,
+        &[
+            "train.max_steps=40",
+            "train.checkpoint_every=4",
+            "train.keep_checkpoints=0",
+            "eval.every=0",
+            "eval.sample_every=0",
+        ],
+    );
     assert!(!o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("No space left on device"), "{t}");
@@ -177,13 +180,7 @@ fn an_output_folder_turning_read_only_mid_run_is_reported() {
     let Some(_ro) = Mount::read_only(&outdir) else {
         return;
     };
-    let o = tarflow(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        &format!("output.dir={}", outdir.display()),
-    ]);
+    let o = train(&cfg, &outdir, &[]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("ro/tiny") && t.contains("Read-only"), "{t}");
@@ -265,17 +262,11 @@ fn a_nan_in_a_batch_stops_before_touching_the_weights() {
 fn a_model_too_large_for_memory_is_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let o = tarflow(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        &format!("output.dir={}", dir.path().display()),
-        "--set",
-        "model.channels=65536",
-        "--set",
-        "model.num_blocks=64",
-    ]);
+    let o = train(
+        &cfg,
+        dir.path(),
+        &["model.channels=65536", "model.num_blocks=64"],
+    );
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("GiB available") && t.contains("model"), "{t}");
@@ -301,19 +292,11 @@ fn an_optimizer_state_missing_a_moment_is_named_on_resume() {
     // missing must still be named by its file and parameter, not by the packed name.
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let o = tarflow(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        &format!("output.dir={}", dir.path().display()),
-        "--set",
-        "train.max_steps=8",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "eval.sample_every=0",
-    ]);
+    let o = train(
+        &cfg,
+        dir.path(),
+        &["train.max_steps=8", "eval.every=0", "eval.sample_every=0"],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let run = dir.path().join("tiny");
     let latest = RunDir::new(&run).latest().unwrap().unwrap();

@@ -131,10 +131,7 @@ pub(crate) fn backward_in_place(slope: &[f32], g: &mut [f32], db: &mut [f32]) {
             acc
         })
         .collect();
-    db.fill(0.0);
-    for p in partial {
-        db.iter_mut().zip(p).for_each(|(d, v)| *d += v);
-    }
+    crate::kernels::sum_partials(partial, db);
 }
 
 crate::kernels::simd_clones! {

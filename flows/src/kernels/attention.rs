@@ -58,7 +58,7 @@ impl Attn {
         let tt = t * t;
         let one = |((o, qkv), p): ((&mut [f32], &mut [f32]), &mut [f32])| {
             if let Some(b) = bias {
-                super::add_rows_of(qkv, b);
+                super::add_to_rows(qkv, b);
             }
             let qkv = &*qkv;
             for h in 0..self.heads {
@@ -180,14 +180,11 @@ impl Attn {
                     }
                 }
                 let mut acc = vec![0f32; c3];
-                super::add_rows_into(d, &mut acc);
+                super::sum_rows_into(d, &mut acc);
                 acc
             })
             .collect();
-        db.fill(0.0);
-        for p in partial {
-            db.iter_mut().zip(p).for_each(|(s, v)| *s += v);
-        }
+        super::sum_partials(partial, db);
     }
 }
 

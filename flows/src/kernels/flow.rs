@@ -81,8 +81,9 @@ impl<'a> View<'a> {
     }
 }
 
-/// One block's weights, read in place.
+/// One block's weights, read in place, and its parameters' prefix (`blocks.{k}`).
 struct BlockViews<'a> {
+    prefix: String,
     w_in: View<'a>,
     b_in: View<'a>,
     pos: View<'a>,
@@ -95,12 +96,12 @@ struct BlockViews<'a> {
 }
 
 impl<'a> BlockViews<'a> {
-    fn of(p: &TrainParts<'a>, t: usize) -> Result<Self> {
+    fn of(p: &TrainParts<'a>, index: usize, t: usize) -> Result<Self> {
+        let c = p.pos.dim(1)?;
         let layers = p
             .layers
             .iter()
             .map(|&(packed, hd, hidden)| {
-                let c = p.pos.dim(1)?;
                 Ok((
                     View::of(packed, "packed layer")?,
                     Layer::new(c, hidden, hd, t, 1.0),
@@ -108,6 +109,7 @@ impl<'a> BlockViews<'a> {
             })
             .collect::<Result<_>>()?;
         Ok(BlockViews {
+            prefix: format!("blocks.{index}"),
             w_in: View::of(p.proj_in.0, "proj_in.weight")?,
             b_in: View::of(p.proj_in.1, "proj_in.bias")?,
             pos: View::of(p.pos, "pos_embed")?,
@@ -255,7 +257,7 @@ fn block_forward(
 }
 
 /// One block backward from `g` (the loss gradient at its output, canonical, rows × D): the
-/// weights' gradients into `grads` (in [`block_names`] order) and, when `g_in` is given, the
+/// weights' gradients into `grads` under their parameter names and, when `g_in` is given, the
 /// gradient at its input (canonical). `dlogdet` is the gradient of each α (the log-det term).
 #[allow(clippy::too_many_arguments)]
 fn block_backward(
@@ -266,7 +268,7 @@ fn block_backward(
     sh: Shape,
     dlogdet: f32,
     g_in: Option<&mut [f32]>,
-    grads: &mut Vec<Vec<f32>>,
+    grads: &mut Vec<(String, Vec<f32>)>,
 ) {
     let Shape { n, t, d, c } = sh;
     let rows = n * t;
@@ -338,20 +340,20 @@ fn block_backward(
     layer_grads.reverse();
     // h₀ = x·W_inᵀ + b_in + pos + class embedding.
     let mut dpos = vec![0f32; t * c];
-    let mut row_sums = vec![0f32; n * c];
     for (r, row) in dh.chunks_exact(c).enumerate() {
-        let (i, tt) = (r / t, r % t);
+        let tt = r % t;
         let p = if b.flipped { t - 1 - tt } else { tt };
         dpos[p * c..][..c]
             .iter_mut()
             .zip(row)
             .for_each(|(a, v)| *a += v);
-        row_sums[i * c..][..c]
-            .iter_mut()
-            .zip(row)
-            .for_each(|(a, v)| *a += v);
     }
     let dclasses = b.classes.as_ref().map(|table| {
+        // Each sample's rows summed: the gradient of the embedding added to all of them.
+        let mut row_sums = vec![0f32; n * c];
+        for (s, rows) in row_sums.chunks_exact_mut(c).zip(dh.chunks_exact(t * c)) {
+            super::sum_rows_into(rows, s);
+        }
         let k = table.get().len() / c;
         let mut dt = vec![0f32; k * c];
         let mut mean = vec![0f32; c];
@@ -387,43 +389,33 @@ fn block_backward(
         dxp.iter_mut().zip(dx_in.iter()).for_each(|(a, v)| *a += v);
         permute(&dxp, g_in, sh, d, b.flipped);
     }
-    grads.push(dw_in);
-    grads.push(db_in);
-    grads.push(dpos);
+    let name = |p: &str| format!("{}.{p}", b.prefix);
+    grads.push((name("proj_in.weight"), dw_in));
+    grads.push((name("proj_in.bias"), db_in));
+    grads.push((name("pos_embed"), dpos));
     if let Some(dt) = dclasses {
-        grads.push(dt);
+        grads.push((name("class_embed"), dt));
     }
-    grads.extend(layer_grads);
-    grads.push(dw_out);
-    grads.push(db_out);
-}
-
-/// The parameter names of block `k`, in the order [`block_backward`] fills its gradients.
-fn block_names(k: usize, classes: bool, layers: usize) -> Vec<String> {
-    let b = format!("blocks.{k}");
-    let mut v = vec![
-        format!("{b}.proj_in.weight"),
-        format!("{b}.proj_in.bias"),
-        format!("{b}.pos_embed"),
-    ];
-    if classes {
-        v.push(format!("{b}.class_embed"));
+    for (l, dp) in layer_grads.into_iter().enumerate() {
+        let packed = name(&format!("attn_blocks.{l}.{}", crate::packing::PACKED));
+        grads.push((packed, dp));
     }
-    for l in 0..layers {
-        v.push(format!("{b}.attn_blocks.{l}.{}", crate::packing::PACKED));
-    }
-    v.push(format!("{b}.proj_out.weight"));
-    v.push(format!("{b}.proj_out.bias"));
-    v
+    grads.push((name("proj_out.weight"), dw_out));
+    grads.push((name("proj_out.bias"), db_out));
 }
 
 /// Whether [`train_pass`] covers `model`: the kernels apply to it, and every block is one it
 /// covers.
 pub fn covers(model: &TarFlow) -> bool {
-    let cfg = model.config();
-    super::applies_to(model.dtype(), model.device())
-        && model.blocks().iter().all(|b| b.train_parts().is_some())
-        && cfg.num_blocks > 0
+    covered_parts(model).is_some()
+}
+
+/// Every block's [`TrainParts`] when [`train_pass`] covers `model`.
+fn covered_parts(model: &TarFlow) -> Option<Vec<TrainParts<'_>>> {
+    if !super::applies_to(model.dtype(), model.device()) || model.blocks().is_empty() {
+        return None;
+    }
+    model.blocks().iter().map(MetaBlock::train_parts).collect()
 }
 
 /// The training loss of `x` (N, C, S, S) under `cond` plus `latent_norm ×` STARFlow's
@@ -436,18 +428,13 @@ pub fn train_pass(
     latent_norm: f64,
     scale: f64,
 ) -> Result<Option<TrainPass>> {
-    if !covers(model) {
+    let Some(parts) = covered_parts(model) else {
         return Ok(None);
-    }
+    };
     model.check_images(x)?;
     let n = x.dim(0)?;
     model.check_labels(cond, n)?;
     let cfg = model.config();
-    let parts: Vec<TrainParts> = model
-        .blocks()
-        .iter()
-        .filter_map(MetaBlock::train_parts)
-        .collect();
     let s0 = patchify(&x.to_dtype(model.dtype())?, cfg.patch_size)?; // (N, T, D)
     let (_, t, d) = s0.dims3()?;
     let sh = Shape {
@@ -458,7 +445,8 @@ pub fn train_pass(
     };
     let views = parts
         .iter()
-        .map(|p| BlockViews::of(p, t))
+        .enumerate()
+        .map(|(k, p)| BlockViews::of(p, k, t))
         .collect::<Result<Vec<_>>>()?;
     let classes = row_classes(cond, n);
     // Forward: each block's output is the next one's input.
@@ -503,7 +491,6 @@ pub fn train_pass(
     let latent = (scale * latent_norm * 2.0 / dims) as f32;
     let mut named = Vec::new();
     for (kb, (v, k)) in views.iter().zip(kept).enumerate().rev() {
-        let mut grads = Vec::new();
         let mut g_in = (kb > 0).then(|| vec![0f32; n * t * d]);
         block_backward(
             v,
@@ -513,10 +500,8 @@ pub fn train_pass(
             sh,
             dlogdet,
             g_in.as_deref_mut(),
-            &mut grads,
+            &mut named,
         );
-        let names = block_names(kb, v.classes.is_some(), v.layers.len());
-        named.extend(names.into_iter().zip(grads));
         if let Some(mut gi) = g_in {
             // Block kb − 1's output also enters the latent-norm penalty.
             if latent_norm > 0.0 {

@@ -130,16 +130,11 @@ pub(crate) fn column_sums(g: &[f32], out: &mut [f32]) {
         .par_chunks(ROWS * n)
         .map(|block| {
             let mut acc = vec![0f32; n];
-            for r in block.chunks_exact(n) {
-                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
-            }
+            super::sum_rows_into(block, &mut acc);
             acc
         })
         .collect();
-    out.fill(0.0);
-    for p in partial {
-        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
-    }
+    super::sum_partials(partial, out);
 }
 
 struct Linear;

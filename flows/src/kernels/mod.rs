@@ -128,6 +128,15 @@ pub(crate) unsafe fn gemm_strided(
     )
 }
 
+/// `out` = the sum of `partials` (per-task column sums), added in the order given: a fixed
+/// order, so a reduction split over threads gives the same values on any thread count.
+pub(crate) fn sum_partials(partials: Vec<Vec<f32>>, out: &mut [f32]) {
+    out.fill(0.0);
+    for p in partials {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+}
+
 /// eˣ for f32 without a libm call, so that loops using it vectorise (libm's `expf` is a scalar
 /// call, which kept the GELU backward and the softmax scalar): Cody–Waite reduction
 /// `x = n·ln2 + r` and a degree-6 polynomial for eʳ on |r| ≤ ln2/2 (Cephes' coefficients),
@@ -192,7 +201,7 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
 
 simd_clones! {
 /// `x += b` for every row of `x` (rows of `b.len()`).
-pub(crate) fn add_rows_of(x: &mut [f32], b: &[f32]) {
+pub(crate) fn add_to_rows(x: &mut [f32], b: &[f32]) {
     for r in x.chunks_exact_mut(b.len()) {
         for (v, b) in r.iter_mut().zip(b) {
             *v += b;
@@ -201,7 +210,7 @@ pub(crate) fn add_rows_of(x: &mut [f32], b: &[f32]) {
 }
 
 /// `acc += ` each row of `x` (rows of `acc.len()`), in order.
-pub(crate) fn add_rows_into(x: &[f32], acc: &mut [f32]) {
+pub(crate) fn sum_rows_into(x: &[f32], acc: &mut [f32]) {
     for r in x.chunks_exact(acc.len()) {
         for (a, v) in acc.iter_mut().zip(r) {
             *a += v;

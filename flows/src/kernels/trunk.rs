@@ -53,31 +53,48 @@ impl DenseT {
     }
 
     fn apply_into(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool, add: bool) {
-        let (n, k) = (self.b.len(), self.k());
-        assert!(
-            x.len() >= rows * k && out.len() >= rows * n,
-            "DenseT::apply: buffer sizes"
-        );
-        for r in out[..rows * n].chunks_exact_mut(n.max(1)) {
+        let n = self.b.len();
+        // A short `out` is left to `times_wt`'s check.
+        let filled = (rows * n).min(out.len());
+        for r in out[..filled].chunks_exact_mut(n.max(1)) {
             if add {
                 r.iter_mut().zip(&self.b).for_each(|(r, b)| *r += b);
             } else {
                 r.copy_from_slice(&self.b);
             }
         }
-        // SAFETY: x holds rows×k, Wᵀ k×n and out rows×n values (checked above).
-        unsafe {
-            gemm_strided(
-                (rows, n, k),
-                out.as_mut_ptr(),
-                n,
-                true,
-                (x.as_ptr(), k, 1),
-                (self.wt.as_ptr(), n, 1),
-                1.0,
-                parallel,
-            )
-        }
+        times_wt(x, &self.wt, rows, n, out, true, parallel);
+    }
+}
+
+/// `out (rows × n) [+]= x (rows × k) · wt (k × n, row-major)`, k from `wt`'s length; added onto
+/// `out` when `accumulate`, on every thread when `parallel`.
+fn times_wt(
+    x: &[f32],
+    wt: &[f32],
+    rows: usize,
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    let k = wt.len() / n.max(1);
+    assert!(
+        x.len() >= rows * k && out.len() >= rows * n,
+        "trunk product: buffer sizes"
+    );
+    // SAFETY: x holds rows×k, wt k×n and out rows×n values (checked above).
+    unsafe {
+        gemm_strided(
+            (rows, n, k),
+            out.as_mut_ptr(),
+            n,
+            accumulate,
+            (x.as_ptr(), k, 1),
+            (wt.as_ptr(), n, 1),
+            1.0,
+            parallel,
+        )
     }
 }
 
@@ -101,24 +118,7 @@ impl Folded {
 
     /// `out (rows × n) = x (rows × (in + 1), last column 1) · [Wᵀ; b]`.
     fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool) {
-        let (n, k) = (self.n, self.wt.len() / self.n.max(1));
-        assert!(
-            x.len() >= rows * k && out.len() >= rows * n,
-            "Folded::apply: buffer sizes"
-        );
-        // SAFETY: x holds rows×k, [Wᵀ; b] k×n and out rows×n values (checked above).
-        unsafe {
-            gemm_strided(
-                (rows, n, k),
-                out.as_mut_ptr(),
-                n,
-                false,
-                (x.as_ptr(), k, 1),
-                (self.wt.as_ptr(), n, 1),
-                1.0,
-                parallel,
-            )
-        }
+        times_wt(x, &self.wt, rows, self.n, out, false, parallel)
     }
 }
 
