@@ -155,16 +155,19 @@ fn composed_attention(qkv: &Tensor, heads: usize, hd: usize, scale: f64) -> Tens
 
 /// The fused layer (one autograd node: LayerNorm, attention, GELU MLP, both residuals) equals
 /// the composed ops in its output and the gradients of its input and all twelve weights, on
-/// odd shapes, one position, an attention temperature, and a sequence long enough that the
-/// probabilities are recomputed.
+/// odd shapes, one position, an attention temperature, sequences long enough that the causal
+/// products split at the diagonal (T > 32), and one long enough that the probabilities are
+/// recomputed.
 #[test]
 fn the_fused_transformer_layer_matches_composed_ops() {
     for (n, t, heads, hd, ratio, temp) in [
         (3, 5, 3, 7, 2, 1.0),
         (2, 16, 2, 32, 4, 1.3),
         (1, 1, 1, 4, 1, 1.0),
+        (2, 37, 2, 16, 2, 1.1),
         // T > 3·hd: the backward recomputes the probabilities instead of keeping them.
         (2, 13, 2, 4, 2, 0.9),
+        (1, 49, 2, 8, 2, 1.0),
     ] {
         let c = heads * hd;
         let h = c * ratio;
@@ -371,14 +374,15 @@ fn the_fast_sampler_equals_the_composed_ops_in_every_variant() {
 
 #[test]
 fn the_fast_forward_equals_the_composed_ops() {
-    let mut cfg = ModelConfig::new(3, 6, 3, 64, 3, 2, 4);
-    cfg.head_dim = 32;
-    for nvp in [true, false] {
+    // 4 tokens, and 49 (the tiny benchmark's count: the causal products split at row 32).
+    for (img, patch, nvp) in [(6, 3, true), (6, 3, false), (14, 2, true)] {
+        let mut cfg = ModelConfig::new(3, img, patch, 64, 3, 2, 4);
+        cfg.head_dim = 32;
         cfg.nvp = nvp;
         let ck = random_checkpoint(&cfg, 5);
         let m = ck.model(&Device::Cpu, DType::F32).unwrap();
         // Ten images: the fast path runs the two halves at once, the composed ops the batch.
-        let x = random_images(10, 3, 6, 2);
+        let x = random_images(10, 3, img, 2);
         let y = [0i64, 3, -1, 2, 1, 1, -1, 0, 2, 3];
         for cond in [Cond::Labels(&y), Cond::Null] {
             let (a, b) = on_both_paths(|| m.forward(&x, cond).unwrap());

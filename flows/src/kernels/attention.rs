@@ -20,26 +20,41 @@ pub(crate) struct Attn {
 }
 
 impl Attn {
+    /// The causal products' two row blocks, (first row, rows, columns): the first half of the
+    /// rows attends to the first half of the positions only, so its products stop there (a
+    /// quarter of the attention's multiply-adds are above the diagonal). The split is a whole
+    /// number of 16-value chunks, so that the softmax's chunks read only computed scores.
+    fn blocks(&self) -> [(usize, usize, usize); 2] {
+        let t = self.t;
+        let top = ((t / 2).div_ceil(16) * 16).min(t);
+        [(0, top, top), (top, t - top, t)]
+    }
+
     /// Causal softmax probabilities P (T×T) of one sample's head `h` into `p`.
     fn probs(&self, qkv: &[f32], h: usize, p: &mut [f32]) {
         let (c, t) = (self.heads * self.hd, self.t);
         let (q, k) = (h * self.hd, c + h * self.hd);
-        // SAFETY: T rows of `hd` values at offsets q/k inside rows of 3C; P is T×T.
-        unsafe {
-            gemm_strided(
-                (t, t, self.hd),
-                p.as_mut_ptr(),
-                t,
-                false,
-                (qkv.as_ptr().add(q), 3 * c, 1),
-                (qkv.as_ptr().add(k), 1, 3 * c),
-                self.scale,
-                false,
-            );
+        for (r0, rows, cols) in self.blocks() {
+            if rows == 0 {
+                continue;
+            }
+            // SAFETY: rows r0.. of `hd` values at offsets q/k inside rows of 3C; P is T×T.
+            unsafe {
+                gemm_strided(
+                    (rows, cols, self.hd),
+                    p.as_mut_ptr().add(r0 * t),
+                    t,
+                    false,
+                    (qkv.as_ptr().add(r0 * 3 * c + q), 3 * c, 1),
+                    (qkv.as_ptr().add(k), 1, 3 * c),
+                    self.scale,
+                    false,
+                );
+            }
         }
-        for i in 0..t {
-            super::softmax_prefix(&mut p[i * t..(i + 1) * t], i + 1);
-        }
+        // The top block's rows past column `top` are left as they were; the softmax selects
+        // them away and writes zeros there.
+        super::causal_softmax(&mut p[..t * t], t);
     }
 
     /// The attention of every sample of `qkv` into `out`, one sample per task; the
@@ -54,6 +69,18 @@ impl Attn {
         out: &mut [f32],
         probs: Option<&mut [f32]>,
     ) {
+        self.forward_into(qkv, bias, (out, self.heads * self.hd), probs)
+    }
+
+    /// [`Self::forward`] into rows `out_rs` ≥ C apart, whose values past C are left as they
+    /// are (the trunk keeps a column of ones there for the next product's bias).
+    pub(crate) fn forward_into(
+        &self,
+        qkv: &mut [f32],
+        bias: Option<&[f32]>,
+        (out, out_rs): (&mut [f32], usize),
+        probs: Option<&mut [f32]>,
+    ) {
         let (c, t) = (self.heads * self.hd, self.t);
         let tt = t * t;
         let one = |((o, qkv), p): ((&mut [f32], &mut [f32]), &mut [f32])| {
@@ -65,22 +92,30 @@ impl Attn {
                 let p = &mut p[h * tt..(h + 1) * tt];
                 self.probs(qkv, h, p);
                 let v = 2 * c + h * self.hd;
-                // SAFETY: O rows of C at the head's offset; V rows of 3C at offset v; P T×T.
-                unsafe {
-                    gemm_strided(
-                        (t, self.hd, t),
-                        o.as_mut_ptr().add(h * self.hd),
-                        c,
-                        false,
-                        (p.as_ptr(), t, 1),
-                        (qkv.as_ptr().add(v), 3 * c, 1),
-                        1.0,
-                        false,
-                    );
+                for (r0, rows, cols) in self.blocks() {
+                    if rows == 0 {
+                        continue;
+                    }
+                    // SAFETY: O rows of out_rs at the head's offset; V rows of 3C at offset v; P
+                    // T×T, whose rows r0.. are zero past `cols`.
+                    unsafe {
+                        gemm_strided(
+                            (rows, self.hd, cols),
+                            o.as_mut_ptr().add(r0 * out_rs + h * self.hd),
+                            out_rs,
+                            false,
+                            (p.as_ptr().add(r0 * t), t, 1),
+                            (qkv.as_ptr().add(v), 3 * c, 1),
+                            1.0,
+                            false,
+                        );
+                    }
                 }
             }
         };
-        let tasks = out.par_chunks_mut(t * c).zip(qkv.par_chunks_mut(t * 3 * c));
+        let tasks = out
+            .par_chunks_mut(t * out_rs)
+            .zip(qkv.par_chunks_mut(t * 3 * c));
         match probs {
             Some(p) => tasks
                 .zip(p.par_chunks_mut(self.heads * tt))

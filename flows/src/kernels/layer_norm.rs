@@ -20,7 +20,7 @@ fn sum16(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     let tail: f32 = it.remainder().iter().map(|&v| f(v)).sum();
-    acc.iter().sum::<f32>() + tail
+    super::hsum16(acc) + tail
 }
 
 /// (mean, 1/σ) of one row.

@@ -180,6 +180,31 @@ macro_rules! simd_clones {
 }
 pub(crate) use simd_clones;
 
+/// The sum of sixteen lanes, halved pairwise (lane l + lane l + 8, then + 4, + 2, + 1): a
+/// fixed order in four vector adds. Added one after another, the sixteen were a chain of
+/// scalar adds that cost a LayerNorm row or a softmax row more than its vector work.
+#[inline(always)]
+pub(crate) fn hsum16(mut acc: [f32; 16]) -> f32 {
+    for half in [8, 4, 2, 1] {
+        for l in 0..half {
+            acc[l] += acc[l + half];
+        }
+    }
+    acc[0]
+}
+
+/// The largest of sixteen lanes, halved pairwise as in [`hsum16`] (NaN lanes are passed over,
+/// as `f32::max` does).
+#[inline(always)]
+pub(crate) fn hmax16(mut acc: [f32; 16]) -> f32 {
+    for half in [8, 4, 2, 1] {
+        for l in 0..half {
+            acc[l] = acc[l].max(acc[l + half]);
+        }
+    }
+    acc[0]
+}
+
 /// Σ a·b in sixteen interleaved partial sums: a fixed order that vectorises.
 #[inline(always)]
 pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
@@ -196,7 +221,7 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
         .zip(ib.remainder())
         .map(|(x, y)| x * y)
         .sum();
-    acc.iter().sum::<f32>() + tail
+    hsum16(acc) + tail
 }
 
 simd_clones! {
@@ -218,23 +243,43 @@ pub(crate) fn sum_rows_into(x: &[f32], acc: &mut [f32]) {
     }
 }
 
-/// Softmax over the first `len` values of `row` in place; the rest become 0 (causal rows).
-/// Whole 16-value chunks are computed even where they pass `len` (those lanes are zeroed), so
-/// that short rows take no scalar tail.
+/// Softmax over the first `len` values of `row` in place; the rest become 0 (one step's causal
+/// row).
 pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
+    softmax_row(row, len)
+}
+
+/// The causal softmax of a T×T score matrix in place: row i over its first i + 1 values, zeros
+/// after. One call per matrix, so the rows inline into one loop (a call per row took half of
+/// the attention's non-product time).
+pub(crate) fn causal_softmax(p: &mut [f32], t: usize) {
+    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+        softmax_row(row, i + 1);
+    }
+}
+}
+
+/// [`softmax_prefix`]'s body. Whole 16-value chunks are computed even where they pass `len`
+/// (those lanes become 0 by selection, never by arithmetic on them: past a causal product's
+/// written columns they may hold anything), so that short rows take no scalar tail.
+#[inline(always)]
+fn softmax_row(row: &mut [f32], len: usize) {
     let whole = (len.div_ceil(16) * 16).min(row.len() / 16 * 16);
     let mut lanes = [f32::NEG_INFINITY; 16];
     for (j, ch) in row[..whole].chunks_exact(16).enumerate() {
         for l in 0..16 {
-            let v = if j * 16 + l < len { ch[l] } else { f32::NEG_INFINITY };
+            let v = if j * 16 + l < len {
+                ch[l]
+            } else {
+                f32::NEG_INFINITY
+            };
             lanes[l] = lanes[l].max(v);
         }
     }
     let tail = whole.min(len)..len;
     let max = row[tail.clone()]
         .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        .fold(hmax16(lanes), |a, &v| a.max(v));
     let mut acc = [0f32; 16];
     for (j, ch) in row[..whole].chunks_exact_mut(16).enumerate() {
         for l in 0..16 {
@@ -243,18 +288,22 @@ pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
             acc[l] += ch[l];
         }
     }
-    let mut sum = acc.iter().sum::<f32>();
-    for v in row[tail].iter_mut() {
+    let mut sum = hsum16(acc);
+    for v in row[tail.clone()].iter_mut() {
         *v = exp_f32(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
-    let (head, rest) = row.split_at_mut(len);
-    for v in head.iter_mut() {
+    // The whole chunks' zeros stay zero, so they are scaled with the rest, unmasked.
+    for ch in row[..whole].chunks_exact_mut(16) {
+        for v in ch {
+            *v *= inv;
+        }
+    }
+    for v in row[tail].iter_mut() {
         *v *= inv;
     }
-    rest.fill(0.0);
-}
+    row[whole.max(len)..].fill(0.0);
 }
 
 #[cfg(test)]

@@ -142,7 +142,7 @@ pub fn heads(p: &StepParts, x: &[f32], (n, t): (usize, usize), temp: f64) -> Res
     use rayon::prelude::*;
     let c = p.pos.dim(1)?;
     let w = &p.weights;
-    let mut h = vec![0f32; n * t * c];
+    let mut h = super::pool::take(n * t * c);
     w.proj_in.apply(x, n * t, &mut h, true);
     let pos = p.pos.flatten_all()?.to_vec1::<f32>()?;
     let cls = p

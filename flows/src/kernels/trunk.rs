@@ -63,32 +63,31 @@ impl DenseT {
                 r.copy_from_slice(&self.b);
             }
         }
-        times_wt(x, &self.wt, rows, n, out, true, parallel);
+        times_wt(x, &self.wt, rows, (out, n, n), true, parallel);
     }
 }
 
-/// `out (rows × n) [+]= x (rows × k) · wt (k × n, row-major)`, k from `wt`'s length; added onto
-/// `out` when `accumulate`, on every thread when `parallel`.
+/// `out (rows of n, out_rs ≥ n apart) [+]= x (rows × k) · wt (k × n, row-major)`, k from
+/// `wt`'s length; added onto `out` when `accumulate`, on every thread when `parallel`.
 fn times_wt(
     x: &[f32],
     wt: &[f32],
     rows: usize,
-    n: usize,
-    out: &mut [f32],
+    (out, n, out_rs): (&mut [f32], usize, usize),
     accumulate: bool,
     parallel: bool,
 ) {
     let k = wt.len() / n.max(1);
     assert!(
-        x.len() >= rows * k && out.len() >= rows * n,
+        x.len() >= rows * k && out_rs >= n && out.len() >= rows.saturating_sub(1) * out_rs + n,
         "trunk product: buffer sizes"
     );
-    // SAFETY: x holds rows×k, wt k×n and out rows×n values (checked above).
+    // SAFETY: x holds rows×k, wt k×n and out rows of n values out_rs apart (checked above).
     unsafe {
         gemm_strided(
             (rows, n, k),
             out.as_mut_ptr(),
-            n,
+            out_rs,
             accumulate,
             (x.as_ptr(), k, 1),
             (wt.as_ptr(), n, 1),
@@ -100,7 +99,8 @@ fn times_wt(
 
 /// A Linear whose input rows end in a 1: Wᵀ with the bias as one more row, (in + 1) × out.
 /// The product then writes `x·Wᵀ + b` in one pass, where a separate bias would cost a fill of
-/// the output and the product a read of it (a sixth of a scoring pass went to those fills).
+/// the output and the product a read of it (a sixth of a scoring pass went to those fills); a
+/// residual branch adds `x·Wᵀ + b` onto its stream with no pass of its own.
 struct Folded {
     wt: Vec<f32>,
     n: usize,
@@ -116,9 +116,14 @@ impl Folded {
         Ok(Self { wt, n })
     }
 
-    /// `out (rows × n) = x (rows × (in + 1), last column 1) · [Wᵀ; b]`.
-    fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool) {
-        times_wt(x, &self.wt, rows, self.n, out, false, parallel)
+    /// `out (rows of n, out_rs apart) = x (rows × (in + 1), last column 1) · [Wᵀ; b]`.
+    fn apply(&self, x: &[f32], rows: usize, (out, out_rs): (&mut [f32], usize), parallel: bool) {
+        times_wt(x, &self.wt, rows, (out, self.n, out_rs), false, parallel)
+    }
+
+    /// `h (rows × n) += x (rows × (in + 1), last column 1) · [Wᵀ; b]`.
+    fn add_to(&self, x: &[f32], rows: usize, h: &mut [f32], parallel: bool) {
+        times_wt(x, &self.wt, rows, (h, self.n, self.n), true, parallel)
     }
 }
 
@@ -149,11 +154,14 @@ type RowTask<'a> = (
     (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]),
 );
 
-/// One transformer layer in the kernel's layout.
+/// One transformer layer in the kernel's layout. The inputs of qkv, proj and fc1 end in a 1
+/// (the norms write it, the attention output keeps a column of ones), so their biases ride in
+/// their products. fc2's does not: with k = 4C + 1 the GEMM would split its depth into three
+/// passes over the output where 4C takes two, which costs more than the fill it saves.
 struct Layer {
     ln1: Norm,
     qkv: Folded,
-    proj: DenseT,
+    proj: Folded,
     ln2: Norm,
     fc1: Folded,
     fc2: DenseT,
@@ -180,7 +188,7 @@ impl Trunk {
                     Layer {
                         ln1: Norm::new(p.ln1)?,
                         qkv: Folded::new(p.qkv)?,
-                        proj: DenseT::new(p.proj)?,
+                        proj: Folded::new(p.proj)?,
                         ln2: Norm::new(p.ln2)?,
                         fc1: Folded::new(p.fc1)?,
                         fc2: DenseT::new(p.fc2)?,
@@ -193,7 +201,7 @@ impl Trunk {
             .map(|(hd, _)| *hd)
             .ok_or_else(|| FlowError::Config("a block has no transformer layer".into()))?;
         let layers: Vec<Layer> = layers.into_iter().map(|(_, l)| l).collect();
-        let (c, hidden) = (layers[0].proj.b.len(), layers[0].fc1.n);
+        let (c, hidden) = (layers[0].proj.n, layers[0].fc1.n);
         Ok(Self {
             heads: c / hd,
             layers,
@@ -208,24 +216,27 @@ impl Trunk {
     pub fn forward(&self, h: &mut [f32], n: usize, t: usize, temp: f64) {
         let (c, hd, heads) = (self.c, self.hd, self.heads);
         let rows = n * t;
+        let hidden = self.hidden;
         let mut tmp = super::pool::take(rows * (c + 1));
         let mut qkv = super::pool::take(rows * 3 * c);
-        let mut att = super::pool::take(rows * c);
-        let mut mlp = super::pool::take(rows * self.hidden);
+        let mut att = super::pool::take(rows * (c + 1));
+        let mut mlp = super::pool::take(rows * hidden);
+        // The attention never writes its ones.
+        ones_column(&mut att, c + 1);
         let scale = (1.0 / ((hd as f64).sqrt() * temp)) as f32;
         for layer in &self.layers {
             layer.ln1.apply(h, &mut tmp);
-            layer.qkv.apply(&tmp, rows, &mut qkv, true);
+            layer.qkv.apply(&tmp, rows, (&mut qkv, 3 * c), true);
             let attn = Attn {
                 heads,
                 hd,
                 scale,
                 t,
             };
-            attn.forward(&mut qkv, None, &mut att, None);
+            attn.forward_into(&mut qkv, None, (&mut att, c + 1), None);
             layer.proj.add_to(&att, rows, h, true);
             layer.ln2.apply(h, &mut tmp);
-            layer.fc1.apply(&tmp, rows, &mut mlp, true);
+            layer.fc1.apply(&tmp, rows, (&mut mlp, hidden), true);
             crate::gelu::in_place(&mut mlp);
             layer.fc2.add_to(&mlp, rows, h, true);
         }
@@ -242,7 +253,7 @@ impl Trunk {
             kc: self.layers.iter().map(|_| vec![0f32; cache]).collect(),
             vc: self.layers.iter().map(|_| vec![0f32; cache]).collect(),
             tmp: vec![0f32; rows * (self.c + 1)],
-            att: vec![0f32; rows * self.c],
+            att: vec![1f32; rows * (self.c + 1)],
             qkv: vec![0f32; rows * 3 * self.c],
             mlp: vec![0f32; rows * self.hidden],
             scales: (0..rows)
@@ -263,7 +274,7 @@ impl Trunk {
         let par = rows >= PAR_ROWS;
         for (l, layer) in self.layers.iter().enumerate() {
             layer.ln1.apply(h, &mut st.tmp);
-            layer.qkv.apply(&st.tmp, rows, &mut st.qkv, par);
+            layer.qkv.apply(&st.tmp, rows, (&mut st.qkv, 3 * c), par);
             // Rows are independent: each task owns its rows' caches, scores and output.
             let per = heads * t * hd;
             let scales = &st.scales;
@@ -290,7 +301,7 @@ impl Trunk {
             };
             if rows >= PAR_ROWS {
                 st.att
-                    .par_chunks_mut(c)
+                    .par_chunks_mut(c + 1)
                     .zip(st.qkv.par_chunks(3 * c))
                     .zip(st.kc[l].par_chunks_mut(per))
                     .zip(st.vc[l].par_chunks_mut(per))
@@ -298,7 +309,7 @@ impl Trunk {
                     .for_each(attend);
             } else {
                 st.att
-                    .chunks_mut(c)
+                    .chunks_mut(c + 1)
                     .zip(st.qkv.chunks(3 * c))
                     .zip(st.kc[l].chunks_mut(per))
                     .zip(st.vc[l].chunks_mut(per))
@@ -307,11 +318,21 @@ impl Trunk {
             }
             layer.proj.add_to(&st.att, rows, h, par);
             layer.ln2.apply(h, &mut st.tmp);
-            layer.fc1.apply(&st.tmp, rows, &mut st.mlp, par);
+            layer
+                .fc1
+                .apply(&st.tmp, rows, (&mut st.mlp, self.hidden), par);
             crate::gelu::in_place_chunk(&mut st.mlp);
             layer.fc2.add_to(&st.mlp, rows, h, par);
         }
         Ok(())
+    }
+}
+
+/// Sets the last value of every row (rows of `stride`) to 1: the column that multiplies a
+/// [`Folded`] product's bias.
+fn ones_column(x: &mut [f32], stride: usize) {
+    for r in x.chunks_exact_mut(stride) {
+        r[stride - 1] = 1.0;
     }
 }
 
