@@ -162,56 +162,83 @@ impl Attn {
                         }
                     };
                     let (qo, ko, vo, go) = (h * hd, c + h * hd, 2 * c + h * hd, h * hd);
-                    // SAFETY (all products): T rows of hd values at the given offsets of rows
-                    // of 3C (qkv, d) or C (g); P and dP are T×T.
-                    unsafe {
-                        // dP = dO Vᵀ
-                        gemm_strided(
-                            (t, t, hd),
-                            dp.as_mut_ptr(),
-                            t,
-                            false,
-                            (g.as_ptr().add(go), c, 1),
-                            (qkv.as_ptr().add(vo), 1, c3),
-                            1.0,
-                            false,
-                        );
-                        // dV = Pᵀ dO
-                        gemm_strided(
-                            (t, hd, t),
-                            d.as_mut_ptr().add(vo),
-                            c3,
-                            false,
-                            (p.as_ptr(), 1, t),
-                            (g.as_ptr().add(go), c, 1),
-                            1.0,
-                            false,
-                        );
+                    // SAFETY (all products): rows of hd values at the given offsets of rows of
+                    // 3C (qkv, d) or C (g), inside the sample's T rows; P and dP are T×T.
+                    // Products into a row block r0.. read columns (positions) 0..cols; products
+                    // through Pᵀ or dSᵀ into rows j0.. read positions j0.. only, since P and dS
+                    // are zero above the diagonal.
+                    for (r0, rows, cols) in self.blocks() {
+                        if rows == 0 {
+                            continue;
+                        }
+                        unsafe {
+                            // dP = dO Vᵀ, on and below the diagonal's blocks
+                            gemm_strided(
+                                (rows, cols, hd),
+                                dp.as_mut_ptr().add(r0 * t),
+                                t,
+                                false,
+                                (g.as_ptr().add(r0 * c + go), c, 1),
+                                (qkv.as_ptr().add(vo), 1, c3),
+                                1.0,
+                                false,
+                            );
+                        }
+                    }
+                    for (j0, rows, _) in self.blocks() {
+                        if rows == 0 {
+                            continue;
+                        }
+                        unsafe {
+                            // dV = Pᵀ dO
+                            gemm_strided(
+                                (rows, hd, t - j0),
+                                d.as_mut_ptr().add(j0 * c3 + vo),
+                                c3,
+                                false,
+                                (p.as_ptr().add(j0 * t + j0), 1, t),
+                                (g.as_ptr().add(j0 * c + go), c, 1),
+                                1.0,
+                                false,
+                            );
+                        }
                     }
                     softmax_backward(p, &mut dp, t);
-                    unsafe {
-                        // dQ = s·dS K
-                        gemm_strided(
-                            (t, hd, t),
-                            d.as_mut_ptr().add(qo),
-                            c3,
-                            false,
-                            (dp.as_ptr(), t, 1),
-                            (qkv.as_ptr().add(ko), c3, 1),
-                            self.scale,
-                            false,
-                        );
-                        // dK = s·dSᵀ Q
-                        gemm_strided(
-                            (t, hd, t),
-                            d.as_mut_ptr().add(ko),
-                            c3,
-                            false,
-                            (dp.as_ptr(), 1, t),
-                            (qkv.as_ptr().add(qo), c3, 1),
-                            self.scale,
-                            false,
-                        );
+                    for (r0, rows, cols) in self.blocks() {
+                        if rows == 0 {
+                            continue;
+                        }
+                        unsafe {
+                            // dQ = s·dS K
+                            gemm_strided(
+                                (rows, hd, cols),
+                                d.as_mut_ptr().add(r0 * c3 + qo),
+                                c3,
+                                false,
+                                (dp.as_ptr().add(r0 * t), t, 1),
+                                (qkv.as_ptr().add(ko), c3, 1),
+                                self.scale,
+                                false,
+                            );
+                        }
+                    }
+                    for (j0, rows, _) in self.blocks() {
+                        if rows == 0 {
+                            continue;
+                        }
+                        unsafe {
+                            // dK = s·dSᵀ Q
+                            gemm_strided(
+                                (rows, hd, t - j0),
+                                d.as_mut_ptr().add(j0 * c3 + ko),
+                                c3,
+                                false,
+                                (dp.as_ptr().add(j0 * t + j0), 1, t),
+                                (qkv.as_ptr().add(j0 * c3 + qo), c3, 1),
+                                self.scale,
+                                false,
+                            );
+                        }
                     }
                 }
                 let mut acc = vec![0f32; c3];
@@ -224,14 +251,16 @@ impl Attn {
 }
 
 crate::kernels::simd_clones! {
-/// dS = P ⊙ (dP − rowsum(P ⊙ dP)) in place of dP, for causal T×T rows (zero above the
-/// diagonal, since P is).
+/// dS = P ⊙ (dP − rowsum(P ⊙ dP)) in place of dP, for causal T×T rows: zero above the
+/// diagonal, where P is, written without reading dP there (its products stop at the blocks).
 fn softmax_backward(p: &[f32], dp: &mut [f32], t: usize) {
     for (i, (pr, dr)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
-        let dot = super::dot16(&pr[..=i], &dr[..=i]);
+        let (dr, above) = dr.split_at_mut(i + 1);
+        let dot = super::dot16(&pr[..=i], dr);
         for (d, &p) in dr.iter_mut().zip(pr) {
             *d = p * (*d - dot);
         }
+        above.fill(0.0);
     }
 }
 }
