@@ -30,27 +30,99 @@ impl Attn {
         [(0, top, top), (top, t - top, t)]
     }
 
+    /// `s = scale · X Yᵀ` (T×T, rows of T) on and below the diagonal's blocks, for X and Y
+    /// rows of `hd` values `x_rs`/`y_rs` apart (QKᵀ, dO Vᵀ). The top block's rows are left as
+    /// they were past its columns.
+    ///
+    /// # Safety
+    /// X and Y hold T rows at their strides; `s` holds T×T values.
+    unsafe fn scores(
+        &self,
+        (x, x_rs): (*const f32, usize),
+        (y, y_rs): (*const f32, usize),
+        s: *mut f32,
+        scale: f32,
+    ) {
+        for (r0, rows, cols) in self.blocks().into_iter().filter(|b| b.1 > 0) {
+            gemm_strided(
+                (rows, cols, self.hd),
+                s.add(r0 * self.t),
+                self.t,
+                false,
+                (x.add(r0 * x_rs), x_rs, 1),
+                (y, 1, y_rs),
+                scale,
+                false,
+            );
+        }
+    }
+
+    /// `dst = scale · A B` for A (T×T) zero above the diagonal (P, dS) and B rows of `hd`
+    /// values (PV, dS K): each row block reads B's rows up to its columns only.
+    ///
+    /// # Safety
+    /// `a` holds T×T values, B and dst T rows of `hd` at their strides.
+    unsafe fn lower_times(
+        &self,
+        a: *const f32,
+        (b, b_rs): (*const f32, usize),
+        (dst, dst_rs): (*mut f32, usize),
+        scale: f32,
+    ) {
+        for (r0, rows, cols) in self.blocks().into_iter().filter(|b| b.1 > 0) {
+            gemm_strided(
+                (rows, self.hd, cols),
+                dst.add(r0 * dst_rs),
+                dst_rs,
+                false,
+                (a.add(r0 * self.t), self.t, 1),
+                (b, b_rs, 1),
+                scale,
+                false,
+            );
+        }
+    }
+
+    /// `dst = scale · Aᵀ B` for A (T×T) zero above the diagonal (Pᵀ dO, dSᵀ Q): the rows j0..
+    /// of dst sum over positions j0.. only.
+    ///
+    /// # Safety
+    /// As [`Self::lower_times`].
+    unsafe fn lower_t_times(
+        &self,
+        a: *const f32,
+        (b, b_rs): (*const f32, usize),
+        (dst, dst_rs): (*mut f32, usize),
+        scale: f32,
+    ) {
+        let t = self.t;
+        for (j0, rows, _) in self.blocks().into_iter().filter(|b| b.1 > 0) {
+            gemm_strided(
+                (rows, self.hd, t - j0),
+                dst.add(j0 * dst_rs),
+                dst_rs,
+                false,
+                (a.add(j0 * t + j0), 1, t),
+                (b.add(j0 * b_rs), b_rs, 1),
+                scale,
+                false,
+            );
+        }
+    }
+
     /// Causal softmax probabilities P (T×T) of one sample's head `h` into `p`.
     fn probs(&self, qkv: &[f32], h: usize, p: &mut [f32]) {
         let (c, t) = (self.heads * self.hd, self.t);
         let (q, k) = (h * self.hd, c + h * self.hd);
-        for (r0, rows, cols) in self.blocks() {
-            if rows == 0 {
-                continue;
-            }
-            // SAFETY: rows r0.. of `hd` values at offsets q/k inside rows of 3C; P is T×T.
-            unsafe {
-                gemm_strided(
-                    (rows, cols, self.hd),
-                    p.as_mut_ptr().add(r0 * t),
-                    t,
-                    false,
-                    (qkv.as_ptr().add(r0 * 3 * c + q), 3 * c, 1),
-                    (qkv.as_ptr().add(k), 1, 3 * c),
-                    self.scale,
-                    false,
-                );
-            }
+        // SAFETY: T rows of 3C hold Q and K at offsets q, k; P is T×T.
+        unsafe {
+            let qkv = qkv.as_ptr();
+            self.scores(
+                (qkv.add(q), 3 * c),
+                (qkv.add(k), 3 * c),
+                p.as_mut_ptr(),
+                self.scale,
+            );
         }
         // The top block's rows past column `top` are left as they were; the softmax selects
         // them away and writes zeros there.
@@ -92,24 +164,11 @@ impl Attn {
                 let p = &mut p[h * tt..(h + 1) * tt];
                 self.probs(qkv, h, p);
                 let v = 2 * c + h * self.hd;
-                for (r0, rows, cols) in self.blocks() {
-                    if rows == 0 {
-                        continue;
-                    }
-                    // SAFETY: O rows of out_rs at the head's offset; V rows of 3C at offset v; P
-                    // T×T, whose rows r0.. are zero past `cols`.
-                    unsafe {
-                        gemm_strided(
-                            (rows, self.hd, cols),
-                            o.as_mut_ptr().add(r0 * out_rs + h * self.hd),
-                            out_rs,
-                            false,
-                            (p.as_ptr().add(r0 * t), t, 1),
-                            (qkv.as_ptr().add(v), 3 * c, 1),
-                            1.0,
-                            false,
-                        );
-                    }
+                // SAFETY: O rows of out_rs at the head's offset, V rows of 3C at offset v, P
+                // T×T, all inside the sample's T rows.
+                unsafe {
+                    let dst = o.as_mut_ptr().add(h * self.hd);
+                    self.lower_times(p.as_ptr(), (qkv.as_ptr().add(v), 3 * c), (dst, out_rs), 1.0);
                 }
             }
         };
@@ -162,83 +221,21 @@ impl Attn {
                         }
                     };
                     let (qo, ko, vo, go) = (h * hd, c + h * hd, 2 * c + h * hd, h * hd);
-                    // SAFETY (all products): rows of hd values at the given offsets of rows of
-                    // 3C (qkv, d) or C (g), inside the sample's T rows; P and dP are T×T.
-                    // Products into a row block r0.. read columns (positions) 0..cols; products
-                    // through Pᵀ or dSᵀ into rows j0.. read positions j0.. only, since P and dS
-                    // are zero above the diagonal.
-                    for (r0, rows, cols) in self.blocks() {
-                        if rows == 0 {
-                            continue;
-                        }
-                        unsafe {
-                            // dP = dO Vᵀ, on and below the diagonal's blocks
-                            gemm_strided(
-                                (rows, cols, hd),
-                                dp.as_mut_ptr().add(r0 * t),
-                                t,
-                                false,
-                                (g.as_ptr().add(r0 * c + go), c, 1),
-                                (qkv.as_ptr().add(vo), 1, c3),
-                                1.0,
-                                false,
-                            );
-                        }
-                    }
-                    for (j0, rows, _) in self.blocks() {
-                        if rows == 0 {
-                            continue;
-                        }
-                        unsafe {
-                            // dV = Pᵀ dO
-                            gemm_strided(
-                                (rows, hd, t - j0),
-                                d.as_mut_ptr().add(j0 * c3 + vo),
-                                c3,
-                                false,
-                                (p.as_ptr().add(j0 * t + j0), 1, t),
-                                (g.as_ptr().add(j0 * c + go), c, 1),
-                                1.0,
-                                false,
-                            );
-                        }
+                    // SAFETY (all products): T rows of hd values at the given offsets of rows
+                    // of 3C (qkv, d) or C (g); P and dP are T×T.
+                    unsafe {
+                        let (q, g, dp, d) =
+                            (qkv.as_ptr(), g.as_ptr(), dp.as_mut_ptr(), d.as_mut_ptr());
+                        // dP = dO Vᵀ, dV = Pᵀ dO
+                        self.scores((g.add(go), c), (q.add(vo), c3), dp, 1.0);
+                        self.lower_t_times(p.as_ptr(), (g.add(go), c), (d.add(vo), c3), 1.0);
                     }
                     softmax_backward(p, &mut dp, t);
-                    for (r0, rows, cols) in self.blocks() {
-                        if rows == 0 {
-                            continue;
-                        }
-                        unsafe {
-                            // dQ = s·dS K
-                            gemm_strided(
-                                (rows, hd, cols),
-                                d.as_mut_ptr().add(r0 * c3 + qo),
-                                c3,
-                                false,
-                                (dp.as_ptr().add(r0 * t), t, 1),
-                                (qkv.as_ptr().add(ko), c3, 1),
-                                self.scale,
-                                false,
-                            );
-                        }
-                    }
-                    for (j0, rows, _) in self.blocks() {
-                        if rows == 0 {
-                            continue;
-                        }
-                        unsafe {
-                            // dK = s·dSᵀ Q
-                            gemm_strided(
-                                (rows, hd, t - j0),
-                                d.as_mut_ptr().add(j0 * c3 + ko),
-                                c3,
-                                false,
-                                (dp.as_ptr().add(j0 * t + j0), 1, t),
-                                (qkv.as_ptr().add(j0 * c3 + qo), c3, 1),
-                                self.scale,
-                                false,
-                            );
-                        }
+                    unsafe {
+                        let (q, dp, d) = (qkv.as_ptr(), dp.as_ptr(), d.as_mut_ptr());
+                        // dQ = s·dS K, dK = s·dSᵀ Q
+                        self.lower_times(dp, (q.add(ko), c3), (d.add(qo), c3), self.scale);
+                        self.lower_t_times(dp, (q.add(qo), c3), (d.add(ko), c3), self.scale);
                     }
                 }
                 let mut acc = vec![0f32; c3];
