@@ -119,9 +119,23 @@ fn a_killed_rank_stops_the_other_naming_it_and_the_run_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for a checkpoint, then kill rank 1 (found by the rank MPI gave it).
+    // Wait for a checkpoint of step 16 or later, then kill rank 1 (found by the rank MPI gave
+    // it). Any later one will do: at thousands of images a second the run can write and prune
+    // step 16's between two looks.
+    let past_step_16 = || {
+        std::fs::read_dir(run.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("step-")?.parse::<u64>().ok())
+                    .is_some_and(|step| step >= 16)
+            })
+    };
     let t0 = Instant::now();
-    while !run.join("checkpoints/step-0000016").exists() {
+    while !past_step_16() {
         if t0.elapsed() > Duration::from_secs(120) {
             // Stop the job (mpirun passes SIGTERM on to its ranks): left running, its busy
             // ranks would slow every later run on the machine.
