@@ -63,31 +63,32 @@ impl DenseT {
                 r.copy_from_slice(&self.b);
             }
         }
-        times_wt(x, &self.wt, rows, (out, n, n), true, parallel);
+        times_wt(x, &self.wt, rows, n, out, true, parallel);
     }
 }
 
-/// `out (rows of n, out_rs ≥ n apart) [+]= x (rows × k) · wt (k × n, row-major)`, k from
-/// `wt`'s length; added onto `out` when `accumulate`, on every thread when `parallel`.
+/// `out (rows × n) [+]= x (rows × k) · wt (k × n, row-major)`, k from `wt`'s length; added onto
+/// `out` when `accumulate`, on every thread when `parallel`.
 fn times_wt(
     x: &[f32],
     wt: &[f32],
     rows: usize,
-    (out, n, out_rs): (&mut [f32], usize, usize),
+    n: usize,
+    out: &mut [f32],
     accumulate: bool,
     parallel: bool,
 ) {
     let k = wt.len() / n.max(1);
     assert!(
-        x.len() >= rows * k && out_rs >= n && out.len() >= rows.saturating_sub(1) * out_rs + n,
+        x.len() >= rows * k && out.len() >= rows * n,
         "trunk product: buffer sizes"
     );
-    // SAFETY: x holds rows×k, wt k×n and out rows of n values out_rs apart (checked above).
+    // SAFETY: x holds rows×k, wt k×n and out rows×n values (checked above).
     unsafe {
         gemm_strided(
             (rows, n, k),
             out.as_mut_ptr(),
-            out_rs,
+            n,
             accumulate,
             (x.as_ptr(), k, 1),
             (wt.as_ptr(), n, 1),
@@ -116,14 +117,14 @@ impl Folded {
         Ok(Self { wt, n })
     }
 
-    /// `out (rows of n, out_rs apart) = x (rows × (in + 1), last column 1) · [Wᵀ; b]`.
-    fn apply(&self, x: &[f32], rows: usize, (out, out_rs): (&mut [f32], usize), parallel: bool) {
-        times_wt(x, &self.wt, rows, (out, self.n, out_rs), false, parallel)
+    /// `out (rows × n) = x (rows × (in + 1), last column 1) · [Wᵀ; b]`.
+    fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], parallel: bool) {
+        times_wt(x, &self.wt, rows, self.n, out, false, parallel)
     }
 
     /// `h (rows × n) += x (rows × (in + 1), last column 1) · [Wᵀ; b]`.
     fn add_to(&self, x: &[f32], rows: usize, h: &mut [f32], parallel: bool) {
-        times_wt(x, &self.wt, rows, (h, self.n, self.n), true, parallel)
+        times_wt(x, &self.wt, rows, self.n, h, true, parallel)
     }
 }
 
@@ -216,17 +217,16 @@ impl Trunk {
     pub fn forward(&self, h: &mut [f32], n: usize, t: usize, temp: f64) {
         let (c, hd, heads) = (self.c, self.hd, self.heads);
         let rows = n * t;
-        let hidden = self.hidden;
         let mut tmp = super::pool::take(rows * (c + 1));
         let mut qkv = super::pool::take(rows * 3 * c);
         let mut att = super::pool::take(rows * (c + 1));
-        let mut mlp = super::pool::take(rows * hidden);
+        let mut mlp = super::pool::take(rows * self.hidden);
         // The attention never writes its ones.
         ones_column(&mut att, c + 1);
         let scale = (1.0 / ((hd as f64).sqrt() * temp)) as f32;
         for layer in &self.layers {
             layer.ln1.apply(h, &mut tmp);
-            layer.qkv.apply(&tmp, rows, (&mut qkv, 3 * c), true);
+            layer.qkv.apply(&tmp, rows, &mut qkv, true);
             let attn = Attn {
                 heads,
                 hd,
@@ -236,7 +236,7 @@ impl Trunk {
             attn.forward_into(&mut qkv, None, (&mut att, c + 1), None);
             layer.proj.add_to(&att, rows, h, true);
             layer.ln2.apply(h, &mut tmp);
-            layer.fc1.apply(&tmp, rows, (&mut mlp, hidden), true);
+            layer.fc1.apply(&tmp, rows, &mut mlp, true);
             crate::gelu::in_place(&mut mlp);
             layer.fc2.add_to(&mlp, rows, h, true);
         }
@@ -274,7 +274,7 @@ impl Trunk {
         let par = rows >= PAR_ROWS;
         for (l, layer) in self.layers.iter().enumerate() {
             layer.ln1.apply(h, &mut st.tmp);
-            layer.qkv.apply(&st.tmp, rows, (&mut st.qkv, 3 * c), par);
+            layer.qkv.apply(&st.tmp, rows, &mut st.qkv, par);
             // Rows are independent: each task owns its rows' caches, scores and output.
             let per = heads * t * hd;
             let scales = &st.scales;
@@ -318,9 +318,7 @@ impl Trunk {
             }
             layer.proj.add_to(&st.att, rows, h, par);
             layer.ln2.apply(h, &mut st.tmp);
-            layer
-                .fc1
-                .apply(&st.tmp, rows, (&mut st.mlp, self.hidden), par);
+            layer.fc1.apply(&st.tmp, rows, &mut st.mlp, par);
             crate::gelu::in_place_chunk(&mut st.mlp);
             layer.fc2.add_to(&st.mlp, rows, h, par);
         }
