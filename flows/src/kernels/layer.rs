@@ -81,6 +81,9 @@ impl Dims {
 pub(crate) struct Saved {
     /// LN₁(x), rows × C.
     h1: Buf,
+    /// LN₁'s (mean, 1/σ) per row, and LN₂'s.
+    st1: Buf,
+    st2: Buf,
     /// rows × 3C.
     qkv: Buf,
     /// Attention probabilities, N·heads·T·T (empty for long sequences: recomputed).
@@ -132,7 +135,8 @@ impl Layer {
         let n = rows / a.t.max(1);
         let [ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fc1w, fc1b, fc2w, fc2b] = d.split(p);
         let mut h1 = pool::take(rows * c);
-        layer_norm::forward(x, ln1w, ln1b, &mut h1);
+        let mut st1 = pool::take(rows * 2);
+        layer_norm::forward_keeping_stats(x, ln1w, ln1b, &mut h1, &mut st1);
         // qkv = h₁·W_qkvᵀ; the attention adds the bias sample by sample.
         let mut qkv = pool::take(rows * 3 * c);
         linear::product(&h1, qkvw, &mut qkv, 3 * c, false);
@@ -147,7 +151,8 @@ impl Layer {
         let mut x2 = pool::take(x.len());
         linear::forward(&att, projw, projb, &mut x2, Some(x));
         let mut h2 = pool::take(rows * c);
-        layer_norm::forward(&x2, ln2w, ln2b, &mut h2);
+        let mut st2 = pool::take(rows * 2);
+        layer_norm::forward_keeping_stats(&x2, ln2w, ln2b, &mut h2, &mut st2);
         // u = h₂·W₁ᵀ, its bias added by the activation's pass, which leaves GELU'(u + b) in u.
         let mut u = pool::take(rows * d.hidden);
         linear::product(&h2, fc1w, &mut u, d.hidden, false);
@@ -156,6 +161,8 @@ impl Layer {
         linear::forward(&g, fc2w, fc2b, y, Some(&x2));
         Saved {
             h1,
+            st1,
+            st2,
             qkv,
             probs,
             att,
@@ -182,14 +189,14 @@ impl Layer {
         linear::backward_products(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, d.hidden);
         drop(du);
         // dx₂ = dy + LN₂'(dh₂), in dy's buffer (the residual passes it on to x).
-        layer_norm::backward(&s.x2, ln2w, &dh, dy, dln2w, dln2b);
+        layer_norm::backward(&s.x2, &s.st2, ln2w, &dh, dy, dln2w, dln2b);
         // Attention: datt = dx₂·W_proj, dqkv from the kept probabilities, dh₁ = dqkv·W_qkv.
         linear::backward(&s.att, projw, dy, Some(&mut dh), dprojw, dprojb);
         let mut dqkv = pool::take(rows * 3 * c);
         let probs = self.attn.keeps_probs().then_some(&s.probs[..]);
         self.attn.backward(&s.qkv, probs, &dh, &mut dqkv, dqkvb);
         linear::backward_products(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, 3 * c);
-        layer_norm::backward(x, ln1w, &dh, dy, dln1w, dln1b);
+        layer_norm::backward(x, &s.st1, ln1w, &dh, dy, dln1w, dln1b);
     }
 }
 
