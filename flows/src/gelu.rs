@@ -58,21 +58,6 @@ pub fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// GELU of every value of `x` into `out`.
-pub(crate) fn forward(x: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| forward_chunk(x, o));
-}
-
-crate::kernels::simd_clones! {
-fn forward_chunk(x: &[f32], out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = gelu_f32(v);
-    }
-}
-}
-
 /// GELU of every value of `x` in place.
 pub(crate) fn in_place(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK).for_each(in_place_chunk);
@@ -150,10 +135,9 @@ fn backward_rows(slope: &[f32], g: &mut [f32], acc: &mut [f32]) {
 /// (the trunk and fused layer cover training), candle's op elsewhere.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if crate::kernels::applies(x) && !x.track_op() {
-        let v = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; v.len()];
-        forward(&v, &mut out);
-        return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        in_place(&mut v);
+        return Ok(Tensor::from_vec(v, x.shape(), x.device())?);
     }
     Ok(x.gelu_erf()?)
 }

@@ -20,14 +20,17 @@ pub(crate) struct Attn {
 }
 
 impl Attn {
-    /// The causal products' two row blocks, (first row, rows, columns): the first half of the
-    /// rows attends to the first half of the positions only, so its products stop there (a
-    /// quarter of the attention's multiply-adds are above the diagonal). The split is a whole
-    /// number of 16-value chunks, so that the softmax's chunks read only computed scores.
-    fn blocks(&self) -> [(usize, usize, usize); 2] {
+    /// The causal products' row blocks, (first row, rows, columns), those with rows: the first
+    /// half of the rows attends to the first half of the positions only, so its products stop
+    /// there (a quarter of the attention's multiply-adds are above the diagonal). The split is
+    /// a whole number of 16-value chunks, so that the softmax's chunks read only computed
+    /// scores; up to T = 32 there is one block.
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize, usize)> {
         let t = self.t;
         let top = ((t / 2).div_ceil(16) * 16).min(t);
         [(0, top, top), (top, t - top, t)]
+            .into_iter()
+            .filter(|&(_, rows, _)| rows > 0)
     }
 
     /// `s = scale · X Yᵀ` (T×T, rows of T) on and below the diagonal's blocks, for X and Y
@@ -43,7 +46,7 @@ impl Attn {
         s: *mut f32,
         scale: f32,
     ) {
-        for (r0, rows, cols) in self.blocks().into_iter().filter(|b| b.1 > 0) {
+        for (r0, rows, cols) in self.blocks() {
             gemm_strided(
                 (rows, cols, self.hd),
                 s.add(r0 * self.t),
@@ -69,7 +72,7 @@ impl Attn {
         (dst, dst_rs): (*mut f32, usize),
         scale: f32,
     ) {
-        for (r0, rows, cols) in self.blocks().into_iter().filter(|b| b.1 > 0) {
+        for (r0, rows, cols) in self.blocks() {
             gemm_strided(
                 (rows, self.hd, cols),
                 dst.add(r0 * dst_rs),
@@ -96,7 +99,7 @@ impl Attn {
         scale: f32,
     ) {
         let t = self.t;
-        for (j0, rows, _) in self.blocks().into_iter().filter(|b| b.1 > 0) {
+        for (j0, rows, _) in self.blocks() {
             gemm_strided(
                 (rows, self.hd, t - j0),
                 dst.add(j0 * dst_rs),

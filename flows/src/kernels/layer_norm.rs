@@ -33,19 +33,19 @@ pub(crate) fn stats(x: &[f32]) -> (f32, f32) {
 }
 
 /// LayerNorm of each row of `x` (rows of `w.len()`) into `out`, keeping each row's (mean, 1/σ)
-/// in `stats` (2 per row) for [`backward`], which would otherwise pass over the row twice more
+/// in `kept` (2 per row) for [`backward`], which would otherwise pass over the row twice more
 /// to find them again.
 pub(crate) fn forward_keeping_stats(
     x: &[f32],
     w: &[f32],
     b: &[f32],
     out: &mut [f32],
-    stats: &mut [f32],
+    kept: &mut [f32],
 ) {
     let c = w.len();
     out.par_chunks_mut(ROWS * c)
         .zip(x.par_chunks(ROWS * c))
-        .zip(stats.par_chunks_mut(ROWS * 2))
+        .zip(kept.par_chunks_mut(ROWS * 2))
         .for_each(|((o, x), st)| forward_rows(x, w, b, o, c, st));
 }
 
@@ -78,11 +78,11 @@ fn forward_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], stride: usize,
 }
 
 /// The backward of [`forward_keeping_stats`] for the output gradient `g`, from the rows'
-/// kept `stats`: `dx` is added to (so a residual's gradient can already be there), `dw` and
+/// `kept` statistics: `dx` is added to (so a residual's gradient can already be there), `dw` and
 /// `db` are overwritten.
 pub(crate) fn backward(
     x: &[f32],
-    stats: &[f32],
+    kept: &[f32],
     w: &[f32],
     g: &[f32],
     dx: &mut [f32],
@@ -94,7 +94,7 @@ pub(crate) fn backward(
     let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(ROWS * c)
         .zip(x.par_chunks(ROWS * c).zip(g.par_chunks(ROWS * c)))
-        .zip(stats.par_chunks(ROWS * 2))
+        .zip(kept.par_chunks(ROWS * 2))
         .map(|((dx, (x, g)), st)| {
             let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
             backward_rows((x, st), w, g, dx, &mut dw, &mut db);
@@ -117,7 +117,7 @@ pub(crate) fn backward(
 crate::kernels::simd_clones! {
 /// [`backward`] of a run of rows, adding their `dw`, `db` into `dw`, `db`.
 fn backward_rows(
-    (x, stats): (&[f32], &[f32]),
+    (x, kept): (&[f32], &[f32]),
     w: &[f32],
     g: &[f32],
     dx: &mut [f32],
@@ -130,42 +130,17 @@ fn backward_rows(
         .chunks_exact_mut(c)
         .zip(x.chunks_exact(c))
         .zip(g.chunks_exact(c))
-        .zip(stats.chunks_exact(2))
+        .zip(kept.chunks_exact(2))
     {
         let (m, r) = (st[0], st[1]);
-        // Σĝ and Σĝ·x̂ ride in the pass that makes them, in the lanes and order of `sum16` and
-        // `dot16` (the same values as two passes of their own).
-        let (mut s1, mut s2) = ([0f32; 16], [0f32; 16]);
-        let whole = c / 16 * 16;
-        let chunks = x[..whole]
-            .chunks_exact(16)
-            .zip(g[..whole].chunks_exact(16))
-            .zip(w[..whole].chunks_exact(16))
-            .zip(xh[..whole].chunks_exact_mut(16))
-            .zip(gh[..whole].chunks_exact_mut(16))
-            .zip(dw[..whole].chunks_exact_mut(16))
-            .zip(db[..whole].chunks_exact_mut(16));
-        for ((((((x, g), w), xh), gh), dw), db) in chunks {
-            for l in 0..16 {
-                xh[l] = (x[l] - m) * r;
-                gh[l] = g[l] * w[l];
-                dw[l] = g[l].mul_add(xh[l], dw[l]);
-                db[l] += g[l];
-                s1[l] += gh[l];
-                s2[l] = gh[l].mul_add(xh[l], s2[l]);
-            }
-        }
-        let (mut t1, mut t2) = (0f32, 0f32);
-        for i in whole..c {
+        for i in 0..c {
             xh[i] = (x[i] - m) * r;
             gh[i] = g[i] * w[i];
             dw[i] = g[i].mul_add(xh[i], dw[i]);
             db[i] += g[i];
-            t1 += gh[i];
-            t2 += gh[i] * xh[i];
         }
-        let m1 = (super::hsum16(s1) + t1) / c as f32;
-        let m2 = (super::hsum16(s2) + t2) / c as f32;
+        let m1 = sum16(&gh, |v| v) / c as f32;
+        let m2 = super::dot16(&gh, &xh) / c as f32;
         for i in 0..c {
             dx[i] = r.mul_add((-xh[i]).mul_add(m2, gh[i] - m1), dx[i]);
         }

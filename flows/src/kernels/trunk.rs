@@ -253,6 +253,7 @@ impl Trunk {
             kc: self.layers.iter().map(|_| vec![0f32; cache]).collect(),
             vc: self.layers.iter().map(|_| vec![0f32; cache]).collect(),
             tmp: vec![0f32; rows * (self.c + 1)],
+            // Ones throughout: the attention writes each row's first C, the last stays 1.
             att: vec![1f32; rows * (self.c + 1)],
             qkv: vec![0f32; rows * 3 * self.c],
             mlp: vec![0f32; rows * self.hidden],
