@@ -3,7 +3,7 @@
 
 use crate::config::{ModelConfig, ScaleHead};
 use crate::error::{FlowError, Result};
-use crate::kernels::flow::TrainParts;
+use crate::kernels::flow::{self, TrainParts};
 use crate::kernels::step::{heads, StepKernel, StepParts, StepWeights};
 use crate::layers::{AttentionBlock, Linear, RmsNorm};
 use crate::quant::QuantWeights;
@@ -301,6 +301,9 @@ impl MetaBlock {
 
     /// x → z for this block: `z = (x − μ)·exp(−α)` token-wise, parameters from earlier tokens.
     pub fn forward(&self, x: &Tensor, cond: Cond) -> Result<BlockOutput> {
+        if let Some(out) = self.forward_kernels(x, cond)? {
+            return Ok(out);
+        }
         let x = self.permute(x, 1)?;
         let cls = self.class_cond(cond, x.device())?;
         let (alpha, mu, proj_out) = self.maps(&x, cls.as_ref(), 1.0)?;
@@ -317,6 +320,55 @@ impl MetaBlock {
             proj_out,
             alpha,
         })
+    }
+
+    /// [`Self::forward`] on slices, where the CPU kernels cover it (gradient-free, f32, TarFlow's
+    /// exp head without a start token): the token order, the trunk and the affine map run with
+    /// no candle op between them, where the composed ops took a pass and a buffer each.
+    fn forward_kernels(&self, x: &Tensor, cond: Cond) -> Result<Option<BlockOutput>> {
+        if self.sos.is_some()
+            || self.scale != ScaleHead::Exp
+            || !crate::kernels::applies(x)
+            || x.track_op()
+            || self.is_trainable()
+        {
+            return Ok(None);
+        }
+        let expanded = self.expanded()?;
+        let block = expanded.as_ref().unwrap_or(self);
+        if block.is_quantised() {
+            return Ok(None);
+        }
+        let (n, t, d) = x.dims3()?;
+        let cls = self.class_cond(cond, x.device())?;
+        // `s`: the input (canonical order), then the output.
+        let mut s = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let flipped = self.flip.is_some();
+        let take = crate::kernels::pool::take;
+        let mut xp = take(s.len());
+        flow::permute(&s, &mut xp, t, d, flipped);
+        let po = heads(&block.step_parts(cls.as_ref())?, &xp, (n, t), 1.0)?; // (N·T, W)
+        let (mut z, mut e, mut alpha) = (take(s.len()), take(s.len()), vec![0f32; s.len()]);
+        let mut sums = vec![0f64; n];
+        flow::affine_head(
+            &xp,
+            &po,
+            (t, d),
+            self.nvp,
+            (&mut z, &mut e, &mut alpha),
+            &mut sums,
+        );
+        flow::permute(&z, &mut s, t, d, flipped);
+        let dims = (t * d) as f64;
+        let logdet: Vec<f32> = sums.iter().map(|s| (-s / dims) as f32).collect();
+        let dev = x.device();
+        let w = po.len() / (n * t).max(1);
+        Ok(Some(BlockOutput {
+            out: Tensor::from_vec(s, (n, t, d), dev)?,
+            logdet: Tensor::from_vec(logdet, n, dev)?,
+            proj_out: Tensor::from_vec(po, (n, t, w), dev)?,
+            alpha: Tensor::from_vec(alpha, (n, t, d), dev)?,
+        }))
     }
 
     /// The (α, μ) of every token given all tokens `x` (N, T, D) in this block's own order, in

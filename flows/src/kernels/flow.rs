@@ -149,16 +149,67 @@ struct Kept {
 }
 
 /// `dst` = `src` (rows of `w` values) in the block's token order (its own inverse).
-fn permute(src: &[f32], dst: &mut [f32], s: Shape, w: usize, flipped: bool) {
+pub(crate) fn permute(src: &[f32], dst: &mut [f32], t: usize, w: usize, flipped: bool) {
     if !flipped {
         dst.copy_from_slice(src);
         return;
     }
-    for (ds, ss) in dst.chunks_exact_mut(s.t * w).zip(src.chunks_exact(s.t * w)) {
-        for (t, row) in ds.chunks_exact_mut(w).enumerate() {
-            row.copy_from_slice(&ss[(s.t - 1 - t) * w..][..w]);
+    for (ds, ss) in dst.chunks_exact_mut(t * w).zip(src.chunks_exact(t * w)) {
+        for (i, row) in ds.chunks_exact_mut(w).enumerate() {
+            row.copy_from_slice(&ss[(t - 1 - i) * w..][..w]);
         }
     }
+}
+
+/// A block's affine map over its tokens `xp` (samples of T rows of D, block order): token t's
+/// (α, μ) is token t − 1's head output `po` (rows of α then μ, or μ alone without `nvp`), and
+/// token 0 passes through. Writes `z = (x − μ)·exp(−α)`, `e = exp(−α)` (the backward's) and the
+/// shifted α, and adds each sample's Σα to `alpha_sum`.
+pub(crate) fn affine_head(
+    xp: &[f32],
+    po: &[f32],
+    (t, d): (usize, usize),
+    nvp: bool,
+    (z, e, alpha): (&mut [f32], &mut [f32], &mut [f32]),
+    alpha_sum: &mut [f64],
+) {
+    use rayon::prelude::*;
+    let w = if nvp { 2 * d } else { d };
+    z.par_chunks_mut(t * d)
+        .zip(e.par_chunks_mut(t * d))
+        .zip(alpha.par_chunks_mut(t * d))
+        .zip(xp.par_chunks(t * d))
+        .zip(po.par_chunks(t * w))
+        .zip(alpha_sum.par_iter_mut())
+        .for_each(|(((((z, e), a), x), po), sum)| {
+            *sum += affine_sample(x, po, d, nvp, z, e, a);
+        });
+}
+
+super::simd_clones! {
+/// [`affine_head`] of one sample; returns its Σα.
+fn affine_sample(x: &[f32], po: &[f32], d: usize, nvp: bool, z: &mut [f32], e: &mut [f32], a: &mut [f32]) -> f64 {
+    let w = if nvp { 2 * d } else { d };
+    z[..d].copy_from_slice(&x[..d]);
+    e[..d].fill(1.0);
+    a[..d].fill(0.0);
+    let mut sum = 0f64;
+    let rows = z.chunks_exact_mut(d).zip(e.chunks_exact_mut(d)).zip(a.chunks_exact_mut(d)).zip(x.chunks_exact(d));
+    for ((((zr, er), ar), xr), head) in rows.skip(1).zip(po.chunks_exact(w)) {
+        let mu = &head[w - d..];
+        if nvp {
+            ar.copy_from_slice(&head[..d]);
+        } else {
+            ar.fill(0.0);
+        }
+        for j in 0..d {
+            sum += ar[j] as f64;
+            er[j] = super::exp_f32(-ar[j]);
+            zr[j] = (xr[j] - mu[j]) * er[j];
+        }
+    }
+    sum
+}
 }
 
 /// The class of each row whose embedding is added: `Some(label)`, or `None` for the mean.
@@ -182,7 +233,7 @@ fn block_forward(
     let Shape { n, t, d, c } = sh;
     let rows = n * t;
     let mut xp = pool::take(rows * d);
-    permute(s, &mut xp, sh, d, b.flipped);
+    permute(s, &mut xp, t, d, b.flipped);
     // h₀ = x·W_inᵀ + b_in + pos (in the block's order) + class embedding.
     let mut h = pool::take(rows * c);
     let (pos, b_in) = (b.pos.get(), b.b_in.get());
@@ -217,36 +268,18 @@ fn block_forward(
     let mut po = pool::take(rows * w);
     let last = hs.last().map(|h| &h[..]).unwrap_or(&[]);
     linear::forward(last, b.w_out.get(), b.b_out.get(), &mut po, None);
-    // Token t's map comes from token t − 1's head; token 0 passes through.
     let mut z = pool::take(rows * d);
     let mut e = pool::take(rows * d);
-    for (r, ((zr, er), xr)) in z
-        .chunks_exact_mut(d)
-        .zip(e.chunks_exact_mut(d))
-        .zip(xp.chunks_exact(d))
-        .enumerate()
-    {
-        if r % t == 0 {
-            zr.copy_from_slice(xr);
-            er.fill(1.0);
-            continue;
-        }
-        let head = &po[(r - 1) * w..][..w];
-        let (a, mu) = if b.nvp {
-            head.split_at(d)
-        } else {
-            (&[][..], head)
-        };
-        let mut sum = 0f64;
-        for j in 0..d {
-            let alpha = a.get(j).copied().unwrap_or(0.0);
-            sum += alpha as f64;
-            er[j] = (-alpha).exp();
-            zr[j] = (xr[j] - mu[j]) * er[j];
-        }
-        alpha_sum[r / t] += sum;
-    }
-    permute(&z, out, sh, d, b.flipped);
+    let mut alpha = pool::take(rows * d);
+    affine_head(
+        &xp,
+        &po,
+        (t, d),
+        b.nvp,
+        (&mut z, &mut e, &mut alpha),
+        alpha_sum,
+    );
+    permute(&z, out, t, d, b.flipped);
     Kept {
         xp,
         hs,
@@ -274,7 +307,7 @@ fn block_backward(
     let rows = n * t;
     let w = b.b_out.get().len();
     let mut dz = pool::take(rows * d);
-    permute(g, &mut dz, sh, d, b.flipped);
+    permute(g, &mut dz, t, d, b.flipped);
     // z = (x − μ)·e^{−α}: dx = dz·e^{−α}, dμ = −dz·e^{−α}, dα = −dz·z (+ the log-det term).
     let mut dpo = pool::take(rows * w);
     let mut dxp = pool::take(rows * d);
@@ -387,7 +420,7 @@ fn block_backward(
     );
     if let (Some(g_in), Some(dx_in)) = (g_in, dx_in) {
         dxp.iter_mut().zip(dx_in.iter()).for_each(|(a, v)| *a += v);
-        permute(&dxp, g_in, sh, d, b.flipped);
+        permute(&dxp, g_in, t, d, b.flipped);
     }
     let name = |p: &str| format!("{}.{p}", b.prefix);
     grads.push((name("proj_in.weight"), dw_in));
