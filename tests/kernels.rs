@@ -323,6 +323,13 @@ fn the_fast_sampler_equals_the_composed_ops_in_every_variant() {
     c.nvp = true;
     c.num_classes = 0;
     shapes.push(c);
+    // 49 tokens (the step's scores in whole 16-position chunks and single ones after them) with
+    // heads of 64 (its outputs 64 dimensions at a time) and of 66 (both loops' remainders).
+    for (width, hd) in [(128, 64), (132, 66)] {
+        let mut c = ModelConfig::new(1, 14, 2, width, 2, 1, 4);
+        c.head_dim = hd;
+        shapes.push(c);
+    }
     for cfg in shapes {
         let ck = random_checkpoint(&cfg, 3);
         let m = ck.model(&Device::Cpu, DType::F32).unwrap();
