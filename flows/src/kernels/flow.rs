@@ -203,10 +203,12 @@ fn affine_sample(x: &[f32], po: &[f32], d: usize, nvp: bool, z: &mut [f32], e: &
             ar.fill(0.0);
         }
         for j in 0..d {
-            sum += ar[j] as f64;
             er[j] = super::exp_f32(-ar[j]);
             zr[j] = (xr[j] - mu[j]) * er[j];
         }
+        // A loop of its own: the f64 sum's order is fixed, and inside the loop above it kept
+        // that loop (and its exp) scalar.
+        sum += ar.iter().map(|&a| a as f64).sum::<f64>();
     }
     sum
 }
