@@ -10,6 +10,7 @@ use crate::quant::QuantWeights;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 /// Class conditioning of one pass.
@@ -322,23 +323,31 @@ impl MetaBlock {
         })
     }
 
+    /// The block whose dense weights a gradient-free CPU pass over `x` reads in the step
+    /// engine's layout (this one, or a quantised one expanded), or `None` where the kernels do
+    /// not apply. Under --native-qmatmul nothing is expanded, so a quantised block stays on the
+    /// composed path, where candle's integer matmul runs it.
+    fn dense_for_kernels(&self, x: &Tensor) -> Result<Option<Cow<'_, MetaBlock>>> {
+        if !crate::kernels::applies(x) || x.track_op() || self.is_trainable() {
+            return Ok(None);
+        }
+        let block = match self.expanded()? {
+            Some(e) => Cow::Owned(e),
+            None => Cow::Borrowed(self),
+        };
+        Ok((!block.is_quantised()).then_some(block))
+    }
+
     /// [`Self::forward`] on slices, where the CPU kernels cover it (gradient-free, f32, TarFlow's
     /// exp head without a start token): the token order, the trunk and the affine map run with
     /// no candle op between them, where the composed ops took a pass and a buffer each.
     fn forward_kernels(&self, x: &Tensor, cond: Cond) -> Result<Option<BlockOutput>> {
-        if self.sos.is_some()
-            || self.scale != ScaleHead::Exp
-            || !crate::kernels::applies(x)
-            || x.track_op()
-            || self.is_trainable()
-        {
+        if self.sos.is_some() || self.scale != ScaleHead::Exp {
             return Ok(None);
         }
-        let expanded = self.expanded()?;
-        let block = expanded.as_ref().unwrap_or(self);
-        if block.is_quantised() {
+        let Some(block) = self.dense_for_kernels(x)? else {
             return Ok(None);
-        }
+        };
         let (n, t, d) = x.dims3()?;
         let cls = self.class_cond(cond, x.device())?;
         // `s`: the input (canonical order), then the output.
@@ -406,20 +415,7 @@ impl MetaBlock {
             )?,
             None => x.clone(),
         };
-        // Gradient-free on the CPU, the step engine's layout serves every position at once; it
-        // needs dense weights, which a quantised block has once expanded (not under
-        // --native-qmatmul, whose integer matmul runs on the composed path).
-        let expanded =
-            if crate::kernels::applies(&input) && !input.track_op() && !self.is_trainable() {
-                Some(self.expanded()?)
-            } else {
-                None
-            };
-        let dense = expanded
-            .as_ref()
-            .map(|e| e.as_ref().unwrap_or(self))
-            .filter(|b| !b.is_quantised());
-        let proj_out = if let Some(block) = dense {
+        let proj_out = if let Some(block) = self.dense_for_kernels(&input)? {
             let parts = block.step_parts(cls)?;
             let x = input.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let out = heads(&parts, &x, (n, t), attn_temp)?;

@@ -243,12 +243,6 @@ pub(crate) fn sum_rows_into(x: &[f32], acc: &mut [f32]) {
     }
 }
 
-/// Softmax over the first `len` values of `row` in place; the rest become 0 (one step's causal
-/// row).
-pub(crate) fn softmax_prefix(row: &mut [f32], len: usize) {
-    softmax_row(row, len)
-}
-
 /// The causal softmax of a T×T score matrix in place: row i over its first i + 1 values, zeros
 /// after. One call per matrix, so the rows inline into one loop (a call per row took half of
 /// the attention's non-product time).
@@ -259,11 +253,13 @@ pub(crate) fn causal_softmax(p: &mut [f32], t: usize) {
 }
 }
 
-/// [`softmax_prefix`]'s body. Whole 16-value chunks are computed even where they pass `len`
-/// (those lanes become 0 by selection, never by arithmetic on them: past a causal product's
-/// written columns they may hold anything), so that short rows take no scalar tail.
+/// Softmax over the first `len` values of `row` in place; the rest become 0 (a causal row).
+/// Whole 16-value chunks are computed even where they pass `len` (those lanes become 0 by
+/// selection, never by arithmetic on them: past a causal product's written columns they may
+/// hold anything), so that short rows take no scalar tail. Inlined into SIMD clones only
+/// ([`causal_softmax`], the step's attention), which compile it for their lanes.
 #[inline(always)]
-fn softmax_row(row: &mut [f32], len: usize) {
+pub(crate) fn softmax_row(row: &mut [f32], len: usize) {
     let whole = (len.div_ceil(16) * 16).min(row.len() / 16 * 16);
     let mut lanes = [f32::NEG_INFINITY; 16];
     for (j, ch) in row[..whole].chunks_exact(16).enumerate() {

@@ -342,7 +342,7 @@ fn attend_row(
             let dot = q.iter().zip(k.chunks_exact(t)).fold(0f32, |s, (qd, kd)| qd.mul_add(kd[j], s));
             scores[j] = dot * scale;
         }
-        super::softmax_prefix(&mut scores, i + 1);
+        super::softmax_row(&mut scores, i + 1);
         weighted_rows(&scores[..=i], v, hd, &mut out[hh * hd..(hh + 1) * hd]);
     }
 }
