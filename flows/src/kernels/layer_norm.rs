@@ -13,13 +13,13 @@ const ROWS: usize = 64;
 #[inline(always)]
 fn sum16(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 16];
-    let mut it = x.chunks_exact(16);
-    for ch in &mut it {
+    let (chunks, rest) = x.as_chunks::<16>();
+    for ch in chunks {
         for l in 0..16 {
             acc[l] += f(ch[l]);
         }
     }
-    let tail: f32 = it.remainder().iter().map(|&v| f(v)).sum();
+    let tail: f32 = rest.iter().map(|&v| f(v)).sum();
     super::hsum16(acc) + tail
 }
 
@@ -69,8 +69,8 @@ fn forward_rows(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], stride: usize,
             k[1] = r;
         }
         let (o, ones) = o.split_at_mut(c);
-        for i in 0..c {
-            o[i] = ((x[i] - m) * r).mul_add(w[i], b[i]);
+        for (((o, x), w), b) in o.iter_mut().zip(x).zip(w).zip(b) {
+            *o = ((x - m) * r).mul_add(*w, *b);
         }
         ones.fill(1.0);
     }

@@ -184,25 +184,30 @@ pub(crate) use simd_clones;
 /// fixed order in four vector adds. Added one after another, the sixteen were a chain of
 /// scalar adds that cost a LayerNorm row or a softmax row more than its vector work.
 #[inline(always)]
-pub(crate) fn hsum16(mut acc: [f32; 16]) -> f32 {
-    for half in [8, 4, 2, 1] {
-        for l in 0..half {
-            acc[l] += acc[l + half];
-        }
-    }
-    acc[0]
+pub(crate) fn hsum16(acc: [f32; 16]) -> f32 {
+    halve16(acc, |a, b| a + b)
 }
 
-/// The largest of sixteen lanes, halved pairwise as in [`hsum16`] (NaN lanes are passed over,
-/// as `f32::max` does).
+/// The largest of sixteen lanes that hold no NaN, halved pairwise as in [`hsum16`] (with
+/// `>`: `f32::max`'s NaN rule compiles to three scalar instructions a lane).
 #[inline(always)]
-pub(crate) fn hmax16(mut acc: [f32; 16]) -> f32 {
-    for half in [8, 4, 2, 1] {
-        for l in 0..half {
-            acc[l] = acc[l].max(acc[l + half]);
-        }
-    }
-    acc[0]
+pub(crate) fn hmax16(acc: [f32; 16]) -> f32 {
+    halve16(acc, |a, b| if b > a { b } else { a })
+}
+
+/// Sixteen lanes folded by `f` pairwise: lane l with lane l + 8, then + 4, + 2, + 1.
+/// - Each step has arrays of its own width, so every index is a constant. One loop over the
+///   widths, with a variable bound, compiled to scalar code with bounds checks.
+/// - The lanes pass through `black_box` first. Without it, LLVM's SLP vectoriser fuses the
+///   caller's accumulating loop with this tree and runs both two lanes wide: a LayerNorm row
+///   took eight adds a chunk where one does.
+#[inline(always)]
+fn halve16(acc: [f32; 16], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let acc = std::hint::black_box(acc);
+    let a8: [f32; 8] = std::array::from_fn(|l| f(acc[l], acc[l + 8]));
+    let a4: [f32; 4] = std::array::from_fn(|l| f(a8[l], a8[l + 4]));
+    let a2: [f32; 2] = std::array::from_fn(|l| f(a4[l], a4[l + 2]));
+    f(a2[0], a2[1])
 }
 
 /// Σ a·b in sixteen interleaved partial sums: a fixed order that vectorises.
@@ -262,14 +267,23 @@ pub(crate) fn causal_softmax(p: &mut [f32], t: usize) {
 pub(crate) fn softmax_row(row: &mut [f32], len: usize) {
     let whole = (len.div_ceil(16) * 16).min(row.len() / 16 * 16);
     let mut lanes = [f32::NEG_INFINITY; 16];
-    for (j, ch) in row[..whole].chunks_exact(16).enumerate() {
+    // The chunks wholly inside the row's `len`, then the one that crosses it (its lanes past
+    // `len` read −∞). Apart, both loops compile to vector maxes; one loop with a per-lane
+    // test stayed scalar. `>` passes a NaN over as `f32::max` does.
+    let full = (len / 16 * 16).min(whole);
+    for ch in row[..full].chunks_exact(16) {
         for l in 0..16 {
-            let v = if j * 16 + l < len {
+            lanes[l] = if ch[l] > lanes[l] { ch[l] } else { lanes[l] };
+        }
+    }
+    if let Some(ch) = row[full..whole].chunks_exact(16).next() {
+        for l in 0..16 {
+            let v = if full + l < len {
                 ch[l]
             } else {
                 f32::NEG_INFINITY
             };
-            lanes[l] = lanes[l].max(v);
+            lanes[l] = if v > lanes[l] { v } else { lanes[l] };
         }
     }
     let tail = whole.min(len)..len;
