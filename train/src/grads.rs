@@ -81,7 +81,7 @@ pub fn loss_and_grads(
     } else {
         (0..parts)
             .into_par_iter()
-            .map(part)
+            .map(|i| kernels::as_one_of(parts, || part(i)))
             .collect::<Result<Vec<_>>>()?
     };
     let mut sum = 0.0;

@@ -85,8 +85,30 @@ pub(crate) fn slice<'a>(
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
+thread_local! {
+    /// How many passes run side by side with this thread's (1 outside [`as_one_of`]).
+    static SIDE_BY_SIDE: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
+
+/// Runs `f` as one of `passes` passes that run at once (training's `cpu_streams`, scoring's
+/// two halves), so that its products take their share of the threads. With all of them, each
+/// product split its work between the threads while the other pass kept them busy: both
+/// halves ran on one core, and each packed the left operand again (a 2-core step 1 % faster,
+/// GEMM packing 11.1 → 10.5 % of its cycles).
+pub fn as_one_of<R>(passes: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SIDE_BY_SIDE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(SIDE_BY_SIDE.with(|c| c.replace(passes.max(1))));
+    f()
+}
+
 /// `dst (m×n, rows `dst_rs` apart) = [dst +] scale · lhs (m×k) · rhs (k×n)` over strided f32
-/// buffers (strides in elements), on all rayon threads when `parallel`.
+/// buffers (strides in elements), when `parallel` on this pass's share of the rayon threads
+/// ([`as_one_of`]).
 ///
 /// # Safety
 /// Every element the sizes and strides address must lie inside the buffers.
@@ -101,7 +123,8 @@ pub(crate) unsafe fn gemm_strided(
     scale: f32,
     parallel: bool,
 ) {
-    let par = match rayon::current_num_threads() {
+    let share = rayon::current_num_threads() / SIDE_BY_SIDE.with(|c| c.get());
+    let par = match share {
         t if parallel && t > 1 => gemm::Parallelism::Rayon(t),
         _ => gemm::Parallelism::None,
     };

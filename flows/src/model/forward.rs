@@ -22,7 +22,8 @@ impl TarFlow {
             let half = |i: usize| {
                 self.forward_whole(&x.narrow(0, i * h, h)?, cond.rows(i * h, (i + 1) * h))
             };
-            let (a, b) = rayon::join(|| half(0), || half(1));
+            let one = |i| crate::kernels::as_one_of(2, || half(i));
+            let (a, b) = rayon::join(|| one(0), || one(1));
             return FlowOutput::cat(&a?, &b?);
         }
         self.forward_whole(x, cond)
