@@ -2,6 +2,7 @@
 //! which candle_nn's AdamW does not allow (ARCHITECTURE.md).
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// AdamW hyper-parameters (ml-tarflow: β 0.9/0.95, weight decay 1e-4).
@@ -28,13 +29,50 @@ impl Default for AdamWConfig {
     }
 }
 
+/// A variable's first and second moments.
+#[derive(Debug)]
+enum Moments {
+    /// In memory, for f32 variables on the CPU: updated with the variable in one pass
+    /// ([`crate::inplace::AdamStep`]; candle lends no mutable view of a tensor's storage).
+    Host(Vec<f32>, Vec<f32>),
+    /// Tensors on the variable's device, in f32.
+    Tensors(Tensor, Tensor),
+}
+
+impl Moments {
+    /// Whether `var`'s moments live in memory.
+    fn on_host(var: &Var) -> bool {
+        var.dtype() == DType::F32 && var.device().is_cpu() && var.is_contiguous()
+    }
+
+    /// Zero moments for `var`.
+    fn zeros(var: &Var) -> Result<Self> {
+        if Self::on_host(var) {
+            let n = var.elem_count();
+            return Ok(Moments::Host(vec![0.0; n], vec![0.0; n]));
+        }
+        let z = || Tensor::zeros(var.shape(), DType::F32, var.device());
+        Ok(Moments::Tensors(z()?, z()?))
+    }
+
+    /// (m, v) as tensors shaped like `var` (copies).
+    fn tensors(&self, var: &Var) -> Result<(Tensor, Tensor)> {
+        match self {
+            Moments::Host(m, v) => Ok((
+                Tensor::from_slice(m, var.shape(), var.device())?,
+                Tensor::from_slice(v, var.shape(), var.device())?,
+            )),
+            Moments::Tensors(m, v) => Ok((m.copy()?, v.copy()?)),
+        }
+    }
+}
+
 /// AdamW over named variables.
 #[derive(Debug)]
 pub struct AdamW {
     cfg: AdamWConfig,
     vars: Vec<(String, Var)>,
-    m: HashMap<String, Tensor>,
-    v: HashMap<String, Tensor>,
+    moments: HashMap<String, Moments>,
     /// f32 master copies of variables held in a lower precision (bf16 training).
     master: HashMap<String, Tensor>,
     step: u64,
@@ -44,14 +82,10 @@ impl AdamW {
     /// An optimizer over `vars` (name, variable), with zero moments.
     pub fn new(mut vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut m = HashMap::new();
-        let mut v = HashMap::new();
+        let mut moments = HashMap::new();
         let mut master = HashMap::new();
         for (name, var) in &vars {
-            // Separate buffers: the moments are updated in place.
-            let z = || Tensor::zeros(var.shape(), DType::F32, var.device());
-            m.insert(name.clone(), z()?);
-            v.insert(name.clone(), z()?);
+            moments.insert(name.clone(), Moments::zeros(var)?);
             if var.dtype() != DType::F32 {
                 // Updates of size lr·1e-4 vanish when rounded to bf16: accumulate them in f32.
                 master.insert(
@@ -63,8 +97,7 @@ impl AdamW {
         Ok(Self {
             cfg,
             vars,
-            m,
-            v,
+            moments,
             master,
             step: 0,
         })
@@ -114,27 +147,34 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            let Some(moments) = self.moments.get_mut(name) else {
+                continue;
+            };
+            let (m, v) = match moments {
+                Moments::Host(m, v) => {
+                    let g = g.to_dtype(DType::F32)?.contiguous()?;
+                    var.inplace_op2(
+                        &g,
+                        &crate::inplace::AdamStep {
+                            m: RefCell::new(m),
+                            v: RefCell::new(v),
+                            betas: (c.beta1, c.beta2),
+                            scale,
+                            decay: 1.0 - lr * c.weight_decay,
+                            lr,
+                            bias_corrections: (bc1, bc2),
+                            eps: c.eps,
+                        },
+                    )?;
+                    continue;
+                }
+                Moments::Tensors(m, v) => (m, v),
+            };
             // Detached: a gradient tensor links back to the whole forward graph, which the
             // moments would otherwise keep alive step after step.
-            let (m, v) = (&self.m[name], &self.v[name]);
-            if !self.master.contains_key(name) && crate::inplace::applies(&[var, m, v, g]) {
-                crate::inplace::moments(m, v, g, (c.beta1, c.beta2), scale)?;
-                var.inplace_op3(
-                    m,
-                    v,
-                    &crate::inplace::AdamUpdate {
-                        decay: 1.0 - lr * c.weight_decay,
-                        lr,
-                        bc1,
-                        bc2,
-                        eps: c.eps,
-                    },
-                )?;
-                continue;
-            }
             let g = (g.detach().to_dtype(DType::F32)? * scale)?;
-            let m = ((&self.m[name] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let p = match self.master.get(name) {
                 Some(w) => w.clone(),
                 None => var.as_tensor().detach().to_dtype(DType::F32)?,
@@ -145,8 +185,7 @@ impl AdamW {
             if self.master.contains_key(name) {
                 self.master.insert(name.clone(), p);
             }
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
+            *moments = Moments::Tensors(m, v);
         }
         Ok(())
     }
@@ -155,11 +194,12 @@ impl AdamW {
     /// place) and the step count.
     pub fn state(&self) -> Result<(HashMap<String, Tensor>, u64)> {
         let mut out = HashMap::new();
-        for (k, t) in &self.m {
-            out.insert(format!("m.{k}"), t.copy()?);
-        }
-        for (k, t) in &self.v {
-            out.insert(format!("v.{k}"), t.copy()?);
+        for (k, var) in &self.vars {
+            if let Some(mo) = self.moments.get(k) {
+                let (m, v) = mo.tensors(var)?;
+                out.insert(format!("m.{k}"), m);
+                out.insert(format!("v.{k}"), v);
+            }
         }
         Ok((out, self.step))
     }
@@ -167,7 +207,8 @@ impl AdamW {
     /// Restores a state saved by [`Self::state`]; every moment must be present with its shape.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, var) in &self.vars {
-            for (prefix, store) in [("m", &mut self.m), ("v", &mut self.v)] {
+            let mut pair = Vec::with_capacity(2);
+            for prefix in ["m", "v"] {
                 let key = format!("{prefix}.{name}");
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state lacks `{key}`"))
@@ -179,12 +220,22 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                // Copied: the moments are updated in place and must own their storage.
-                store.insert(
-                    name.clone(),
-                    t.to_device(var.device())?.to_dtype(DType::F32)?.copy()?,
-                );
+                pair.push(t.to_device(var.device())?.to_dtype(DType::F32)?);
             }
+            let (v, m) = (pair.pop(), pair.pop());
+            let (Some(m), Some(v)) = (m, v) else {
+                continue;
+            };
+            // Copied: the moments are updated in place and must own their storage.
+            let moments = if Moments::on_host(var) {
+                Moments::Host(
+                    m.flatten_all()?.to_vec1::<f32>()?,
+                    v.flatten_all()?.to_vec1::<f32>()?,
+                )
+            } else {
+                Moments::Tensors(m.copy()?, v.copy()?)
+            };
+            self.moments.insert(name.clone(), moments);
         }
         self.step = step;
         Ok(())
