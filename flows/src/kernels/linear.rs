@@ -25,19 +25,24 @@ pub(crate) fn forward(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], residual: 
     y.par_chunks_mut(ROWS * out_dim)
         .enumerate()
         .for_each(|(i, y)| match residual {
-            Some(res) => {
-                let res = &res[i * ROWS * out_dim..][..y.len()];
-                for (y, r) in y.chunks_exact_mut(out_dim).zip(res.chunks_exact(out_dim)) {
-                    for ((y, r), b) in y.iter_mut().zip(r).zip(b) {
-                        *y = r + b;
-                    }
-                }
-            }
+            Some(res) => bias_plus_rows(y, &res[i * ROWS * out_dim..][..y.len()], b),
             None => y
                 .chunks_exact_mut(out_dim)
                 .for_each(|y| y.copy_from_slice(b)),
         });
     product(x, w, y, out_dim, true);
+}
+
+super::simd_clones! {
+/// `y = r + b` for every row of `y` and `r` (rows of `b.len()`): the residual and bias a
+/// product then adds onto.
+fn bias_plus_rows(y: &mut [f32], r: &[f32], b: &[f32]) {
+    for (y, r) in y.chunks_exact_mut(b.len()).zip(r.chunks_exact(b.len())) {
+        for ((y, r), b) in y.iter_mut().zip(r).zip(b) {
+            *y = r + b;
+        }
+    }
+}
 }
 
 /// `y (rows × out) [+]= x (rows × in)·Wᵀ` for W (out × in): added onto `y` when `add`, else
