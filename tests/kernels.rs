@@ -482,3 +482,36 @@ fn every_starflow_option_rule_and_guide_blocks_run_the_same_on_both_paths() {
         assert!(rt < 1e-3, "{cfg:?}: round trip {rt}");
     }
 }
+
+/// `kernels::as_one_of` (a pass's share of the threads) changes how a product is split, never
+/// its values: the forward on a 4-thread pool, its products on all four threads and on one,
+/// gives the same bits. Each product is large enough for the `gemm` crate to use the threads.
+#[test]
+fn a_products_thread_share_leaves_its_values() {
+    // The other tests flip the kernel switch: both passes must run on the kernels.
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = ModelConfig::new(3, 16, 2, 128, 2, 1, 0);
+    let model = random_checkpoint(&cfg, 11)
+        .model(&Device::Cpu, DType::F32)
+        .unwrap();
+    let x = random_images(4, 3, 16, 12);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let z = |passes: usize| {
+        pool.install(|| kernels::as_one_of(passes, || model.forward(&x, Cond::Null)))
+            .unwrap()
+            .z
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (all, one) = (z(1), z(4));
+    assert!(all.iter().all(|v| v.is_finite()));
+    assert_eq!(
+        all, one,
+        "the forward's values moved with its products' thread count"
+    );
+}

@@ -113,42 +113,26 @@ impl InplaceOp2 for AdamStep<'_> {
         }
         // The same expressions, in f32, as the separate moment and update passes were.
         let (b1, b2) = (self.betas.0 as f32, self.betas.1 as f32);
-        let k = Coefficients {
-            moments: [(b1, 1.0 - b1), (b2, 1.0 - b2)],
-            s: self.scale as f32,
-            decay: self.decay as f32,
-            lr: self.lr as f32,
-            inv_bc: [
-                (1.0 / self.bias_corrections.0) as f32,
-                (1.0 / self.bias_corrections.1) as f32,
-            ],
-            eps: self.eps as f32,
-        };
+        let (c1, c2) = (1.0 - b1, 1.0 - b2);
+        let (s, decay, lr, eps) = (
+            self.scale as f32,
+            self.decay as f32,
+            self.lr as f32,
+            self.eps as f32,
+        );
+        let ibc1 = (1.0 / self.bias_corrections.0) as f32;
+        let ibc2 = (1.0 / self.bias_corrections.1) as f32;
         p.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
             .for_each(|((p, g), (m, v))| {
                 for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let [(a1, c1), (a2, c2)] = k.moments;
-                    let sg = k.s * g;
-                    *m = a1 * *m + c1 * sg;
-                    *v = a2 * *v + c2 * sg * sg;
-                    *p = *p * k.decay
-                        - k.lr * (*m * k.inv_bc[0]) / ((*v * k.inv_bc[1]).sqrt() + k.eps);
+                    let sg = s * g;
+                    *m = b1 * *m + c1 * sg;
+                    *v = b2 * *v + c2 * sg * sg;
+                    *p = *p * decay - lr * (*m * ibc1) / ((*v * ibc2).sqrt() + eps);
                 }
             });
         Ok(())
     }
-}
-
-/// [`AdamStep`]'s numbers in f32.
-#[derive(Clone, Copy)]
-struct Coefficients {
-    /// (β, 1 − β) of each moment.
-    moments: [(f32, f32); 2],
-    s: f32,
-    decay: f32,
-    lr: f32,
-    inv_bc: [f32; 2],
-    eps: f32,
 }

@@ -207,8 +207,7 @@ impl AdamW {
     /// Restores a state saved by [`Self::state`]; every moment must be present with its shape.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, var) in &self.vars {
-            let mut pair = Vec::with_capacity(2);
-            for prefix in ["m", "v"] {
+            let read = |prefix: &str| -> Result<Tensor> {
                 let key = format!("{prefix}.{name}");
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state lacks `{key}`"))
@@ -220,12 +219,9 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                pair.push(t.to_device(var.device())?.to_dtype(DType::F32)?);
-            }
-            let (v, m) = (pair.pop(), pair.pop());
-            let (Some(m), Some(v)) = (m, v) else {
-                continue;
+                t.to_device(var.device())?.to_dtype(DType::F32)
             };
+            let (m, v) = (read("m")?, read("v")?);
             // Copied: the moments are updated in place and must own their storage.
             let moments = if Moments::on_host(var) {
                 Moments::Host(
