@@ -239,6 +239,7 @@ pub fn run(
     let mut rows = Vec::new();
     let mut reference: Option<(String, Classifier, Reference)> = None;
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut devices: Vec<(String, candle_core::Device)> = Vec::new();
     let samplings = if e.sampling.is_empty() {
         vec![Sampling::default()]
     } else {
@@ -261,9 +262,20 @@ pub fn run(
             }
             let max = cfg.train.max_steps.unwrap_or(0);
             let latest = tarflow_train::rundir::RunDir::new(&run_dir).latest()?;
+            // Each device a variant names is selected once for the whole experiment.
+            let name = cfg.train.device.clone();
+            let device = match devices.iter().find(|(n, _)| *n == name) {
+                Some((_, d)) => d.clone(),
+                None => {
+                    let d = tarflow_train::dist::device_for(&name, &tarflow_train::dist::Solo)?.0;
+                    devices.push((name, d.clone()));
+                    d
+                }
+            };
+            let solo = Box::new(tarflow_train::dist::Solo);
             let (mut trainer, warn) = match latest {
-                Some(_) => Trainer::resume(&run_dir, &[])?,
-                None => Trainer::start(cfg.clone())?,
+                Some(_) => Trainer::resume_in(&run_dir, &[], solo, &device)?,
+                None => Trainer::start_in(cfg.clone(), solo, &device)?,
             };
             for w in warn {
                 log(format!("warning: {w}"));

@@ -216,7 +216,7 @@ impl Classifier {
 
 impl FeatureExtractor for Classifier {
     fn features(&self, images: &Tensor) -> Result<Tensor> {
-        self.feats(&images.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+        self.feats(&tarflow_flows::device::to_host(images)?.to_dtype(DType::F32)?)
     }
 
     fn name(&self) -> String {

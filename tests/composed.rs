@@ -97,8 +97,8 @@ fn the_gpu_path_creates_no_f64_tensor() {
             .trainable_model(&dev, dtype)
             .unwrap();
         // Training: the graph from the loss back to every weight and to the input.
-        let x =
-            Var::from_tensor(&inp["x"].to_device(&dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let x = Var::from_tensor(&tarflow::flows::device::upload(&inp["x"], &dev, dtype).unwrap())
+            .unwrap();
         let out = m.forward(x.as_tensor(), Cond::Labels(&y)).unwrap();
         let loss = TarFlow::loss(&out).unwrap();
         assert_eq!(loss.dtype(), DType::F32, "{dtype:?}: loss");
@@ -120,11 +120,7 @@ fn the_gpu_path_creates_no_f64_tensor() {
         }
         // The inverse, guided (both passes), with a tracked latent so its graph can be walked.
         let z = Var::from_tensor(
-            &inp["z_sample"]
-                .to_device(&dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap(),
+            &tarflow::flows::device::upload(&inp["z_sample"], &dev, dtype).unwrap(),
         )
         .unwrap();
         let o = ReverseOptions {
@@ -143,7 +139,7 @@ fn the_gpu_path_creates_no_f64_tensor() {
         let m = common::reference_checkpoint().model(&dev, dtype).unwrap();
         let d = m
             .denoise(
-                &inp["denoise_x"].to_device(&dev).unwrap(),
+                &tarflow::flows::device::upload(&inp["denoise_x"], &dev, DType::F32).unwrap(),
                 Cond::Labels(&y),
                 0.05,
                 1.0,
@@ -151,7 +147,10 @@ fn the_gpu_path_creates_no_f64_tensor() {
             .unwrap();
         assert_ne!(d.dtype(), DType::F64);
         let out = m
-            .forward(&inp["x"].to_device(&dev).unwrap(), Cond::Null)
+            .forward(
+                &tarflow::flows::device::upload(&inp["x"], &dev, DType::F32).unwrap(),
+                Cond::Null,
+            )
             .unwrap();
         assert_eq!(m.nll(&out, true).unwrap().dtype(), DType::F32);
         assert_eq!(m.nll_per_token(&out, true).unwrap().dtype(), DType::F32);
@@ -264,5 +263,234 @@ fn score_in_bf16_matches_f32() {
     for (x, y) in a.iter().zip(&b) {
         let rel = (x - y).abs() / x.abs();
         assert!(rel < 5e-3, "bf16 {y} vs f32 {x}: {rel:.2e} relative");
+    }
+}
+
+/// The test device's name, as the CLI takes it.
+fn device_name() -> String {
+    std::env::var("TARFLOW_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
+/// The reference checkpoint written with every tensor in `dtype` (f64, f16, bf16 files exist:
+/// checkpoints accept them), keeping its tarflow metadata.
+fn checkpoint_in(dtype: DType, path: &std::path::Path) {
+    let f32_file = path.with_extension("f32.safetensors");
+    common::reference_checkpoint().save(&f32_file).unwrap();
+    let bytes = std::fs::read(&f32_file).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    let cast: Vec<(String, candle_core::Tensor)> = map
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect();
+    let out = safetensors::tensor::serialize(
+        cast.iter().map(|(k, v)| (k.as_str(), v)),
+        meta.metadata().clone(),
+    )
+    .unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+/// The loading paths put nothing f64 on a GPU: a checkpoint holding f64, f16 or bf16 tensors
+/// loads onto the test device (in f32 there: cast on the host first) and scores the reference
+/// images as the f32 file does (f64 exactly, the 16-bit files within their rounding).
+#[test]
+fn checkpoints_in_f64_f16_and_bf16_load_and_score_like_f32() {
+    let dev = device();
+    let dir = tempfile::tempdir().unwrap();
+    let inp = load("tarflow-small/inputs.safetensors");
+    let bpd = |ck: &tarflow::Checkpoint| -> Vec<f64> {
+        let m = ck.model(&dev, DType::F32).unwrap();
+        let x = tarflow::flows::device::upload(&inp["x"], &dev, DType::F32).unwrap();
+        let out = m.forward(&x, Cond::Null).unwrap();
+        let b = m
+            .bits_per_dim(&out, tarflow::flows::BpdConvention::TrueDims)
+            .unwrap();
+        tarflow::flows::device::host_f64(&b)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let want = bpd(&common::reference_checkpoint());
+    for (dtype, tol) in [(DType::F64, 1e-6), (DType::F16, 2e-2), (DType::BF16, 5e-2)] {
+        let p = dir.path().join(format!("{dtype:?}.safetensors"));
+        checkpoint_in(dtype, &p);
+        let ck = tarflow::Checkpoint::load(&p, &dev).unwrap();
+        for (k, t) in &ck.tensors {
+            assert!(
+                t.device().same_device(&dev),
+                "{dtype:?}: {k} not on the device"
+            );
+            if !dev.is_cpu() {
+                assert_eq!(
+                    t.dtype(),
+                    DType::F32,
+                    "{dtype:?}: {k} reached the GPU uncast"
+                );
+            }
+        }
+        let got = bpd(&ck);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "{dtype:?} file: {g} bits/dim, the f32 file {w}"
+            );
+        }
+    }
+}
+
+/// `sample --noise` with an f64 file replays exactly what its f32 twin does (the file is read
+/// and cast on the host, then uploaded in the model's dtype).
+#[test]
+fn an_f64_noise_file_samples_as_its_f32_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ref.safetensors");
+    let c = common::reference_checkpoint();
+    c.save(&ck).unwrap();
+    let (t, d) = (c.config.num_tokens(), c.config.patch_dim());
+    let mut rng = tarflow::flows::rng::seeded(7);
+    let z = tarflow::flows::rng::randn(&mut rng, (2, t, d), 1.0, &Device::Cpu).unwrap();
+    let dev = device_name();
+    let sample = |dtype: DType| -> Vec<f32> {
+        let noise = dir.path().join(format!("z-{dtype:?}.safetensors"));
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("z".to_string(), z.to_dtype(dtype).unwrap())]),
+            &noise,
+        )
+        .unwrap();
+        let out = dir.path().join(format!("x-{dtype:?}.safetensors"));
+        let o = tarflow(&[
+            "--composed",
+            "sample",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--noise",
+            noise.to_str().unwrap(),
+            "--labels",
+            "1,2",
+            "--out",
+            dir.path().join("grid.png").to_str().unwrap(),
+            "--out-tensor",
+            out.to_str().unwrap(),
+            "--device",
+            &dev,
+        ]);
+        assert!(o.status.success(), "{dtype:?}: {}", text(&o));
+        load_abs(&out)["samples"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (sample(DType::F32), sample(DType::F64));
+    assert_eq!(a.len(), 2 * 3 * 16 * 16);
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert_eq!(
+        a, b,
+        "the f64 noise file sampled differently from its f32 twin"
+    );
+}
+
+fn load_abs(p: &std::path::Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+/// Every command opens its device once and passes it down (on Metal a second opening is a
+/// second device id, whose tensors the first one's ops refuse): train, resume, sample, score,
+/// and bench each select once, quantize (CPU only) never.
+#[test]
+fn every_command_selects_its_device_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    let run = dir.path().join("tiny");
+    let dev = device_name();
+    let out = format!("output.dir={}", dir.path().display());
+    let png = dir.path().join("x.png");
+    let grid = png.to_str().unwrap();
+    let digit = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/mnist-samples/test-0000-label-7.png"
+    );
+    let (cfg_s, run_s) = (cfg.to_str().unwrap(), run.to_str().unwrap());
+    let gguf = dir.path().join("q.gguf");
+    let commands: Vec<(&str, Vec<&str>, usize)> = vec![
+        (
+            "train",
+            vec![
+                "train",
+                "--config",
+                cfg_s,
+                "--device",
+                &dev,
+                "--set",
+                &out,
+                "--set",
+                "train.max_steps=4",
+                "--set",
+                "train.checkpoint_every=2",
+                "--set",
+                "optim.ema_decay=0.9",
+                "--set",
+                "eval.every=0",
+                "--set",
+                "eval.sample_every=0",
+            ],
+            1,
+        ),
+        (
+            "resume",
+            vec!["train", "--resume", run_s, "--set", "train.max_steps=6"],
+            1,
+        ),
+        (
+            "sample",
+            vec![
+                "sample",
+                "--checkpoint",
+                run_s,
+                "--num",
+                "2",
+                "--out",
+                grid,
+                "--device",
+                &dev,
+            ],
+            1,
+        ),
+        (
+            "score",
+            vec!["score", digit, "--checkpoint", run_s, "--device", &dev],
+            1,
+        ),
+        (
+            "bench",
+            vec![
+                "bench", "score", "--config", "tiny", "--iters", "1", "--device", &dev,
+            ],
+            1,
+        ),
+        (
+            "quantize",
+            vec![
+                "quantize",
+                run_s,
+                "--to",
+                "q8_0",
+                "-o",
+                gguf.to_str().unwrap(),
+            ],
+            0,
+        ),
+    ];
+    for (name, args, want) in commands {
+        let o = common::tarflow_with(&args, &[("TARFLOW_TRACE_DEVICE", "1")]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        let n = err
+            .lines()
+            .filter(|l| l.starts_with("device selection #"))
+            .count();
+        assert_eq!(n, want, "{name} selected its device {n} times:\n{err}");
     }
 }

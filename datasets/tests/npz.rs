@@ -137,6 +137,21 @@ fn malformed_batches_are_explained() {
             vec![("data", npy("<f4", &[1, 3], &[0; 12]))],
             "is <f4 of width 3",
         ),
+        // f64 pixels or labels are refused on the host with their dtype named: nothing of a
+        // dataset reaches a device but the loader's f32 batches (Metal has no f64).
+        (
+            "double.npz",
+            vec![("data", npy("<f8", &[1, 3], &[0; 24]))],
+            "is <f8 of width 3",
+        ),
+        (
+            "double-labels.npz",
+            vec![
+                ("data", ok_data.clone()),
+                ("labels", npy("<f8", &[1], &[0; 8])),
+            ],
+            "dtype <f8, expected integers",
+        ),
     ];
     for (name, members, want) in cases {
         write_npz(&p(name), &members);

@@ -124,12 +124,10 @@ impl Checkpoint {
 
     /// Dense tensors moved to `device` (quantised ones move when the model is built).
     fn on_device(mut ck: Self, device: &Device) -> Result<Self> {
-        if !device.is_cpu() {
-            for t in ck.tensors.values_mut() {
-                *t = t.to_device(device)?;
-            }
-            ck.var = ck.var.map(|v| v.to_device(device)).transpose()?;
+        for t in ck.tensors.values_mut() {
+            *t = place(t, device)?;
         }
+        ck.var = ck.var.map(|v| place(&v, device)).transpose()?;
         Ok(ck)
     }
 
@@ -153,9 +151,10 @@ impl Checkpoint {
                 ))
             }
         };
-        let tensors = candle_core::safetensors::load_buffer(bytes, device)
+        // Read on the host: the file may hold f64, which must not reach a GPU uncast.
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
             .map_err(|e| FlowError::checkpoint(path, format!("unreadable tensors: {e}")))?;
-        Self::from_tensors(config, tensors, path)
+        Self::on_device(Self::from_tensors(config, tensors, path)?, device)
     }
 
     /// Imports a raw ml-tarflow state_dict (`.pth` or `.safetensors`), inferring the config
@@ -236,7 +235,7 @@ impl Checkpoint {
         };
         let mut tensors = HashMap::new();
         for (k, v) in &self.tensors {
-            tensors.insert(k.clone(), v.to_device(device)?.to_dtype(dtype)?);
+            tensors.insert(k.clone(), crate::device::upload(v, device, dtype)?);
         }
         let varmap = VarMap::new();
         let mut served = HashMap::new();
@@ -382,9 +381,18 @@ pub fn read_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, T
         for prefix in ["module.", "_orig_mod."] {
             k = k.strip_prefix(prefix).unwrap_or(k);
         }
-        out.insert(k.to_string(), v.to_device(device)?);
+        out.insert(k.to_string(), place(&v, device)?);
     }
     Ok(out)
+}
+
+/// A file's tensor on `device`: as read on the CPU; on a GPU in f32, cast on the host first
+/// (a checkpoint may hold f64, f16 or bf16 tensors, and Metal has no f64).
+fn place(t: &Tensor, device: &Device) -> Result<Tensor> {
+    match device.is_cpu() {
+        true => Ok(t.clone()),
+        false => crate::device::upload(t, device, DType::F32),
+    }
 }
 
 fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {

@@ -403,7 +403,7 @@ pub fn quantize(ck: &Checkpoint, recipe: &Recipe) -> Result<Checkpoint> {
         let w = dense
             .remove(&key)
             .ok_or_else(|| FlowError::Config(format!("the checkpoint has no `{key}`")))?;
-        let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let w = crate::device::to_host(&w)?.to_dtype(DType::F32)?;
         tensors.insert(key, Arc::new(QTensor::quantize(&w, p.stored.ggml())?));
     }
     Ok(Checkpoint {
@@ -455,7 +455,7 @@ pub fn gguf_bytes(ck: &Checkpoint) -> Result<Vec<u8>> {
         dense.push((&var_key, v));
     }
     for (k, v) in dense {
-        let v = v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let v = crate::device::to_host(v)?.to_dtype(DType::F32)?;
         all.insert(k.clone(), Arc::new(QTensor::quantize(&v, GgmlDType::F32)?));
     }
     let meta_refs: Vec<(&str, &gguf_file::Value)> =

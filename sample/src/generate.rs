@@ -75,7 +75,8 @@ pub struct Samples {
 
 /// Reads tensor `z` (N, T, D) from a safetensors file and checks it against the model.
 pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
-    let map = candle_core::safetensors::load(path, model.device())
+    // Read on the host and cast there: the file may hold f64 (Metal has none).
+    let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| SampleError::file(path, format!("not a readable safetensors file: {e}")))?;
     let z = map.get("z").ok_or_else(|| {
         let keys: Vec<&String> = map.keys().collect();
@@ -84,7 +85,11 @@ pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
     let cfg = model.config();
     let (t, d) = (cfg.num_tokens(), cfg.patch_dim());
     match z.dims() {
-        [_, tt, dd] if (*tt, *dd) == (t, d) => Ok(z.to_dtype(DType::F32)?),
+        [_, tt, dd] if (*tt, *dd) == (t, d) => Ok(tarflow_flows::device::upload(
+            z,
+            model.device(),
+            model.dtype(),
+        )?),
         other => Err(SampleError::file(
             path,
             format!("`z` has shape {other:?}, expected (N, {t}, {d}) for this model (tokens, patch dim)"),
@@ -92,23 +97,18 @@ pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
     }
 }
 
-fn has_non_finite(x: &Tensor) -> Result<bool> {
-    // NaN ≠ NaN and ±Inf − ±Inf = NaN: one pass catches both.
-    let x = x.to_dtype(DType::F32)?;
-    let bad = x.sub(&x)?.ne(0f32)?;
-    Ok(bad.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
-}
-
-/// Number of images (first dimension) with a NaN/Inf value.
+/// Number of images (first dimension) with a NaN/Inf value, tested on the host: a device-side
+/// test by self-comparison (x − x ≠ 0) can be folded away by fast-math kernels (candle's Metal
+/// default).
 fn count_non_finite(x: &Tensor) -> Result<usize> {
-    let x = x.to_dtype(DType::F32)?;
-    let bad = x
-        .sub(&x)?
-        .ne(0f32)?
+    let rows = tarflow_flows::device::to_host(x)?
         .to_dtype(DType::F32)?
         .flatten_from(1)?
-        .sum(1)?;
-    Ok(bad.to_vec1::<f32>()?.iter().filter(|&&v| v > 0.0).count())
+        .to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .filter(|r| r.iter().any(|v| !v.is_finite()))
+        .count())
 }
 
 /// The label list for `opts` on `model`.
@@ -212,7 +212,7 @@ pub fn generate(
                 }
                 None => model.reverse(&z, cond, &opts.reverse)?,
             };
-            let bad = has_non_finite(&x)?;
+            let bad = count_non_finite(&x)? > 0;
             // A given noise cannot be redrawn; fresh noise is, as the reference does.
             if noise.is_some() || tries >= opts.max_redraws || !bad {
                 // The score step needs finite images; a batch still non-finite is kept as is
@@ -220,9 +220,7 @@ pub fn generate(
                 if let (Some((sigma, lambda)), false) = (opts.denoise, bad) {
                     x = model.denoise(&x, cond, sigma, lambda)?;
                 }
-                if bad || has_non_finite(&x)? {
-                    non_finite += count_non_finite(&x)?;
-                }
+                non_finite += count_non_finite(&x)?;
                 break x;
             }
             tries += 1;
@@ -244,9 +242,8 @@ pub fn generate(
 /// Writes `images` (f32, unclamped) and their labels to a safetensors file.
 pub fn save_tensor(s: &Samples, path: &Path) -> Result<()> {
     let labels = Tensor::new(s.labels.as_slice(), &candle_core::Device::Cpu)?;
-    let images = s
-        .images
-        .to_device(&candle_core::Device::Cpu)?
+    let images = tarflow_flows::device::to_host(&s.images)?
+        .to_dtype(DType::F32)?
         .contiguous()?;
     let tensors = [("samples", &images), ("labels", &labels)];
     let bytes = safetensors::tensor::serialize(tensors, None)

@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::score::{score_images, score_images_labelled, ImageScore, ScoreOptions};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use std::path::PathBuf;
 use tarflow_flows::quant::{plan, quantize, QuantType, Recipe, Rule};
 use tarflow_flows::{Checkpoint, Cond, ReverseOptions, TarFlow};
@@ -87,8 +87,12 @@ pub fn inversion_error(model: &TarFlow, pixels: &[Vec<u8>], labels: Option<&[i64
         .iter()
         .flat_map(|p| p.iter().map(|&k| k as f32 / 127.5 - 1.0))
         .collect();
-    let x =
-        Tensor::from_vec(flat, (pixels.len(), c, s, s), model.device())?.to_dtype(model.dtype())?;
+    let x = tarflow_flows::device::upload_vec(
+        flat,
+        (pixels.len(), c, s, s),
+        model.device(),
+        model.dtype(),
+    )?;
     let cond = Cond::of(cfg.num_classes, labels);
     let z = model.forward(&x, cond)?.z;
     let back = model.reverse(&z, cond, &ReverseOptions::default())?;

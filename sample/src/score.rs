@@ -212,7 +212,7 @@ fn score_batch(
     let n_dims = cfg.dims_per_image() as f64;
     let draws = us.len() as f64;
     let cond = Cond::of(cfg.num_classes, labels);
-    let k = k.to_device(model.device())?;
+    let k = &tarflow_flows::device::to_host(k)?;
     let mut r = Batch {
         nll: vec![Vec::with_capacity(us.len()); b],
         tok: vec![vec![0.0; nt]; b],
@@ -221,10 +221,12 @@ fn score_batch(
     };
     for u in us {
         let x = match u {
-            Some(u) => (((k.clone() + u.to_device(model.device())?)? / 128.0)? - 1.0)?,
-            None => ((k.clone() / 127.5)? - 1.0)?,
+            Some(u) => (((k + tarflow_flows::device::to_host(u)?)? / 128.0)? - 1.0)?,
+            None => ((k / 127.5)? - 1.0)?,
         };
-        let out = model.forward(&x.to_dtype(model.dtype())?, cond)?;
+        // Dequantised on the host in f32, cast there, then uploaded.
+        let x = tarflow_flows::device::upload(&x, model.device(), model.dtype())?;
+        let out = model.forward(&x, cond)?;
         let v = host_f64(&model.nll(&out, true)?)?.to_vec1::<f64>()?;
         let t = host_f64(&model.nll_per_token(&out, true)?)?.to_vec2::<f64>()?;
         for i in 0..b {
@@ -242,11 +244,9 @@ fn score_batch(
                 row[kb] += l * n_dims / draws;
             }
             if any_bad {
-                // 0·h is NaN exactly where h is NaN or ±∞.
-                let probe = host_f64(&(o.out.detach() * 0.0)?.flatten_from(1)?.sum(1)?)?
-                    .to_vec1::<f64>()?;
-                for (i, p) in probe.iter().enumerate() {
-                    if !p.is_finite() && r.bad_block[i].is_none_or(|q| q > kb) {
+                let bad = tarflow_flows::device::non_finite_rows(&o.out)?;
+                for (i, &b) in bad.iter().enumerate() {
+                    if b && r.bad_block[i].is_none_or(|q| q > kb) {
                         r.bad_block[i] = Some(kb);
                     }
                 }

@@ -45,12 +45,9 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     /// The selected device (saying on stderr which one `auto` picked) and dtype.
     pub fn select(&self) -> Result<(Device, DType)> {
-        let device = tarflow_flows::device::select(self.device.name())?;
+        let (device, why) = tarflow_flows::device::select_explained(self.device.name())?;
         if self.device == DeviceKind::Auto {
-            eprintln!(
-                "device: {} (auto)",
-                tarflow_flows::device::describe(&device)
-            );
+            eprintln!("device: {why}");
         }
         Ok((device, self.dtype.dtype()))
     }

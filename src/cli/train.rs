@@ -39,8 +39,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // One process, or this rank of `mpirun -np N` (the `mpi` feature).
     let group = tarflow_train::dist::from_env()?;
     let rank = group.rank();
+    // The device is selected once, here, and passed down (a second Metal device would be a
+    // second id that refuses the first one's tensors).
+    let select = |cfg: &TrainConfig, group: &dyn tarflow_train::dist::Group| {
+        let (device, why) = tarflow_train::dist::device_for(&cfg.train.device, group)?;
+        if cfg.train.device == "auto" && group.rank() == 0 {
+            eprintln!("device: {why}");
+        }
+        anyhow::Ok(device)
+    };
     let (mut trainer, warnings) = match (&a.config, &a.resume) {
-        (_, Some(dir)) => Trainer::resume_in(dir, &sets, group)?,
+        (_, Some(dir)) => {
+            let device = select(&Trainer::config_of_run(dir, &sets)?, group.as_ref())?;
+            Trainer::resume_in(dir, &sets, group, &device)?
+        }
         (Some(c), None) => {
             let cfg = TrainConfig::load(c, &sets)?;
             if a.check {
@@ -55,7 +67,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 );
                 return Ok(());
             }
-            Trainer::start_in(cfg, group)?
+            let device = select(&cfg, group.as_ref())?;
+            Trainer::start_in(cfg, group, &device)?
         }
         (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
     };

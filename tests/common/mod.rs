@@ -140,12 +140,18 @@ pub fn reference_checkpoint() -> tarflow::Checkpoint {
 /// Runs the `tarflow` binary with one rayon thread (tests run in parallel); `TARFLOW_BIN` names
 /// another copy (a test binary moved to another machine, as the GPU check does).
 pub fn tarflow(args: &[&str]) -> std::process::Output {
+    tarflow_with(args, &[])
+}
+
+/// [`tarflow`] with extra environment variables.
+pub fn tarflow_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let bin = std::env::var_os("TARFLOW_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tarflow")));
     std::process::Command::new(bin)
         .args(args)
         .env("RAYON_NUM_THREADS", "1")
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }

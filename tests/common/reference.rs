@@ -58,13 +58,12 @@ impl Prec {
         }
     }
 
-    /// `t` moved to this device in this dtype (floats) or unchanged in dtype (labels).
+    /// `t` on this device in this dtype, cast on the host first (floats), or left on the host
+    /// (labels: i64, which no GPU path takes as a tensor).
     fn put(&self, t: &Tensor) -> Tensor {
-        let t = t.to_device(&self.device).unwrap();
-        if t.dtype().is_float() {
-            t.to_dtype(self.dtype).unwrap()
-        } else {
-            t
+        match t.dtype().is_float() {
+            true => tarflow::flows::device::upload(t, &self.device, self.dtype).unwrap(),
+            false => t.clone(),
         }
     }
 

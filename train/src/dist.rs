@@ -285,6 +285,23 @@ mod mpi_group {
     }
 }
 
+/// The device this process trains on, selected once (the caller passes it down): `name` as
+/// `train.device` says, except that each CUDA rank of a multi-rank run takes the GPU of its
+/// index on its host. The second value says what was chosen (and why, for `auto`).
+pub fn device_for(name: &str, group: &dyn Group) -> Result<(candle_core::Device, String)> {
+    if name == "cuda" && group.size() > 1 {
+        let local = local_rank().unwrap_or(group.rank());
+        let d = tarflow_flows::device::open_gpu("cuda", local).map_err(|e| {
+            crate::error::TrainError::config(
+                "train.device",
+                format!("rank {} takes GPU {local} of its host: {e}", group.rank()),
+            )
+        })?;
+        return Ok((d, format!("cuda:{local} (rank {})", group.rank())));
+    }
+    Ok(tarflow_flows::device::select_explained(name)?)
+}
+
 /// This rank's index among the ranks on its host (the GPU it takes), from the launcher.
 pub fn local_rank() -> Option<usize> {
     [

@@ -2,7 +2,6 @@
 
 use crate::config::{NoiseKind, TrainConfig};
 use crate::error::{Result, TrainError};
-use candle_core::Tensor;
 use std::path::Path;
 use tarflow_datasets::loader::Loader;
 use tarflow_flows::rng::seeded;
@@ -53,7 +52,12 @@ pub fn val_bpd_sums(
     let bpd_of =
         |m: &TarFlow, images: &[f32], shape: [usize; 4], labels: &[i64]| -> Result<Vec<f64>> {
             let [bn, c, h, w] = shape;
-            let x = Tensor::from_slice(images, (bn, c, h, w), m.device())?.to_dtype(m.dtype())?;
+            let x = tarflow_flows::device::upload_vec(
+                images.to_vec(),
+                (bn, c, h, w),
+                m.device(),
+                m.dtype(),
+            )?;
             let cond = Cond::of(m.config().num_classes, Some(labels));
             let out = m.forward(&x, cond)?;
             let bpd = m.bits_per_dim(&out, BpdConvention::TrueDims)?;

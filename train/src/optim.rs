@@ -62,9 +62,15 @@ impl Moments {
                 Tensor::from_slice(m, var.shape(), var.device())?,
                 Tensor::from_slice(v, var.shape(), var.device())?,
             )),
-            Moments::Tensors(m, v) => Ok((m.copy()?, v.copy()?)),
+            Moments::Tensors(m, v) => Ok((owned(m)?, owned(v)?)),
         }
     }
+}
+
+/// A detached copy of `t` in a buffer of its own ([`tarflow_flows::device::fresh`]): what is
+/// updated in place, or must survive a `Var::set`, never shares storage.
+pub(crate) fn owned(t: &Tensor) -> Result<Tensor> {
+    tarflow_flows::device::fresh(t).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// AdamW over named variables.
@@ -88,10 +94,7 @@ impl AdamW {
             moments.insert(name.clone(), Moments::zeros(var)?);
             if var.dtype() != DType::F32 {
                 // Updates of size lr·1e-4 vanish when rounded to bf16: accumulate them in f32.
-                master.insert(
-                    name.clone(),
-                    var.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
-                );
+                master.insert(name.clone(), owned(&var.as_tensor().to_dtype(DType::F32)?)?);
             }
         }
         Ok(Self {
@@ -107,7 +110,10 @@ impl AdamW {
     pub fn set_master(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
         for (name, w) in self.master.iter_mut() {
             if let Some(t) = weights.get(name) {
-                *w = t.detach().to_dtype(DType::F32)?.copy()?;
+                *w = owned(
+                    &tarflow_flows::device::upload(t, w.device(), DType::F32)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+                )?;
             }
         }
         Ok(())
@@ -120,7 +126,7 @@ impl AdamW {
             .map(|(k, v)| {
                 let t = match self.master.get(k) {
                     Some(m) => m.clone(),
-                    None => v.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
+                    None => owned(&v.as_tensor().to_dtype(DType::F32)?)?,
                 };
                 Ok((k.clone(), t))
             })
@@ -219,7 +225,8 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                t.to_device(var.device())?.to_dtype(DType::F32)
+                tarflow_flows::device::upload(t, var.device(), DType::F32)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
             };
             let (m, v) = (read("m")?, read("v")?);
             // Copied: the moments are updated in place and must own their storage.
@@ -229,7 +236,7 @@ impl AdamW {
                     v.flatten_all()?.to_vec1::<f32>()?,
                 )
             } else {
-                Moments::Tensors(m.copy()?, v.copy()?)
+                Moments::Tensors(owned(&m)?, owned(&v)?)
             };
             self.moments.insert(name.clone(), moments);
         }

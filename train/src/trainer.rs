@@ -129,23 +129,35 @@ pub struct Trainer {
     nccl: Option<crate::dist::nccl::Nccl>,
 }
 
-fn pick_dtype(name: &str, device: &Device) -> DType {
+/// `train.dtype` on `device`: `auto` is bf16 on a GPU that runs it (said in `warnings` where it
+/// does not), f32 on the CPU.
+fn pick_dtype(name: &str, device: &Device, warnings: &mut Vec<String>) -> DType {
     match name {
         "bf16" => DType::BF16,
-        "auto" if !device.is_cpu() => DType::BF16,
+        "auto" => {
+            let (dtype, why) = tarflow_flows::device::auto_dtype(device);
+            warnings.extend(why);
+            dtype
+        }
         _ => DType::F32,
     }
 }
 
 impl Trainer {
-    /// Starts a new run in `output.dir/output.name`; refuses to overwrite a run that has
-    /// checkpoints.
+    /// Starts a new run in `output.dir/output.name` on `train.device`; refuses to overwrite a
+    /// run that has checkpoints.
     pub fn start(cfg: TrainConfig) -> Result<(Self, Vec<String>)> {
-        Self::start_in(cfg, Box::new(Solo))
+        let device = crate::dist::device_for(&cfg.train.device, &Solo)?.0;
+        Self::start_in(cfg, Box::new(Solo), &device)
     }
 
-    /// [`Self::start`] as one rank of `group` (data-parallel: `mpirun -np N`).
-    pub fn start_in(cfg: TrainConfig, group: Box<dyn Group>) -> Result<(Self, Vec<String>)> {
+    /// [`Self::start`] as one rank of `group` (data-parallel: `mpirun -np N`) on `device`, the
+    /// one the process selected ([`crate::dist::device_for`]).
+    pub fn start_in(
+        cfg: TrainConfig,
+        group: Box<dyn Group>,
+        device: &Device,
+    ) -> Result<(Self, Vec<String>)> {
         let name = cfg.output.name.clone().unwrap_or_else(|| "run".into());
         let run = RunDir::new(cfg.output.dir.join(&name));
         if run.latest()?.is_some() {
@@ -158,31 +170,42 @@ impl Trainer {
                 ),
             });
         }
-        Self::build(cfg, run, None, group)
+        Self::build(cfg, run, None, group, device)
     }
 
     /// Resumes the run in `root` from its `latest` checkpoint; `sets` override its config
     /// (e.g. `train.max_steps`).
     pub fn resume(root: &Path, sets: &[String]) -> Result<(Self, Vec<String>)> {
-        Self::resume_in(root, sets, Box::new(Solo))
+        let cfg = Self::config_of_run(root, sets)?;
+        let device = crate::dist::device_for(&cfg.train.device, &Solo)?.0;
+        Self::resume_in(root, sets, Box::new(Solo), &device)
     }
 
-    /// [`Self::resume`] as one rank of `group`; the run may have been started with another
-    /// number of ranks.
-    pub fn resume_in(
-        root: &Path,
-        sets: &[String],
-        group: Box<dyn Group>,
-    ) -> Result<(Self, Vec<String>)> {
-        let run = RunDir::new(root);
-        let cp = run.config_path();
+    /// The config of the run in `root` with `sets` applied: what a resume will use (the CLI
+    /// reads its `train.device` to select the device before resuming).
+    pub fn config_of_run(root: &Path, sets: &[String]) -> Result<TrainConfig> {
+        let cp = RunDir::new(root).config_path();
         if !cp.is_file() {
             return Err(not_a_run(root));
         }
         let text = std::fs::read_to_string(&cp).map_err(|e| TrainError::io(&cp, e))?;
-        let cfg = TrainConfig::from_toml(&text, &cp.display().to_string(), sets)?;
-        let device = tarflow_flows::device::select(&cfg.train.device)?;
-        let restored = run.load_latest(&device)?;
+        TrainConfig::from_toml(&text, &cp.display().to_string(), sets)
+    }
+
+    /// [`Self::resume`] as one rank of `group` on `device` (the one the process selected); the
+    /// run may have been started with another number of ranks.
+    pub fn resume_in(
+        root: &Path,
+        sets: &[String],
+        group: Box<dyn Group>,
+        device: &Device,
+    ) -> Result<(Self, Vec<String>)> {
+        let run = RunDir::new(root);
+        let cp = run.config_path();
+        let cfg = Self::config_of_run(root, sets)?;
+        // The weights go straight to the device the run trains on: a second device (a second
+        // Metal id) would refuse every op that mixes them.
+        let restored = run.load_latest(device)?;
         if restored.model.config != cfg.model {
             return Err(TrainError::config(
                 cp.display().to_string(),
@@ -195,7 +218,7 @@ impl Trainer {
         if !sets.is_empty() && group.rank() == 0 {
             tarflow_flows::checkpoint::write_atomic(&cp, cfg.to_toml()?.as_bytes())?;
         }
-        Self::build(cfg, run, Some(restored), group)
+        Self::build(cfg, run, Some(restored), group, device)
     }
 
     fn build(
@@ -203,20 +226,11 @@ impl Trainer {
         run: RunDir,
         restored: Option<crate::rundir::Restored>,
         group: Box<dyn Group>,
+        device: &Device,
     ) -> Result<(Self, Vec<String>)> {
         let mut warnings = Vec::new();
-        let mut device = tarflow_flows::device::select(&cfg.train.device)?;
-        if device.is_cuda() && group.size() > 1 {
-            // One GPU per rank: the rank's index on its host.
-            let local = crate::dist::local_rank().unwrap_or(group.rank());
-            device = Device::new_cuda(local).map_err(|e| {
-                TrainError::config(
-                    "train.device",
-                    format!("rank {} takes GPU {local} of its host: {e}", group.rank()),
-                )
-            })?;
-        }
-        let dtype = pick_dtype(&cfg.train.dtype, &device);
+        let device = device.clone();
+        let dtype = pick_dtype(&cfg.train.dtype, &device, &mut warnings);
         if device.is_cpu() {
             check_memory(&cfg)?;
         }
@@ -425,7 +439,12 @@ impl Trainer {
                 continue;
             }
             let [n, c, h, w] = b.shape;
-            let x = Tensor::from_vec(b.images, (n, c, h, w), &self.device)?.to_dtype(self.dtype)?;
+            let x = tarflow_flows::device::upload_vec(
+                b.images,
+                (n, c, h, w),
+                &self.device,
+                self.dtype,
+            )?;
             let pass = crate::grads::loss_and_grads(
                 &self.model,
                 &self.vars,

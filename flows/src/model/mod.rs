@@ -178,7 +178,7 @@ impl TarFlow {
                 var.dims()
             )));
         }
-        self.var = var.to_device(&self.device)?.to_dtype(self.dtype)?;
+        self.var = crate::device::upload(var, &self.device, self.dtype)?;
         Ok(())
     }
 
@@ -239,12 +239,7 @@ impl TarFlow {
                 c.in_channels, c.img_size, c.img_size
             )));
         }
-        // 0·x is NaN exactly where x is NaN or ±∞.
-        let probe = (x.detach() * 0.0)?
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        if !probe.is_finite() {
+        if crate::device::has_non_finite(x)? {
             return Err(FlowError::Input(
                 "images contain NaN or infinite values".into(),
             ));
