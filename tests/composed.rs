@@ -494,3 +494,55 @@ fn every_command_selects_its_device_once() {
         assert_eq!(n, want, "{name} selected its device {n} times:\n{err}");
     }
 }
+
+/// The average starts from the weights as they were, not from the buffer the optimizer
+/// overwrites: after one AdamW step it is d·w₀ + (1 − d)·w₁ exactly. On Metal, where
+/// `Tensor::copy` shares the buffer, a shared start would give w₁ here. Runs on
+/// `TARFLOW_TEST_DEVICE` (scripts/metal-check.sh sets it), in f32 and bf16.
+#[test]
+fn the_starting_values_survive_the_first_optimizer_step() {
+    let (name, dev) = (device_name(), device());
+    for dtype in [DType::F32, DType::BF16] {
+        let w0 = [0.5f32, -1.0, 2.0, 0.25];
+        let host = candle_core::Tensor::new(&w0, &Device::Cpu).unwrap();
+        let v =
+            Var::from_tensor(&tarflow::flows::device::upload(&host, &dev, dtype).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), v.clone())];
+        let mut ema = tarflow::train::ema::Ema::new(&vars, 0.9).unwrap();
+        let mut opt = tarflow::train::optim::AdamW::new(vars.clone(), Default::default()).unwrap();
+        let loss = v
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        opt.step_scaled(&loss.backward().unwrap(), 0.1, 1.0)
+            .unwrap();
+        let read = |t: &candle_core::Tensor| {
+            tarflow::flows::device::host_f64(t)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let w1 = read(v.as_tensor());
+        assert!(
+            w1.iter()
+                .zip(&w0)
+                .all(|(a, b)| (a - *b as f64).abs() > 0.05),
+            "{dtype:?}: the step moved every weight ({w1:?})"
+        );
+        ema.update_with(&vars, 0.5).unwrap();
+        let got = read(&ema.weights()["w"]);
+        for i in 0..4 {
+            let want = 0.5 * w0[i] as f64 + 0.5 * w1[i];
+            assert!(
+                (got[i] - want).abs() < 1e-6,
+                "{dtype:?} on {name}: EMA[{i}] = {}, expected ½·w₀ + ½·w₁ = {want} (w₁ = {})",
+                got[i],
+                w1[i]
+            );
+        }
+    }
+}

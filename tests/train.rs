@@ -479,7 +479,9 @@ rule = "gaussian"
     .unwrap();
     let run = |extra: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tarflow"));
-        c.current_dir(dir.path()).env("RAYON_NUM_THREADS", "1");
+        c.current_dir(dir.path())
+            .env("RAYON_NUM_THREADS", "1")
+            .env("TARFLOW_TRACE_DEVICE", "1");
         c.args(["experiment", exp.to_str().unwrap()]).args(extra);
         c.output().unwrap()
     };
@@ -491,6 +493,12 @@ rule = "gaussian"
     );
     let o = run(&[]);
     assert!(o.status.success(), "{}", text(&o));
+    // Four trainings, one device selection for the whole experiment.
+    let selections = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| l.starts_with("device selection #"))
+        .count();
+    assert_eq!(selections, 1, "{}", text(&o));
     let res = dir.path().join("experiments/results/tiny-ablation");
     let md = std::fs::read_to_string(res.join("results.md")).unwrap();
     assert_eq!(md.matches("| model.num_blocks=").count(), 4, "{md}");

@@ -106,7 +106,10 @@ pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()
     // The same noise at every step, so grids show the model change, not the draw.
     let mut rng = seeded(cfg.train.seed ^ 0x5eed_5a3b);
     let mut x = model.sample(e.num_samples, cond, e.temperature, &mut rng, &opts)?;
-    if e.denoise && cfg.data.noise == NoiseKind::Gaussian && cfg.data.noise_std > 0.0 {
+    // The score step needs finite images: a young or diverging model's NaN samples are drawn
+    // as they are (black), not allowed to stop the run.
+    let finite = !tarflow_flows::device::has_non_finite(&x)?;
+    if finite && e.denoise && cfg.data.noise == NoiseKind::Gaussian && cfg.data.noise_std > 0.0 {
         x = model.denoise(&x, cond, cfg.data.noise_std, 1.0)?;
     }
     let px = tarflow_sample::grid::to_u8(&x)?;
