@@ -81,7 +81,18 @@ pub fn selections() -> usize {
     SELECTIONS.load(Ordering::SeqCst)
 }
 
+/// Whether this build can open a GPU at all (`--features cuda` or `metal`).
+pub fn gpu_built() -> bool {
+    cfg!(any(feature = "cuda", feature = "metal"))
+}
+
 fn auto() -> (Device, String) {
+    if !gpu_built() {
+        return (
+            Device::Cpu,
+            "cpu (auto: built without --features cuda or metal)".into(),
+        );
+    }
     let mut tried = Vec::new();
     for kind in ["cuda", "metal"] {
         match open_gpu(kind, 0) {
@@ -100,7 +111,7 @@ fn auto() -> (Device, String) {
 pub fn open_gpu(kind: &str, ordinal: usize) -> Result<Device> {
     let mut opened = OPENED
         .lock()
-        .map_err(|_| FlowError::Config("the device table is poisoned".into()))?;
+        .map_err(|_| FlowError::Device("the device table is poisoned".into()))?;
     if let Some((_, _, d)) = opened.iter().find(|(k, o, _)| k == kind && *o == ordinal) {
         return Ok(d.clone());
     }
@@ -116,18 +127,18 @@ pub fn open_gpu(kind: &str, ordinal: usize) -> Result<Device> {
     let device = match got {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => {
-            return Err(FlowError::Config(format!(
+            return Err(FlowError::Device(format!(
                 "--device {kind}: {e} ({feature}, or use --device cpu)"
             )))
         }
         Err(_) => {
-            return Err(FlowError::Config(format!(
+            return Err(FlowError::Device(format!(
                 "--device {kind}: no {kind} device {ordinal} on this machine (use --device cpu)"
             )))
         }
     };
     probe_f32(&device).map_err(|e| {
-        FlowError::Config(format!(
+        FlowError::Device(format!(
             "--device {kind}: a float32 matrix product failed on {}: {e}. candle's Metal \
              kernels need macOS 14 or newer (Metal Shading Language 3.1); use --device cpu",
             describe(&device)
@@ -162,11 +173,11 @@ fn probe(device: &Device, dtype: DType) -> Result<()> {
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(Ok(s)) if s == 4.0 * 8.0 + 16.0 * 8.0 => Ok(()),
-        Ok(Ok(s)) => Err(FlowError::Config(format!(
+        Ok(Ok(s)) => Err(FlowError::Device(format!(
             "{dtype:?} probe product gave {s}, expected 160"
         ))),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(FlowError::Config(format!(
+        Err(_) => Err(FlowError::Device(format!(
             "{dtype:?} probe product panicked"
         ))),
     }
@@ -206,7 +217,7 @@ pub fn describe(device: &Device) -> String {
 pub fn upload(t: &Tensor, device: &Device, dtype: DType) -> Result<Tensor> {
     let gpu = !device.is_cpu();
     if gpu && matches!(dtype, DType::F64 | DType::I64) {
-        return Err(FlowError::Config(format!(
+        return Err(FlowError::Device(format!(
             "{dtype:?} tensors cannot live on {} (Metal has no {dtype:?}); keep them on the CPU",
             describe(device)
         )));
@@ -328,7 +339,7 @@ mod tests {
             assert!(select("cuda").is_err());
             let (d, why) = select_explained("auto").unwrap();
             assert!(d.is_cpu());
-            assert!(why.starts_with("cpu (auto: no usable GPU"), "{why}");
+            assert!(why.starts_with("cpu (auto: built without"), "{why}");
         }
         assert_eq!(auto_dtype(&Device::Cpu).0, DType::F32);
     }

@@ -11,6 +11,9 @@ pub enum FlowError {
     /// The model configuration is inconsistent; names the key and what was expected.
     #[error("invalid model config: {0}")]
     Config(String),
+    /// A device cannot be opened or cannot hold what was asked of it; says what to use instead.
+    #[error("{0}")]
+    Device(String),
     /// An input tensor does not fit the model (shape, channels, labels, NaN…).
     #[error("invalid input: {0}")]
     Input(String),

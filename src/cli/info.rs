@@ -12,6 +12,13 @@ pub struct InfoArgs {
     /// (written by `tarflow import` or training) or a .gguf of `tarflow quantize`; default: the
     /// embedded MNIST likelihood model.
     checkpoint: Option<PathBuf>,
+    /// The same as the positional argument, as every other command spells it.
+    #[arg(
+        long = "checkpoint",
+        value_name = "CHECKPOINT",
+        conflicts_with = "checkpoint"
+    )]
+    checkpoint_flag: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -20,7 +27,7 @@ pub struct InfoArgs {
 /// Prints the config and parameter count of a checkpoint.
 pub fn run(a: InfoArgs) -> Result<()> {
     let r = tarflow_sample::default_model::resolve_or_default(
-        a.checkpoint.as_deref(),
+        a.checkpoint.as_deref().or(a.checkpoint_flag.as_deref()),
         true,
         &Device::Cpu,
     )?;

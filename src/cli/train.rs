@@ -43,7 +43,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // second id that refuses the first one's tensors).
     let select = |cfg: &TrainConfig, group: &dyn tarflow_train::dist::Group| {
         let (device, why) = tarflow_train::dist::device_for(&cfg.train.device, group)?;
-        if cfg.train.device == "auto" && group.rank() == 0 {
+        // `auto` says what it took where there was a choice (a GPU build, or a GPU found).
+        let chose = tarflow_flows::device::gpu_built() || !device.is_cpu();
+        if cfg.train.device == "auto" && chose && group.rank() == 0 {
             eprintln!("device: {why}");
         }
         anyhow::Ok(device)
@@ -73,6 +75,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
         (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
     };
     let lead = rank == 0;
+    if let (Some(dir), true) = (&a.resume, trainer.steps_done() >= trainer.max_steps()) {
+        // Nothing to do, and nothing of the run is touched.
+        if lead {
+            println!(
+                "{} is already finished: step {} of train.max_steps = {}. To train further: \
+                 tarflow train --resume {} --set train.max_steps={}",
+                dir.display(),
+                trainer.steps_done(),
+                trainer.max_steps(),
+                dir.display(),
+                trainer.max_steps().max(1) * 2
+            );
+        }
+        return Ok(());
+    }
     if lead {
         for w in warnings {
             eprintln!("warning: {w}");

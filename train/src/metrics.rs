@@ -81,17 +81,33 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
 
 impl MetricsLog {
     /// Opens `path` for appending, first dropping records after `keep_until` (the steps a
-    /// resumed run will redo) so the file never holds a step twice.
+    /// resumed run will redo) so the file never holds a step twice. The lines kept are kept as
+    /// written (never re-serialised: a float's last digit would change), and a file with
+    /// nothing to drop is not rewritten at all.
     pub fn open(path: &Path, keep_until: Option<u64>) -> Result<(Self, Vec<Record>)> {
         let mut records = read(path)?;
-        if let Some(s) = keep_until {
-            records.retain(|r| r.step <= s);
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(TrainError::io(path, e)),
+        };
+        // `read` returned one record per complete, parseable line, in order.
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let keep: Vec<bool> = records
+            .iter()
+            .map(|r| keep_until.is_none_or(|s| r.step <= s))
+            .collect();
+        let whole = lines.len() == records.len() && (text.is_empty() || text.ends_with('\n'));
+        if !whole || keep.iter().any(|k| !k) || !path.exists() {
+            let mut kept = String::new();
+            for (line, _) in lines.iter().zip(&keep).filter(|(_, k)| **k) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            tarflow_flows::checkpoint::write_atomic(path, kept.as_bytes())?;
         }
-        let mut text = String::new();
-        for r in &records {
-            text.push_str(&Self::line(path, r)?);
-        }
-        tarflow_flows::checkpoint::write_atomic(path, text.as_bytes())?;
+        let mut k = keep.iter();
+        records.retain(|_| k.next().copied().unwrap_or(false));
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)

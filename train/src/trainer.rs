@@ -413,6 +413,11 @@ impl Trainer {
         self.max_steps
     }
 
+    /// Steps done so far (those of the checkpoint a resumed run started from).
+    pub fn steps_done(&self) -> u64 {
+        self.state.step
+    }
+
     fn epoch_f(&self) -> f64 {
         self.state.images_seen as f64 / self.train_images.max(1) as f64
     }

@@ -134,8 +134,14 @@ impl TarFlow {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        // Placed before the VarBuilder sees them: it would move a host tensor to the device
+        // first and cast it there (an f64 one would reach a GPU that has no f64).
+        let placed = weights
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), crate::device::upload(t, device, dtype)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
         let weights = std::sync::Arc::new(weights);
-        let vb = VarBuilder::from_tensors((*weights).clone(), dtype, device);
+        let vb = VarBuilder::from_tensors(placed, dtype, device);
         let mut model = Self::build(cfg, vb, quant)?;
         model.weights = Some(weights);
         Ok(model)
