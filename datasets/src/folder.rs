@@ -9,7 +9,8 @@ use image::imageops::FilterType;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
-const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "webp", "jfif"];
+/// The image file extensions a folder is searched for (and `score` reads), lower case.
+pub const EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "webp", "gif", "jfif"];
 const HELD_OUT: [&str; 3] = ["val", "valid", "test"];
 
 /// How to read a folder. `None` infers, as torchvision's ImageFolder does.

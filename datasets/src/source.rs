@@ -136,7 +136,7 @@ impl SourceKind {
                  in a folder, or the images file itself; this repository ships MNIST in data/mnist/"
             }
             SourceKind::Folder => {
-                "a folder of png/jpeg/bmp/webp images, one sub-folder per class for labels"
+                "a folder of png/jpeg/bmp/webp/gif images, one sub-folder per class for labels"
             }
             SourceKind::Hdf5 => {
                 "an HDF5 file with an `images` (or image_data, data, x) dataset, NCHW or NHWC, \

@@ -1,6 +1,7 @@
 //! tarflow-sample: the user-facing ends of a trained flow. [`resolve`] finds the weights
 //! ([`default_model`] when none are named),
-//! [`generate`] draws samples, [`score`] gives exact likelihoods of image files, [`heatmap`]
+//! [`generate`] draws samples, [`score`] gives exact likelihoods of image files ([`inputs`]
+//! reads them, skipping the unreadable), [`heatmap`]
 //! draws where the bits go, [`grid`] tiles images into a PNG, [`display`] shows pictures inline
 //! in notebooks.
 
@@ -12,6 +13,7 @@ pub mod font;
 pub mod generate;
 pub mod grid;
 pub mod heatmap;
+pub mod inputs;
 pub mod ood;
 pub mod quantize;
 pub mod resolve;

@@ -111,7 +111,7 @@ impl ImageScore {
 }
 
 /// Image file extensions that are scored when a folder is given.
-const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "webp", "gif"];
+use tarflow_datasets::folder::EXTENSIONS;
 
 /// Expands files and folders (recursively, sorted) into image files.
 pub fn collect_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -152,6 +152,22 @@ pub fn collect_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Why `path` could not be decoded, in words: the image crate's message for an unknown
+/// extension quotes it oddly (`` `."csv"` ``), so that case is said here.
+fn decode_error(path: &Path, e: &image::ImageError) -> String {
+    match e {
+        image::ImageError::Unsupported(_) => format!(
+            "not an image format tarflow reads ({}): expected {}",
+            path.extension().map_or("no extension".into(), |x| format!(
+                ".{}",
+                x.to_string_lossy()
+            )),
+            EXTENSIONS.join(", ")
+        ),
+        other => format!("cannot decode: {other}"),
+    }
+}
+
 /// Decodes an image into planar C×S×S bytes for `cfg`; a size or channel mismatch is an
 /// error unless `resize` (shorter side → S, centre crop, channel conversion).
 pub fn load_for_model(path: &Path, cfg: &ModelConfig, resize: bool) -> Result<Vec<u8>> {
@@ -165,7 +181,7 @@ pub fn load_for_model(path: &Path, cfg: &ModelConfig, resize: bool) -> Result<Ve
         .with_guessed_format()
         .map_err(|e| SampleError::file(path, e.to_string()))?
         .decode()
-        .map_err(|e| SampleError::file(path, format!("cannot decode: {e}")))?;
+        .map_err(|e| SampleError::file(path, decode_error(path, &e)))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let have = img.color().channel_count() as usize;
     let fits_channels = match c {

@@ -31,6 +31,10 @@ pub struct ClassifyArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Stop at the first unreadable image file of a folder instead of skipping it (skipped
+    /// files are listed on stderr and counted).
+    #[arg(long)]
+    strict: bool,
     #[command(flatten)]
     model: super::runtime::ModelArgs,
 }
@@ -45,7 +49,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     if cfg.num_classes == 0 {
         bail!("{}: the model is unconditional (num_classes = 0); classification by likelihood needs a class-conditional model", r.path.display());
     }
-    let d = Dataset::parse(&a.data, &cfg, a.limit)?;
+    let d = Dataset::parse(&a.data, &cfg, a.limit, a.strict)?;
     let Some(labels) = d.set.labels.clone() else {
         bail!("{}: has no labels to measure the accuracy against", d.name);
     };

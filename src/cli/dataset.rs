@@ -14,23 +14,27 @@ pub struct Dataset {
     pub name: String,
     /// The images (the first `limit` when limited).
     pub set: ImageSet,
+    /// Unreadable files of a folder, skipped (path, reason); each was said on stderr.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 impl Dataset {
     /// Loads `kind` from `path` for `cfg` (a folder is read at the model's size and channels)
-    /// and keeps the first `limit` images (all when None).
+    /// and keeps the first `limit` images (all when None). A folder's unreadable files are
+    /// skipped and said, unless `strict` (then the first is an error).
     pub fn load(
         k: SourceKind,
         path: Option<&Path>,
         cfg: &ModelConfig,
         limit: Option<usize>,
+        strict: bool,
     ) -> Result<Dataset> {
         let kind = k.name();
         let folder = FolderOptions {
             size: Some(cfg.img_size),
             channels: cfg.in_channels,
             class_per_subdir: None,
-            skip_bad: false,
+            skip_bad: !strict,
         };
         let name = match path {
             Some(p) => format!("{kind}:{}", p.display()),
@@ -39,6 +43,9 @@ impl Dataset {
         let loaded = source::load(k, path, &folder).with_context(|| format!("--source {name}"))?;
         for n in &loaded.notes {
             eprintln!("note: {name}: {n}");
+        }
+        for (p, why) in &loaded.skipped {
+            eprintln!("skipped {}: {why}", p.display());
         }
         let set = loaded.set;
         let want = (cfg.in_channels, cfg.img_size, cfg.img_size);
@@ -60,17 +67,26 @@ impl Dataset {
         if set.is_empty() {
             bail!("{name}: no images");
         }
-        Ok(Dataset { name, set })
+        Ok(Dataset {
+            name,
+            set,
+            skipped: loaded.skipped,
+        })
     }
 
-    /// Parses `KIND:PATH` (or a bare `embedded`) and loads it.
-    pub fn parse(spec: &str, cfg: &ModelConfig, limit: Option<usize>) -> Result<Dataset> {
+    /// Parses `KIND:PATH` (or a bare `embedded`) and loads it ([`Self::load`]).
+    pub fn parse(
+        spec: &str,
+        cfg: &ModelConfig,
+        limit: Option<usize>,
+        strict: bool,
+    ) -> Result<Dataset> {
         let (kind, path) = match spec.split_once(':') {
             Some((k, p)) => (k, Some(PathBuf::from(p))),
             None => (spec, None),
         };
         let k: SourceKind = kind.parse().map_err(|e: String| anyhow!("{spec}: {e}"))?;
-        Self::load(k, path.as_deref(), cfg, limit)
+        Self::load(k, path.as_deref(), cfg, limit, strict)
     }
 
     /// Names for the images: `NAME#index`.
@@ -87,6 +103,7 @@ impl Dataset {
             "count": self.set.len(),
             "sha256": self.set.checksum(),
             "labels": self.set.labels.is_some(),
+            "skipped": self.skipped.len(),
         })
     }
 }

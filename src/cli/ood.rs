@@ -41,6 +41,10 @@ pub struct OodArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Stop at the first unreadable image file of a folder instead of skipping it (skipped
+    /// files are listed on stderr and counted).
+    #[arg(long)]
+    strict: bool,
     #[command(flatten)]
     model: super::runtime::ModelArgs,
 }
@@ -75,8 +79,8 @@ pub fn run(a: OodArgs) -> Result<()> {
     };
     let owned =
         |d: &Dataset| -> Vec<Vec<u8>> { d.set.images().into_iter().map(<[u8]>::to_vec).collect() };
-    let inl = Dataset::parse(&a.inliers, &cfg, Some(a.limit))?;
-    let train = Dataset::parse(&a.train, &cfg, Some(a.limit))?;
+    let inl = Dataset::parse(&a.inliers, &cfg, Some(a.limit), a.strict)?;
+    let train = Dataset::parse(&a.train, &cfg, Some(a.limit), a.strict)?;
     let in_px = owned(&inl);
     eprintln!("scoring {} ({} images)", inl.name, in_px.len());
     let in_bpd = bpd_of(&model, &in_px, &opts)?;
@@ -102,7 +106,7 @@ pub fn run(a: OodArgs) -> Result<()> {
                 uniform_noise(in_px.len(), cfg.dims_per_image(), a.seed ^ 0x0dd),
             ),
             s => {
-                let d = Dataset::parse(s, &cfg, Some(a.limit))?;
+                let d = Dataset::parse(s, &cfg, Some(a.limit), a.strict)?;
                 (d.name.clone(), owned(&d))
             }
         };

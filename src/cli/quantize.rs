@@ -186,7 +186,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     });
     let mut eval = None;
     if let Some(spec) = &a.eval {
-        let d = Dataset::parse(spec, &r.checkpoint.config, Some(a.limit))?;
+        let d = Dataset::parse(spec, &r.checkpoint.config, Some(a.limit), false)?;
         let labels = if a.true_labels {
             Some(
                 d.set

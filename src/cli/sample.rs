@@ -69,9 +69,14 @@ pub struct SampleArgs {
     /// Jacobi: initial guess, input (the block's output) or zeros.
     #[arg(long, value_enum, default_value = "input")]
     jacobi_init: JacobiInit,
-    /// One score-based denoising step x + λσ²∇log p(x) after sampling.
-    #[arg(long)]
+    /// One score-based denoising step x + λσ²∇log p(x) after sampling. It is on by default
+    /// when the checkpoint's run trained with Gaussian noise (its σ is known), as the run's own
+    /// sample grids were drawn.
+    #[arg(long, conflicts_with = "no_denoise")]
     denoise: bool,
+    /// The raw samples, without the denoising step a Gaussian-noise run gets by default.
+    #[arg(long)]
+    no_denoise: bool,
     /// λ of the denoising step.
     #[arg(long, default_value_t = 1.0)]
     denoise_lambda: f64,
@@ -81,6 +86,14 @@ pub struct SampleArgs {
     /// Output grid PNG.
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
+    /// Images per row of the grid (default: the length of a --labels list, so that each row
+    /// is one pass through it; else the square root of the count).
+    #[arg(long)]
+    cols: Option<usize>,
+    /// Draw exactly the grid training drew for this run's checkpoint (its eval.num_samples,
+    /// eval.guidance, eval.temperature, denoising and noise seed) into --out.
+    #[arg(long, conflicts_with_all = ["noise", "labels", "guidance", "temperature", "seed", "num", "denoise", "no_denoise", "solver", "out_dir", "out_tensor"])]
+    like_training: bool,
     /// Also write every image as its own PNG into this folder.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -114,16 +127,17 @@ fn parse_labels(s: &str) -> Result<Labels> {
 pub fn run(a: SampleArgs) -> Result<()> {
     let (r, model) = a.model.load()?;
     let cfg = model.config().clone();
-    let denoise = if a.denoise {
-        let sigma = a.sigma.or(r.train_noise_std).with_context(|| {
-            format!(
-                "--denoise needs σ: {} has no run config with Gaussian training noise beside it; give --sigma",
-                r.path.display()
-            )
-        })?;
-        Some((sigma, a.denoise_lambda))
-    } else {
-        None
+    if a.like_training {
+        return like_training(&r, &model, &a.out);
+    }
+    // Denoised when asked, or by default where the run's Gaussian training noise is known.
+    let denoise = match (a.denoise, a.no_denoise, a.sigma.or(r.train_noise_std)) {
+        (_, true, _) | (false, false, None) => None,
+        (_, false, Some(sigma)) => Some((sigma, a.denoise_lambda)),
+        (true, false, None) => bail!(
+            "--denoise needs σ: {} has no run config with Gaussian training noise beside it; give --sigma",
+            r.path.display()
+        ),
     };
     let opts = SampleOptions {
         num: a.num,
@@ -181,7 +195,32 @@ pub fn run(a: SampleArgs) -> Result<()> {
     bar.finish_and_clear();
     let px = to_u8(&s.images)?;
     let images: Vec<&[u8]> = px.chunks(cfg.dims_per_image()).collect();
-    let cols = (images.len() as f64).sqrt().ceil() as usize;
+    let cols = match (a.cols, &opts.labels) {
+        (Some(0), _) => bail!("--cols must be ≥ 1"),
+        (Some(c), _) => c,
+        (None, Labels::List(l)) if !l.is_empty() => l.len().min(images.len()),
+        _ => (images.len() as f64).sqrt().ceil() as usize,
+    };
+    eprintln!(
+        "settings: labels {}, guidance {}{}, temperature {}, seed {}, {} inverse, {} (grid {} per row)",
+        a.labels,
+        a.guidance,
+        if a.guidance != 0.0 { format!(" ({:?} rule)", a.guidance_rule).to_lowercase() } else { String::new() },
+        a.temperature,
+        a.seed,
+        match a.solver {
+            Solver::Sequential => "sequential",
+            Solver::Jacobi => "jacobi",
+        },
+        match denoise {
+            Some((s, l)) if a.denoise || a.sigma.is_some() => format!("denoised (σ {s}, λ {l})"),
+            Some((s, l)) => format!(
+                "denoised (σ {s}, λ {l}: the run trained with Gaussian noise; --no-denoise for the raw samples)"
+            ),
+            None => "not denoised".into(),
+        },
+        cols
+    );
     let (c, sz) = (cfg.in_channels, cfg.img_size);
     tarflow_sample::grid::save(&images, c, sz, sz, cols, &a.out)?;
     if let Some(dir) = &a.out_dir {
@@ -211,6 +250,46 @@ pub fn run(a: SampleArgs) -> Result<()> {
         } else {
             String::new()
         }
+    );
+    Ok(())
+}
+
+/// `--like-training`: the grid the trainer drew for this checkpoint, with the run's own
+/// settings (the same function, so the same pixels).
+fn like_training(
+    r: &tarflow_sample::resolve::Resolved,
+    model: &tarflow_flows::TarFlow,
+    out: &std::path::Path,
+) -> Result<()> {
+    let run = tarflow_flows::rundir::run_of(&r.path).with_context(|| {
+        format!(
+            "--like-training: {} is not inside a run directory (runs/NAME/checkpoints/step-N/); \
+             give --checkpoint RUN_DIR",
+            r.path.display()
+        )
+    })?;
+    let cfg = tarflow_train::Trainer::config_of_run(&run.root, &[])?;
+    tarflow_train::evaluate::sample_grid(model, &cfg, out)?;
+    let e = &cfg.eval;
+    eprintln!(
+        "settings of the run's grids: {} samples, labels cycling through the classes, guidance {}, \
+         temperature {}, noise seed from train.seed = {}, {} ({} weights)",
+        e.num_samples,
+        e.guidance,
+        e.temperature,
+        cfg.train.seed,
+        match cfg.data.noise {
+            tarflow_train::config::NoiseKind::Gaussian if e.denoise && cfg.data.noise_std > 0.0 => {
+                format!("denoised (σ {}, unless a sample is not finite)", cfg.data.noise_std)
+            }
+            _ => "not denoised".into(),
+        },
+        if r.ema { "EMA" } else { "trained" }
+    );
+    println!(
+        "the training grid of {} → {}",
+        r.path.display(),
+        out.display()
     );
     Ok(())
 }

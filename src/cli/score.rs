@@ -6,9 +6,10 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use tarflow_sample::heatmap::{render, rows_of};
+use tarflow_sample::inputs::load_files;
 use tarflow_sample::score::{
-    collect_paths, load_for_model, score_images, score_images_labelled, score_marginal, Bound,
-    Dequant, ImageScore, ScoreOptions, Summary,
+    score_images, score_images_labelled, score_marginal, Bound, Dequant, ImageScore, ScoreOptions,
+    Summary,
 };
 
 /// Dequantisation of the 8-bit pixels.
@@ -85,6 +86,11 @@ pub struct ScoreArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Stop at the first unreadable image instead of skipping it (skipped files are listed on
+    /// stderr and counted in the summary; without --strict the exit status is non-zero only
+    /// when nothing could be scored).
+    #[arg(long)]
+    strict: bool,
     #[command(flatten)]
     model: super::runtime::ModelArgs,
 }
@@ -117,9 +123,9 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     }
     let (r, model) = a.model.load()?;
     let cfg = model.config().clone();
-    let (paths, pixels, labels, identity) = match &a.source {
+    let (paths, pixels, labels, identity, skipped) = match &a.source {
         Some(kind) => {
-            let d = Dataset::load(*kind, a.path.as_deref(), &cfg, a.limit)?;
+            let d = Dataset::load(*kind, a.path.as_deref(), &cfg, a.limit, a.strict)?;
             let labels = if a.true_labels {
                 match &d.set.labels {
                     Some(l) => Some(l.clone()),
@@ -129,15 +135,15 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 None
             };
             let pixels: Vec<Vec<u8>> = d.set.images().into_iter().map(<[u8]>::to_vec).collect();
-            (d.image_names(), pixels, labels, Some(d.identity()))
+            let id = Some(d.identity());
+            (d.image_names(), pixels, labels, id, d.skipped)
         }
         None => {
-            let paths = collect_paths(&a.inputs)?;
-            let pixels = paths
-                .iter()
-                .map(|p| load_for_model(p, &cfg, a.resize))
-                .collect::<tarflow_sample::Result<Vec<_>>>()?;
-            (paths, pixels, None, None)
+            let i = load_files(&a.inputs, &cfg, a.resize, a.strict)?;
+            for (p, why) in &i.skipped {
+                eprintln!("skipped {}: {why}", p.display());
+            }
+            (i.paths, i.pixels, None, None, i.skipped)
         }
     };
     let opts = ScoreOptions {
@@ -178,6 +184,13 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     }
     let bpd: Vec<f64> = scores.iter().map(|s| s.bits_per_dim).collect();
     let sum = Summary::of(&bpd);
+    if !skipped.is_empty() {
+        eprintln!(
+            "{} image(s) scored, {} unreadable file(s) skipped (listed above; --strict stops at the first)",
+            scores.len(),
+            skipped.len()
+        );
+    }
     if scores.len() > 1 {
         let msg = sum.line("bits/dim");
         // Keep stdout one JSON object per line when --json is given.
@@ -232,6 +245,10 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             "marginal": a.marginal,
             "count": sum.count,
             "excluded": sum.excluded,
+            "skipped": skipped
+                .iter()
+                .map(|(p, why)| serde_json::json!({"path": p.display().to_string(), "reason": why}))
+                .collect::<Vec<_>>(),
             "widened": widened,
             "bits_per_dim": {
                 "mean": sum.mean, "stderr": sum.stderr, "std": sum.std,
