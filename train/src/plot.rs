@@ -56,6 +56,49 @@ fn y_range(series: &[Series], lo: f64, hi: f64) -> (f64, f64, bool) {
     (a, b, a > lo || b < hi)
 }
 
+/// A tick's text on an axis spanning `span`: as many decimals as ten ticks over that span
+/// need (none for steps: "200", not "200.0"), and never "-0".
+fn tick_label(v: f64, span: f64) -> String {
+    let decimals = (-(span.abs().max(1e-12) / 10.0).log10())
+        .ceil()
+        .clamp(0.0, 6.0) as usize;
+    let s = format!("{v:.decimals$}");
+    match s.strip_prefix('-') {
+        Some(rest) if rest.chars().all(|c| c == '0' || c == '.') => rest.to_string(),
+        _ => s,
+    }
+}
+
+/// The plot's title, saying how many points lie beyond the drawn y range [`y0`, `y1`] and so
+/// are drawn at its edge (nothing when none do).
+fn titled(title: &str, series: &[Series], y0: f64, y1: f64) -> String {
+    let beyond = |f: fn(f64, f64, f64) -> bool| {
+        series
+            .iter()
+            .flat_map(|(_, p)| p.iter())
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && f(*y, y0, y1))
+            .count()
+    };
+    let (above, below) = (beyond(|y, _, hi| y > hi), beyond(|y, lo, _| y < lo));
+    let mut parts = Vec::new();
+    if above > 0 {
+        parts.push(format!(
+            "{above} point(s) above {} drawn at the top",
+            tick_label(y1, y1 - y0)
+        ));
+    }
+    if below > 0 {
+        parts.push(format!(
+            "{below} below {} at the bottom",
+            tick_label(y0, y1 - y0)
+        ));
+    }
+    match parts.is_empty() {
+        true => title.to_string(),
+        false => format!("{title} ({})", parts.join(", ")),
+    }
+}
+
 /// Draws the plot into an 800×500 RGB image; `None` when no series has a finite point.
 fn line_plot_image(
     title: &str,
@@ -81,14 +124,10 @@ fn line_plot_image(
     if x1 - x0 < 1e-9 {
         x1 = x0 + 1.0;
     }
-    let (y0, y1, clipped) = y_range(series, y0, y1);
+    let (y0, y1, _) = y_range(series, y0, y1);
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let (y0, y1) = (y0 - pad, y1 + pad);
-    let title = if clipped {
-        format!("{title} (outliers drawn at the edge)")
-    } else {
-        title.to_string()
-    };
+    let title = titled(title, series, y0, y1);
     let clamp = move |(x, y): (f64, f64)| (x, y.clamp(y0, y1));
     let err = |e: String| format!("cannot draw the plot: {e}");
     let (w, h) = (800u32, 500u32);
@@ -99,14 +138,20 @@ fn line_plot_image(
         let mut chart = ChartBuilder::on(&root)
             .caption(&title, ("sans-serif", 24))
             .margin(12)
+            .margin_right(36)
             .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(|e| err(e.to_string()))?;
+        let (xs, ys) = (x1 - x0, y1 - y0);
+        let x_tick = move |v: &f64| tick_label(*v, xs);
+        let y_tick = move |v: &f64| tick_label(*v, ys);
         chart
             .configure_mesh()
             .x_desc(x_label)
             .y_desc(y_label)
+            .x_label_formatter(&x_tick)
+            .y_label_formatter(&y_tick)
             .draw()
             .map_err(|e| err(e.to_string()))?;
         for (i, (label, p)) in series.iter().enumerate() {
@@ -192,6 +237,25 @@ mod tests {
         let line: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, i as f64)).collect();
         let smooth: Vec<super::Series> = vec![("bpd", &line)];
         assert_eq!(super::y_range(&smooth, 0.0, 49.0), (0.0, 49.0, false));
+    }
+
+    #[test]
+    fn ticks_read_as_numbers_and_the_title_says_what_was_clipped() {
+        use super::tick_label;
+        assert_eq!(tick_label(200.0, 2000.0), "200");
+        assert_eq!(tick_label(12.0, 24.0), "12");
+        assert_eq!(tick_label(-0.00001, 0.5), "0.00");
+        assert_eq!(tick_label(-0.25, 0.5), "-0.25");
+        assert_eq!(tick_label(-1e-9, 3.0), "0.0");
+        let mut p: Vec<(f64, f64)> = (0..100).map(|i| (i as f64, 1.0)).collect();
+        let s: Vec<super::Series> = vec![("bpd", &p)];
+        assert_eq!(super::titled("bpd", &s, 0.0, 2.0), "bpd");
+        p[3].1 = 1e7;
+        let s: Vec<super::Series> = vec![("bpd", &p)];
+        assert_eq!(
+            super::titled("bpd", &s, 0.0, 2.0),
+            "bpd (1 point(s) above 2.0 drawn at the top)"
+        );
     }
 
     #[test]
