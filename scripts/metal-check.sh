@@ -10,9 +10,9 @@
 #       path the GPU runs, TARFLOW_CPU_KERNELS=0), so the script cannot rot.
 #
 # Steps (each one line in the table and in $OUT/summary.json):
-#   reference   the PyTorch reference vectors in f32 and bf16, the loading paths (f64/f16/bf16
-#               checkpoints, an f64 noise file), one device selection per command, the EMA's
-#               starting values (the `composed` test binary, on the device)
+#   reference   the PyTorch reference vectors in f32 and bf16 (tests/composed.rs), the loading
+#               paths (f64/f16/bf16 checkpoints, an f64 noise file), one device selection per
+#               command, the EMA's starting values (tests/devices.rs), both on the device
 #   resume      20 quickstart steps, then --resume for 10 more, against 30 uninterrupted steps
 #   ema         the average after one step is 2/11·w0 + 9/11·w1 (f32); it differs from the
 #               weights and from w0 after 20
@@ -83,11 +83,11 @@ fail() {
   record "$1" 0 "$(basename "$last") failed: $(tail -1 "$last")"
 }
 
-# 1. The composed test binary on the device (reference vectors, loading paths, one selection
-#    per command, the EMA's start).
+# 1. The device-generic test binaries on the device (reference vectors; loading paths, one
+#    selection per command, the EMA's start).
 if run reference env TARFLOW_TEST_DEVICE=$dev TARFLOW_BIN="$bin" \
-  cargo test --release "${features[@]}" --test composed -- --test-threads 1; then
-  record reference 1 "$(grep -E '^test result' "$out/reference.log" | tail -1)"
+  cargo test --release "${features[@]}" --test composed --test devices -- --test-threads 1; then
+  record reference 1 "$(grep -E '^test result' "$out/reference.log" | awk '{p += $4} END {print p " tests passed (composed, devices)"}')"
 else
   record reference 0 "$(grep -E 'FAILED|panicked' "$out/reference.log" | head -3 | tr '\n' ' ') (see $out/reference.log)"
 fi
