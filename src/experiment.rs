@@ -22,13 +22,14 @@
 //! ```
 
 use crate::fd::{classifier_for, measure, Classifier, FeatureExtractor, Reference};
+pub use crate::report::Row;
+use crate::report::{loss_curve, write_results};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use tarflow_flows::{GuidanceRule, ReverseOptions};
 use tarflow_sample::generate::{Labels, SampleOptions};
 use tarflow_train::config::TrainConfig;
-use tarflow_train::metrics::read;
 use tarflow_train::trainer::Trainer;
 use tarflow_train::{Result, TrainError};
 
@@ -107,32 +108,6 @@ fn default_seeds() -> Vec<u64> {
 }
 fn default_fd_samples() -> usize {
     500
-}
-
-/// One row of the results.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Row {
-    /// Variant name.
-    pub variant: String,
-    /// Training seed.
-    pub seed: u64,
-    /// Sampling setting name.
-    pub sampling: String,
-    /// Learned scalars.
-    pub params: usize,
-    /// Final validation bits/dim (EMA weights when kept, else trained).
-    pub val_bpd: Option<f64>,
-    /// Fréchet distance in classifier features.
-    pub fd: f64,
-    /// Training seconds.
-    pub train_s: f64,
-    /// Sampling seconds per image.
-    pub sample_s_per_image: f64,
-    /// Generated images that stayed NaN/Inf.
-    #[serde(default)]
-    pub non_finite: usize,
-    /// The sample grid, relative to the results folder.
-    pub grid: String,
 }
 
 fn slug(s: &str) -> String {
@@ -381,128 +356,17 @@ pub fn run(
             log(format!("classifier: {}", classifier.name()));
         }
     }
-    write_results(e, &rows, &curves, results_dir)?;
-    Ok(rows)
-}
-
-fn loss_curve(run_dir: &Path) -> Vec<(f64, f64)> {
-    read(&run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|r| r.loss.map(|l| (r.step as f64, l)))
-        .collect()
-}
-
-/// Writes results.md, results.csv and the plots.
-fn write_results(
-    e: &Experiment,
-    rows: &[Row],
-    curves: &[(String, Vec<(f64, f64)>)],
-    dir: &Path,
-) -> Result<()> {
-    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |b| format!("{b:.4}"));
-    let mut md = format!(
+    let intro = format!(
         "# {}\n\nBase config `{}`, overrides `{}`, seeds {:?}, FD on {} generated images against the held-out split \
-         in the features of a small classifier trained on the same data (not Inception FID).\n\n\
-         | variant | seed | sampling | parameters | val bits/dim | FD (classifier) | NaN samples | train s | sample s/image | grid |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-        e.name, e.base, e.set.join(" "), e.seeds, e.fd_samples
+         in the features of a small classifier trained on the same data (not Inception FID).",
+        e.name,
+        e.base,
+        e.set.join(" "),
+        e.seeds,
+        e.fd_samples
     );
-    let mut csv = String::from(
-        "variant,seed,sampling,params,val_bpd,fd,non_finite,train_s,sample_s_per_image,grid\n",
-    );
-    for r in rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.0} | {:.4} | [png]({}) |\n",
-            r.variant,
-            r.seed,
-            r.sampling,
-            r.params,
-            fmt(r.val_bpd),
-            r.fd,
-            r.train_s,
-            r.sample_s_per_image,
-            r.grid
-        ));
-        csv.push_str(&format!(
-            "{:?},{},{:?},{},{},{},{},{},{},{}\n",
-            r.variant,
-            r.seed,
-            r.sampling,
-            r.params,
-            r.val_bpd.map_or(String::new(), |v| v.to_string()),
-            r.fd,
-            r.non_finite,
-            r.train_s,
-            r.sample_s_per_image,
-            r.grid
-        ));
-    }
-    md.push_str("\n![validation bits/dim](plots/val_bpd.png)\n![FD](plots/fd.png)\n![training loss](plots/loss.png)\n");
-    tarflow_flows::checkpoint::write_atomic(&dir.join("results.md"), md.as_bytes())?;
-    tarflow_flows::checkpoint::write_atomic(&dir.join("results.csv"), csv.as_bytes())?;
-    // Per-variant figures against the variant's index, one curve per seed × sampling.
-    let names: Vec<String> = {
-        let mut v: Vec<String> = Vec::new();
-        for r in rows {
-            if !v.contains(&r.variant) {
-                v.push(r.variant.clone());
-            }
-        }
-        v
-    };
-    let mut series_bpd: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    let mut series_fd: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for r in rows {
-        let x = names.iter().position(|n| n == &r.variant).unwrap_or(0) as f64;
-        let key = format!("seed {} {}", r.seed, r.sampling);
-        let push = |s: &mut Vec<(String, Vec<(f64, f64)>)>, y: f64| match s
-            .iter_mut()
-            .find(|(k, _)| *k == key)
-        {
-            Some((_, p)) => p.push((x, y)),
-            None => s.push((key.clone(), vec![(x, y)])),
-        };
-        if let Some(b) = r.val_bpd {
-            push(&mut series_bpd, b);
-        }
-        push(&mut series_fd, r.fd);
-    }
-    let label = format!(
-        "variant: {}",
-        names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| format!("{i}={n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let draw = |file: &str,
-                title: &str,
-                y: &str,
-                s: &[(String, Vec<(f64, f64)>)],
-                x: &str|
-     -> Result<()> {
-        let refs: Vec<tarflow_train::plot::Series> =
-            s.iter().map(|(k, p)| (k.as_str(), p.as_slice())).collect();
-        tarflow_train::plot::line_plot(&dir.join("plots").join(file), title, x, y, &refs)
-    };
-    draw(
-        "val_bpd.png",
-        "validation bits/dim per variant",
-        "bits/dim",
-        &series_bpd,
-        &label,
-    )?;
-    draw(
-        "fd.png",
-        "FD (classifier features) per variant",
-        "FD",
-        &series_fd,
-        &label,
-    )?;
-    draw("loss.png", "training loss", "loss", curves, "step")?;
-    Ok(())
+    write_results(&intro, &rows, &curves, results_dir)?;
+    Ok(rows)
 }
 
 /// Where an experiment's runs and results go: `runs/experiments/NAME` and

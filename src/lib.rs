@@ -13,5 +13,6 @@ pub mod experiment;
 pub mod fd;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod report;
 
 pub use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions, TarFlow};

@@ -286,7 +286,8 @@ fn iw_bound_is_below_the_elbo_average_and_equal_at_one_draw() {
 
 #[test]
 fn the_class_mixture_lies_within_ln_c_of_the_best_class() {
-    use tarflow::sample::score::{score_marginal, Bound};
+    use tarflow::sample::classes::score_marginal;
+    use tarflow::sample::score::Bound;
     let mut cfg = config();
     cfg.num_classes = 3;
     let model = common::random_checkpoint(&cfg, 9)

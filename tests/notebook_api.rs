@@ -81,7 +81,8 @@ fn a_run_reads_back_with_curves_plots_and_its_latest_grid() {
 
 #[test]
 fn held_out_digits_classify_by_likelihood_and_outscore_noise() {
-    use tarflow::sample::score::{classify, score_images, ScoreOptions};
+    use tarflow::sample::classes::classify;
+    use tarflow::sample::score::{score_images, ScoreOptions};
     let run = shipped_run();
     let model = run.model(true, &Device::Cpu).unwrap();
     let val = run.validation_set().unwrap();

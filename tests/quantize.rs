@@ -6,7 +6,7 @@ mod common;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::{labels, load, reference_checkpoint, tarflow, text};
-use tarflow::flows::quant::{quantize, QuantType, Recipe, Rule};
+use tarflow::flows::quant::{QuantType, Recipe, Rule};
 use tarflow::{Checkpoint, Cond, ReverseOptions, TarFlow};
 
 /// Bits/dim of each reference input under `m` (density at the inputs, as training sees them).
@@ -35,7 +35,8 @@ fn recipe(t: QuantType) -> Recipe {
 }
 
 fn quantised(t: QuantType) -> TarFlow {
-    quantize(&reference_checkpoint(), &recipe(t))
+    reference_checkpoint()
+        .quantized(&recipe(t))
         .unwrap()
         .model(&Device::Cpu, DType::F32)
         .unwrap()
@@ -94,7 +95,9 @@ fn a_quantised_model_still_inverts() {
 fn quantised_sampling_is_seeded_and_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("q.gguf");
-    let ck = quantize(&reference_checkpoint(), &recipe(QuantType::Q8_0)).unwrap();
+    let ck = reference_checkpoint()
+        .quantized(&recipe(QuantType::Q8_0))
+        .unwrap();
     ck.save(&q).unwrap();
     let mut outs = Vec::new();
     for (i, seed) in ["3", "3", "4"].iter().enumerate() {
@@ -123,7 +126,9 @@ fn quantised_sampling_is_seeded_and_reproducible() {
 fn the_gguf_file_round_trips_and_describes_itself() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.gguf");
-    let mem = quantize(&reference_checkpoint(), &recipe(QuantType::Q4_0)).unwrap();
+    let mem = reference_checkpoint()
+        .quantized(&recipe(QuantType::Q4_0))
+        .unwrap();
     mem.save(&path).unwrap();
     let back = Checkpoint::load(&path, &Device::Cpu).unwrap();
     let (a, b) = (mem.quant.as_ref().unwrap(), back.quant.as_ref().unwrap());
@@ -172,7 +177,8 @@ fn the_gguf_file_round_trips_and_describes_itself() {
 fn files_that_do_not_fit_are_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("q.gguf");
-    quantize(&reference_checkpoint(), &recipe(QuantType::Q8_0))
+    reference_checkpoint()
+        .quantized(&recipe(QuantType::Q8_0))
         .unwrap()
         .save(&good)
         .unwrap();
@@ -285,7 +291,8 @@ fn unknown_types_and_rules_that_match_nothing_are_errors() {
         base: QuantType::Q8_0,
         rules: vec!["blocks.9.*=f32".parse().unwrap()],
     };
-    let e = quantize(&reference_checkpoint(), &r)
+    let e = reference_checkpoint()
+        .quantized(&r)
         .unwrap_err()
         .to_string();
     assert!(
@@ -297,8 +304,11 @@ fn unknown_types_and_rules_that_match_nothing_are_errors() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("int3") && err.contains("q8_0"), "{}", text(&o));
     // Quantising a quantised file.
-    let once = quantize(&reference_checkpoint(), &recipe(QuantType::Q8_0)).unwrap();
-    let e = quantize(&once, &recipe(QuantType::Q4_0))
+    let once = reference_checkpoint()
+        .quantized(&recipe(QuantType::Q8_0))
+        .unwrap();
+    let e = once
+        .quantized(&recipe(QuantType::Q4_0))
         .unwrap_err()
         .to_string();
     assert!(e.contains("already quantised"), "{e}");

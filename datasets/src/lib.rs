@@ -1,7 +1,10 @@
 //! Image datasets for tarflow: sources yielding 8-bit C×H×W images with optional labels.
 //!
-//! Implemented so far: MNIST/Fashion-MNIST IDX files (gz or raw) and the embedded default
-//! dataset (10,000 real MNIST digits shipped in the crate, see `data/mnist10k/SOURCE.md`).
+//! Sources ([`source::SourceKind`]): MNIST/Fashion-MNIST IDX files (gz or raw), CIFAR-10 binary
+//! batches, downsampled-ImageNet `.npz` batches, a folder of image files, HDF5 (feature
+//! `hdf5`), and the embedded default dataset (10,000 real MNIST digits shipped in the crate, see
+//! `data/mnist10k/SOURCE.md`). [`loader`] turns a set into batches, [`transform`] adds noise,
+//! flips and label drop.
 
 pub mod cifar;
 pub mod embedded;

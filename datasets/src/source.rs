@@ -4,8 +4,10 @@ use crate::error::{DataError, Result};
 use crate::ImageSet;
 use std::path::{Path, PathBuf};
 
-/// Where images come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where images come from: the names the command line (`--source`) and configs
+/// (`data.source`) take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum SourceKind {
     /// Downsampled ImageNet npz batches (`imagenet-npz`).
@@ -19,6 +21,7 @@ pub enum SourceKind {
     /// CIFAR-10 binary batches (`cifar10`).
     Cifar10,
     /// The embedded MNIST-10k default (`embedded`).
+    #[default]
     Embedded,
 }
 

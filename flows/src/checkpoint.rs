@@ -1,5 +1,6 @@
-//! Self-describing safetensors checkpoints under ml-tarflow key names, atomic writes,
-//! and import of ml-tarflow state_dicts (`.pth` zip pickles read as data, or `.safetensors`).
+//! Self-describing safetensors checkpoints under ml-tarflow key names, atomic writes, and
+//! checkpoints built from ml-tarflow state_dicts ([`crate::import`]) and GGUF files
+//! ([`crate::gguf`]).
 
 use crate::config::ModelConfig;
 use crate::error::{FlowError, Result};
@@ -112,30 +113,60 @@ impl Checkpoint {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let mut head = [0u8; 4];
         let n = std::io::Read::read(&mut file, &mut head).map_err(io)?;
-        if crate::quant::is_gguf(&head[..n]) {
+        if crate::gguf::is_gguf(&head[..n]) {
             std::io::Seek::rewind(&mut file).map_err(io)?;
             let mut reader = std::io::BufReader::new(file);
-            return Self::on_device(crate::quant::read_gguf(&mut reader, path)?, device);
+            let parts = crate::gguf::read(&mut reader, path)?;
+            return Self::on_device(Self::from_gguf(parts, path)?, device);
         }
         drop(file);
         let bytes = std::fs::read(path).map_err(io)?;
         Self::from_bytes(&bytes, path, device)
     }
 
+    /// The checkpoint a GGUF file of `tarflow quantize` holds; `path` names it in errors.
+    fn from_gguf(parts: crate::gguf::Parts, path: &Path) -> Result<Self> {
+        let mut ck =
+            Self::from_tensors_with_quant(parts.config, parts.dense, &parts.quant.tensors, path)?;
+        ck.quant = Some(std::sync::Arc::new(parts.quant));
+        Ok(ck)
+    }
+
+    /// These weights with the Linear layers quantised by `recipe` (f32 where a layer's rows do
+    /// not fit); an already quantised checkpoint is refused.
+    pub fn quantized(&self, recipe: &crate::quant::Recipe) -> Result<Self> {
+        if let Some(q) = &self.quant {
+            return Err(FlowError::Config(format!(
+                "the checkpoint is already quantised ({}); quantise the f32 checkpoint it came from",
+                q.provenance()
+            )));
+        }
+        let (tensors, q) = crate::quant::quantize_weights(&self.config, &self.tensors, recipe)?;
+        Ok(Self {
+            config: self.config.clone(),
+            tensors,
+            var: self.var.clone(),
+            quant: Some(std::sync::Arc::new(q)),
+        })
+    }
+
     /// Dense tensors moved to `device` (quantised ones move when the model is built).
     fn on_device(mut ck: Self, device: &Device) -> Result<Self> {
         for t in ck.tensors.values_mut() {
-            *t = place(t, device)?;
+            *t = crate::device::from_file(t, device)?;
         }
-        ck.var = ck.var.map(|v| place(&v, device)).transpose()?;
+        ck.var = ck
+            .var
+            .map(|v| crate::device::from_file(&v, device))
+            .transpose()?;
         Ok(ck)
     }
 
     /// Reads a checkpoint held in memory (an embedded model); `path` names it in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
-        if crate::quant::is_gguf(bytes) {
-            let ck = crate::quant::read_gguf(&mut std::io::Cursor::new(bytes), path)?;
-            return Self::on_device(ck, device);
+        if crate::gguf::is_gguf(bytes) {
+            let parts = crate::gguf::read(&mut std::io::Cursor::new(bytes), path)?;
+            return Self::on_device(Self::from_gguf(parts, path)?, device);
         }
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| FlowError::checkpoint(path, format!("not a safetensors file: {e}")))?;
@@ -167,8 +198,8 @@ impl Checkpoint {
         device: &Device,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let raw = read_state_dict(path, device)?;
-        let config = infer_config(&raw, img_size, patch_size, in_channels, path)?;
+        let raw = crate::import::read_state_dict(path, device)?;
+        let config = crate::import::infer_config(&raw, img_size, patch_size, in_channels, path)?;
         let tensors = raw
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
@@ -180,7 +211,11 @@ impl Checkpoint {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         if self.quant.is_some() {
-            return write_atomic(path, &crate::quant::gguf_bytes(self)?);
+            let q = self.quant.as_deref().ok_or_else(|| {
+                FlowError::checkpoint(path, "not a quantised checkpoint".to_string())
+            })?;
+            let bytes = crate::gguf::bytes(&self.config, &self.tensors, self.var.as_ref(), q)?;
+            return write_atomic(path, &bytes);
         }
         let mut all: BTreeMap<String, Tensor> = self
             .tensors
@@ -349,172 +384,6 @@ fn validate_shapes(
         msg.push_str(&format!("; … and {} more", problems.len() - shown));
     }
     Err(FlowError::checkpoint(source, msg))
-}
-
-/// Reads a raw state_dict from a `.pth` (PyTorch zip pickle, parsed as data only, never
-/// executed) or `.safetensors` file, stripping `module.` / `_orig_mod.` prefixes.
-pub fn read_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    let pairs: Vec<(String, Tensor)> = if is_safetensors {
-        let bytes = std::fs::read(path).map_err(|source| FlowError::Io {
-            path: path.into(),
-            source,
-        })?;
-        candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| {
-                FlowError::checkpoint(path, format!("not a readable safetensors file: {e}"))
-            })?
-            .into_iter()
-            .collect()
-    } else {
-        read_pth(path)?
-    };
-    if pairs.is_empty() {
-        return Err(FlowError::checkpoint(
-            path,
-            "holds no tensors: expected an ml-tarflow state_dict",
-        ));
-    }
-    let mut out = HashMap::new();
-    for (k, v) in pairs {
-        let mut k = k.as_str();
-        for prefix in ["module.", "_orig_mod."] {
-            k = k.strip_prefix(prefix).unwrap_or(k);
-        }
-        out.insert(k.to_string(), place(&v, device)?);
-    }
-    Ok(out)
-}
-
-/// A file's tensor on `device`: as read on the CPU; on a GPU in f32, cast on the host first
-/// (a checkpoint may hold f64, f16 or bf16 tensors, and Metal has no f64).
-fn place(t: &Tensor, device: &Device) -> Result<Tensor> {
-    match device.is_cpu() {
-        true => Ok(t.clone()),
-        false => crate::device::upload(t, device, DType::F32),
-    }
-}
-
-fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    if !path.exists() {
-        return Err(FlowError::Io {
-            path: path.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        });
-    }
-    // Refuse anything but a plain state_dict before candle's reader interprets the pickle.
-    crate::pickle_guard::check_pth(path).map_err(|e| FlowError::checkpoint(path, e))?;
-    let mut last_err = String::from("no tensors found");
-    // A plain state_dict, or one wrapped under a key as training scripts often save it.
-    for key in [
-        None,
-        Some("model"),
-        Some("state_dict"),
-        Some("model_state_dict"),
-    ] {
-        // The pickle reader is third-party code on untrusted bytes: never let it take us down.
-        let res = std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key));
-        match res {
-            Ok(Ok(v)) if !v.is_empty() => return Ok(v),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => last_err = e.to_string(),
-            Err(_) => last_err = "malformed pickle".into(),
-        }
-    }
-    Err(FlowError::checkpoint(
-        path,
-        format!("not a PyTorch state_dict of tensors ({last_err}); expected a zip-format .pth saved by torch.save(model.state_dict())"),
-    ))
-}
-
-/// Infers the model config of a raw ml-tarflow state_dict from its shapes.
-pub fn infer_config(
-    t: &HashMap<String, Tensor>,
-    img_size: usize,
-    patch_size: usize,
-    in_channels: Option<usize>,
-    source: &Path,
-) -> Result<ModelConfig> {
-    let err = |m: String| FlowError::checkpoint(source, m);
-    let shape = |k: &str| t.get(k).map(|x| x.dims().to_vec());
-    let proj_in = shape("blocks.0.proj_in.weight").ok_or_else(|| {
-        err("missing key `blocks.0.proj_in.weight`: not an ml-tarflow TarFlow state_dict".into())
-    })?;
-    let [channels, d] = proj_in[..] else {
-        return Err(err(format!(
-            "`blocks.0.proj_in.weight` has shape {proj_in:?}, expected (channels, patch_dim)"
-        )));
-    };
-    if patch_size == 0 || !img_size.is_multiple_of(patch_size) {
-        return Err(err(format!(
-            "--img-size {img_size} must be a multiple of --patch-size {patch_size}"
-        )));
-    }
-    let p2 = patch_size * patch_size;
-    let in_channels = match in_channels {
-        Some(c) => c,
-        None if d % p2 == 0 => d / p2,
-        None => {
-            return Err(err(format!(
-                "patch dim {d} is not a multiple of patch_size² = {p2}"
-            )))
-        }
-    };
-    if in_channels * p2 != d {
-        return Err(err(format!(
-            "patch dim of the weights is {d}, but {in_channels} channels × {patch_size}² = {}",
-            in_channels * p2
-        )));
-    }
-    let tokens = (img_size / patch_size).pow(2);
-    if let Some(pe) = shape("blocks.0.pos_embed") {
-        if pe.first() != Some(&tokens) {
-            return Err(err(format!(
-                "`blocks.0.pos_embed` has {:?} rows but img_size {img_size} / patch_size {patch_size} gives {tokens} tokens",
-                pe.first()
-            )));
-        }
-    }
-    let mut layers = Vec::new();
-    while t.contains_key(&format!("blocks.{}.proj_in.weight", layers.len())) {
-        let k = layers.len();
-        let mut l = 0;
-        while t.contains_key(&format!("blocks.{k}.attn_blocks.{l}.attention.qkv.weight")) {
-            l += 1;
-        }
-        layers.push(l);
-    }
-    let num_classes = shape("blocks.0.class_embed")
-        .and_then(|s| s.first().copied())
-        .unwrap_or(0);
-    let out = shape("blocks.0.proj_out.weight")
-        .and_then(|s| s.first().copied())
-        .ok_or_else(|| err("missing key `blocks.0.proj_out.weight`".into()))?;
-    let nvp = match out {
-        o if o == 2 * d => true,
-        o if o == d => false,
-        o => {
-            return Err(err(format!(
-                "`blocks.0.proj_out.weight` has {o} rows, expected {} (affine) or {d}",
-                2 * d
-            )))
-        }
-    };
-    let uniform = layers.windows(2).all(|w| w[0] == w[1]);
-    let mut cfg = ModelConfig::new(
-        in_channels,
-        img_size,
-        patch_size,
-        channels,
-        layers.len(),
-        layers[0],
-        num_classes,
-    );
-    cfg.nvp = nvp;
-    if !uniform {
-        cfg.layers = Some(layers);
-    }
-    Ok(cfg)
 }
 
 /// Writes `bytes` to `path` via a fsynced temporary file in the same directory and a rename,

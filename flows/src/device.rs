@@ -231,6 +231,15 @@ pub fn upload(t: &Tensor, device: &Device, dtype: DType) -> Result<Tensor> {
     Ok(on_device)
 }
 
+/// A file's tensor on `device`: as read on the CPU; on a GPU in f32, cast on the host first
+/// (a checkpoint may hold f64, f16 or bf16 tensors, and Metal has no f64).
+pub fn from_file(t: &Tensor, device: &Device) -> Result<Tensor> {
+    match device.is_cpu() {
+        true => Ok(t.clone()),
+        false => upload(t, device, DType::F32),
+    }
+}
+
 /// A host vector of `shape` on `device` in `dtype` ([`upload`] of `Tensor::from_vec`).
 pub fn upload_vec<S: Into<candle_core::Shape>>(
     v: Vec<f32>,

@@ -1,16 +1,16 @@
-//! The exact GELU `x·Φ(x)` for the CPU kernels, with its derivative `Φ(x) + x·φ(x)`.
+//! The exact GELU `x·Φ(x)` on the CPU, with its derivative `Φ(x) + x·φ(x)`.
 //!
-//! candle's `gelu_erf` calls scalar libm `erff` per element (~13% of scoring time); this uses a
-//! branch-free rational approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond)
-//! that the compiler vectorises, in clones for the CPU's widest SIMD
-//! ([`crate::kernels::simd_clones`]). The fused layer ([`crate::kernels::layer`]) and the trunk
-//! use it; the composed path keeps candle's op.
+//! candle's `gelu_erf` calls scalar libm `erff` per element; this is a branch-free rational
+//! approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond) that the compiler
+//! vectorises, in clones for the CPU's widest SIMD ([`crate::kernels::simd_clones`]). The fused
+//! layer ([`crate::kernels::layer`]) and the trunk use it, and so does the composed path's
+//! [`gelu_erf`] where the CPU kernels apply to a tensor that needs no gradient (f32 on the CPU);
+//! everywhere else (GPUs, bf16, training on the composed ops) it is candle's op.
 //!
-//! The polynomials' Horner steps are fused multiply-adds (`mul_add`): twelve instructions where
-//! there were twenty-four, which took GELU's share of scoring from 6.3 to 3.7 %. A fused step
-//! rounds once on every target, so the clones still agree bit for bit. Outside the clones, and
-//! on an x86-64 CPU without FMA (before 2013), each step is a call to libm's `fmaf`: correct
-//! but slow, so callers go through the clones (the step engine's GELU too).
+//! The polynomials' Horner steps are fused multiply-adds (`mul_add`), which round once on every
+//! target, so the clones agree bit for bit. Outside the clones, and on an x86-64 CPU without FMA
+//! (before 2013), each step is a call to libm's `fmaf`: correct but slow, so callers go through
+//! the clones (the step engine's GELU too).
 
 use crate::error::Result;
 use candle_core::Tensor;

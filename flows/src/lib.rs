@@ -1,7 +1,9 @@
 //! tarflow-flows: TarFlow (transformer autoregressive normalizing flow) on candle.
 //!
-//! Read top to bottom: [`config`] → [`patch`] → [`layers`] → [`block`] → [`model`];
-//! [`params`] names and initialises the weights, [`checkpoint`] stores them.
+//! The model, in the order it is built: [`config`] → [`patch`] → [`layers`] → [`block`] →
+//! [`model`]; [`params`] names and initialises the weights, [`checkpoint`] stores them (with
+//! [`quant`] and [`gguf`] for reduced-precision files), [`device`] keeps the device rules.
+//! [`kernels`] is the optional CPU engine the blocks call on the CPU in f32.
 
 pub mod block;
 pub mod checkpoint;
@@ -9,6 +11,8 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod gelu;
+pub mod gguf;
+pub mod import;
 pub mod kernels;
 pub mod layers;
 pub mod model;

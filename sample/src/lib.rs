@@ -5,6 +5,7 @@
 //! draws where the bits go, [`grid`] tiles images into a PNG, [`display`] shows pictures inline
 //! in notebooks.
 
+pub mod classes;
 pub mod confusion;
 pub mod default_model;
 pub mod display;
@@ -18,5 +19,6 @@ pub mod ood;
 pub mod quantize;
 pub mod resolve;
 pub mod score;
+pub mod stats;
 
 pub use error::{Result, SampleError};

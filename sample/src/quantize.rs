@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::score::{score_images, score_images_labelled, ImageScore, ScoreOptions};
 use candle_core::DType;
 use std::path::PathBuf;
-use tarflow_flows::quant::{plan, quantize, QuantType, Recipe, Rule};
+use tarflow_flows::quant::{plan, QuantType, Recipe, Rule};
 use tarflow_flows::{Checkpoint, Cond, ReverseOptions, TarFlow};
 
 /// Images to measure on: names, planar 8-bit pixels and (optionally) their labels.
@@ -218,7 +218,7 @@ pub fn sensitivity(
     } = space.clone();
     let device = candle_core::Device::Cpu;
     let measure = |recipe: &Recipe| -> Result<Paired> {
-        let q = quantize(ck, recipe)?.model(&device, DType::F32)?;
+        let q = ck.quantized(recipe)?.model(&device, DType::F32)?;
         Ok(paired(reference, &set.bits_per_dim(&q, opts)?))
     };
     let all_parts = parts(ck);

@@ -214,13 +214,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             None => Checkpoint::init(&cfg, 0, &device)?,
         };
         let ck = match a.quantize {
-            Some(t) => tarflow_flows::quant::quantize(
-                &ck,
-                &tarflow_flows::quant::Recipe {
-                    base: t,
-                    rules: super::quantize::default_rules(t),
-                },
-            )?,
+            Some(t) => ck.quantized(&tarflow_flows::quant::Recipe {
+                base: t,
+                rules: super::quantize::default_rules(t),
+            })?,
             None => ck,
         };
         // What the weights take in memory: f32 dense tensors and the quantised blocks.

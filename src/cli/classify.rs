@@ -5,7 +5,8 @@ use super::dataset::Dataset;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
-use tarflow_sample::score::{classify, Dequant, ScoreOptions};
+use tarflow_sample::classes::classify;
+use tarflow_sample::score::{Dequant, ScoreOptions};
 
 /// Arguments of `tarflow classify`.
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
-use tarflow_flows::quant::{quantize, QuantType, QuantWeights, Recipe, Rule};
+use tarflow_flows::quant::{QuantType, QuantWeights, Recipe, Rule};
 use tarflow_flows::TarFlow;
 use tarflow_sample::quantize::{
     inversion_error, paired, sensitivity, EvalSet, Paired, SearchSpace,
@@ -230,7 +230,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         }
         eval = Some((set, reference, f32_model, f32_secs));
     }
-    let mut q = quantize(&r.checkpoint, &recipe)?;
+    let mut q = r.checkpoint.quantized(&recipe)?;
     if let Some(qw) = q.quant.take() {
         let mut qw = std::sync::Arc::try_unwrap(qw)
             .map_err(|_| anyhow::anyhow!("quantised weights are shared"))?;

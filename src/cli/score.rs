@@ -5,11 +5,11 @@ use super::dataset::Dataset;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
+use tarflow_sample::classes::score_marginal;
 use tarflow_sample::heatmap::{render, rows_of};
 use tarflow_sample::inputs::load_files;
 use tarflow_sample::score::{
-    score_images, score_images_labelled, score_marginal, Bound, Dequant, ImageScore, ScoreOptions,
-    Summary,
+    score_images, score_images_labelled, Bound, Dequant, ImageScore, ScoreOptions, Summary,
 };
 
 /// Dequantisation of the 8-bit pixels.

@@ -4,7 +4,7 @@
 
 use crate::error::{Result, TrainError};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tarflow_datasets::source::SourceKind;
 use tarflow_datasets::transform::{Noise, Transform};
 use tarflow_flows::ModelConfig;
@@ -32,38 +32,6 @@ pub struct TrainConfig {
     pub output: OutputConfig,
 }
 
-/// Data source names as written in configs (`data.source`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataSource {
-    /// The MNIST-10k set embedded in the binary (no path needed).
-    #[default]
-    Embedded,
-    /// MNIST / Fashion-MNIST IDX files (a folder or the images file).
-    MnistIdx,
-    /// CIFAR-10 binary batches.
-    Cifar10,
-    /// Downsampled-ImageNet npz batches (a file or a folder of them).
-    ImagenetNpz,
-    /// A folder of images, one class per sub-folder.
-    Folder,
-    /// An HDF5 file (needs the `hdf5` feature).
-    Hdf5,
-}
-
-impl From<DataSource> for SourceKind {
-    fn from(s: DataSource) -> Self {
-        match s {
-            DataSource::Embedded => SourceKind::Embedded,
-            DataSource::MnistIdx => SourceKind::MnistIdx,
-            DataSource::Cifar10 => SourceKind::Cifar10,
-            DataSource::ImagenetNpz => SourceKind::ImagenetNpz,
-            DataSource::Folder => SourceKind::Folder,
-            DataSource::Hdf5 => SourceKind::Hdf5,
-        }
-    }
-}
-
 /// Training noise (`data.noise`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -82,7 +50,7 @@ pub enum NoiseKind {
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// One of embedded, mnist-idx, cifar10, imagenet-npz, folder, hdf5.
-    pub source: DataSource,
+    pub source: SourceKind,
     /// File or folder of the training images (all sources but `embedded`).
     pub path: Option<PathBuf>,
     /// Separate validation images of the same source; otherwise `val_count` are held out.
@@ -106,7 +74,7 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
-            source: DataSource::Embedded,
+            source: SourceKind::Embedded,
             path: None,
             val_path: None,
             val_count: 1000,
@@ -287,70 +255,6 @@ impl Default for OutputConfig {
     }
 }
 
-/// Finds a config: a path as given, else `experiments/NAME.toml` (or `experiments/NAME`).
-pub fn resolve(name: &str) -> Result<PathBuf> {
-    let direct = PathBuf::from(name);
-    if direct.is_file() {
-        return Ok(direct);
-    }
-    for cand in [
-        Path::new("experiments").join(format!("{name}.toml")),
-        Path::new("experiments").join(name),
-    ] {
-        if cand.is_file() {
-            return Ok(cand);
-        }
-    }
-    Err(TrainError::config(
-        name,
-        "no such file, and no `experiments/{name}.toml` under the current directory",
-    ))
-}
-
-/// Splits `section.key=value` and parses the value as TOML (a bare word becomes a string).
-fn parse_override(s: &str) -> Result<(Vec<String>, toml::Value)> {
-    let origin = format!("--set {s}");
-    let (key, value) = s
-        .split_once('=')
-        .ok_or_else(|| TrainError::config(&origin, "expected section.key=value"))?;
-    let path: Vec<String> = key.trim().split('.').map(str::to_string).collect();
-    if path.len() < 2 || path.iter().any(String::is_empty) {
-        return Err(TrainError::config(
-            &origin,
-            "the key must name a section and a key, e.g. train.max_steps",
-        ));
-    }
-    let value = value.trim();
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_string()));
-    Ok((path, parsed))
-}
-
-/// Applies overrides to a parsed table; each one is checked by deserialising the result.
-pub fn apply_overrides(mut table: toml::Table, sets: &[String]) -> Result<toml::Table> {
-    for s in sets {
-        let origin = format!("--set {s}");
-        let (path, value) = parse_override(s)?;
-        let mut t = &mut table;
-        for section in &path[..path.len() - 1] {
-            let entry = t
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            t = entry.as_table_mut().ok_or_else(|| {
-                TrainError::config(&origin, format!("`{section}` is not a section"))
-            })?;
-        }
-        t.insert(path[path.len() - 1].clone(), value);
-        // Deserialise after each override so the error blames the right one.
-        toml::Value::Table(table.clone())
-            .try_into::<TrainConfig>()
-            .map_err(|e| TrainError::config(&origin, e.message().to_string()))?;
-    }
-    Ok(table)
-}
-
 impl TrainConfig {
     /// Parses TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
@@ -359,7 +263,7 @@ impl TrainConfig {
             .map_err(|e| TrainError::config(origin, e.to_string()))?;
         let table = toml::from_str::<toml::Table>(text)
             .map_err(|e| TrainError::config(origin, e.to_string()))?;
-        let table = apply_overrides(table, sets)?;
+        let table = crate::overrides::apply_overrides::<Self>(table, sets)?;
         let cfg: TrainConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::config(origin, e.message().to_string()))?;
@@ -370,7 +274,7 @@ impl TrainConfig {
     /// Reads a config file (a bare name is looked up in `experiments/`) and applies `sets`;
     /// `output.name` defaults to the file's stem.
     pub fn load(name: &str, sets: &[String]) -> Result<Self> {
-        let path = resolve(name)?;
+        let path = crate::overrides::resolve(name)?;
         let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
         let mut cfg = Self::from_toml(&text, &path.display().to_string(), sets)?;
         if cfg.output.name.is_none() {
@@ -473,10 +377,10 @@ impl TrainConfig {
                 format!("{:?}: expected f32, bf16 or auto", t.dtype),
             );
         }
-        if d.source != DataSource::Embedded && d.path.is_none() {
+        if d.source != SourceKind::Embedded && d.path.is_none() {
             return bad(
                 "data.path",
-                format!("missing: data.source = {:?} needs a path", d.source),
+                format!("missing: data.source = {:?} needs a path", d.source.name()),
             );
         }
         if !(d.noise_std.is_finite() && d.noise_std >= 0.0) {
@@ -522,7 +426,7 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = TrainConfig::from_toml(MIN, "x.toml", &[]).unwrap();
         assert_eq!(c.train.max_steps, Some(10));
-        assert_eq!(c.data.source, DataSource::Embedded);
+        assert_eq!(c.data.source, SourceKind::Embedded);
         assert_eq!(c.optim.beta2, 0.95);
         // Round trip through the run directory's copy.
         let again = TrainConfig::from_toml(&c.to_toml().unwrap(), "y", &[]).unwrap();

@@ -14,7 +14,7 @@ use tarflow_datasets::ImageSet;
 /// Checks that the data path named by `key` exists; otherwise says what the source kind
 /// expects there, where such data comes from, and how to point the config at it.
 pub fn check_path(cfg: &TrainConfig, path: Option<&Path>, key: &str) -> Result<()> {
-    let kind: tarflow_datasets::source::SourceKind = cfg.data.source.into();
+    let kind = cfg.data.source;
     match path {
         Some(p) if !p.exists() => Err(TrainError::config(
             key,
@@ -41,10 +41,7 @@ pub fn check_path(cfg: &TrainConfig, path: Option<&Path>, key: &str) -> Result<(
 }
 
 fn kind_name(cfg: &TrainConfig) -> String {
-    serde_json::to_value(cfg.data.source)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
+    cfg.data.source.name().to_string()
 }
 
 /// Loads the images of one source path named by `key`; returns them, the number of files
@@ -62,7 +59,7 @@ pub(crate) fn load_images(
         class_per_subdir: None,
         skip_bad: cfg.data.skip_bad,
     };
-    let loaded = tarflow_datasets::source::load(cfg.data.source.into(), path, &opts)?;
+    let loaded = tarflow_datasets::source::load(cfg.data.source, path, &opts)?;
     let set = loaded.set;
     let origin = path.map_or("the embedded dataset".into(), |p| p.display().to_string());
     if (set.channels, set.height, set.width) != (m.in_channels, m.img_size, m.img_size) {

@@ -5,12 +5,10 @@
 //! ([`tarflow_flows::kernels::flow::train_pass`]); elsewhere candle's forward and backward.
 //!
 //! One pass over a whole batch keeps every core busy only inside its products; its row-wise
-//! kernels, small products and block-level loops leave cores waiting. Two passes over half
-//! batches fill those gaps: on 2 cores this took the `small` training step from 0.52 to
-//! 0.41–0.43 s when candle's tape still ran it, and with the tape-free pass it is still 0.34–0.35
-//! s against 0.39–0.41 s for one pass, for about 7 % more peak memory. The parts' gradients are
-//! added in a fixed order, so a run gives the same numbers on any machine for the same
-//! `cpu_streams`, whatever its core count. GPUs run the batch whole.
+//! kernels, small products and block-level loops leave cores waiting. Passes over parts of the
+//! batch fill those gaps, for a little more peak memory (the README's "Performance" has the
+//! figures). The parts' gradients are added in a fixed order, so a run gives the same numbers
+//! on any machine for the same `cpu_streams`, whatever its core count. GPUs run the batch whole.
 
 use crate::error::Result;
 use candle_core::backprop::GradStore;

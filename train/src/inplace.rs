@@ -1,6 +1,6 @@
 //! In-place element-wise updates of f32 tensors on the CPU, for the optimizer and the EMA:
-//! one pass over memory and no new buffer, where candle's ops allocate a tensor per operation
-//! (AdamW cost 7 % of a training step that way). Other devices and dtypes keep candle's ops.
+//! one pass over memory and no new buffer, where candle's ops allocate a tensor per operation.
+//! Other devices and dtypes keep candle's ops.
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
@@ -65,8 +65,8 @@ pub(crate) fn lerp(dst: &Tensor, src: &Tensor, a: f64) -> Result<()> {
 
 /// One AdamW step of an f32 variable in a single pass over memory: with `sg` = scale·g,
 /// `m ← β₁m + (1 − β₁)·sg`, `v ← β₂v + (1 − β₂)·(sg)²`, then `p ← p·decay − lr·(m/bc₁) /
-/// (√(v/bc₂) + ε)`. Three passes (the moments, then the step) read and wrote 10 values per
-/// parameter where this reads four and writes three: AdamW's share of a `small` step was 2 %.
+/// (√(v/bc₂) + ε)`. One pass reads four values per parameter and writes three, where separate
+/// passes for the moments and the step would move ten.
 pub(crate) struct AdamStep<'a> {
     /// The first moment, updated in place.
     pub m: RefCell<&'a mut [f32]>,

@@ -14,6 +14,7 @@ pub mod grads;
 mod inplace;
 pub mod metrics;
 pub mod optim;
+pub mod overrides;
 pub mod plot;
 pub mod run;
 pub mod rundir;

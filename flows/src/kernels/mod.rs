@@ -92,9 +92,8 @@ thread_local! {
 
 /// Runs `f` as one of `passes` passes that run at once (training's `cpu_streams`, scoring's
 /// two halves), so that its products take their share of the threads. With all of them, each
-/// product split its work between the threads while the other pass kept them busy: both
-/// halves ran on one core, and each packed the left operand again (GEMM packing 11.1 → 10.5 %
-/// of a 2-core training step's cycles).
+/// product would split its work between threads the other pass keeps busy: its halves would
+/// run one after the other on one core, each packing the left operand again.
 pub fn as_one_of<R>(passes: usize, f: impl FnOnce() -> R) -> R {
     struct Restore(usize);
     impl Drop for Restore {

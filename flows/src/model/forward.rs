@@ -13,8 +13,8 @@ impl TarFlow {
         let n = x.dim(0)?;
         self.check_labels(cond, n)?;
         // Gradient-free on the CPU kernels, the two halves of a batch run at once: one pass
-        // keeps both cores busy only inside its products (scoring the `small` shape: 200 → 255–270
-        // images/s on 2 cores). Every image's numbers are its own either way.
+        // keeps the cores busy only inside its products, two fill each other's gaps. Every
+        // image's numbers are its own either way.
         let frozen = !x.track_op() && !self.blocks.iter().any(|b| b.is_trainable());
         let kernels = crate::kernels::applies_to(self.dtype, &self.device);
         if frozen && kernels && n >= 8 && n.is_multiple_of(2) {
