@@ -97,18 +97,11 @@ pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
     }
 }
 
-/// Number of images (first dimension) with a NaN/Inf value, tested on the host: a device-side
-/// test by self-comparison (x − x ≠ 0) can be folded away by fast-math kernels (candle's Metal
-/// default).
+/// Number of images (first dimension) with a NaN/Inf value, tested on the host (a device-side
+/// self-comparison can be folded away by fast-math kernels, candle's Metal default).
 fn count_non_finite(x: &Tensor) -> Result<usize> {
-    let rows = tarflow_flows::device::to_host(x)?
-        .to_dtype(DType::F32)?
-        .flatten_from(1)?
-        .to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .filter(|r| r.iter().any(|v| !v.is_finite()))
-        .count())
+    let rows = tarflow_flows::device::non_finite_rows(x)?;
+    Ok(rows.iter().filter(|&&bad| bad).count())
 }
 
 /// The label list for `opts` on `model`.
