@@ -493,7 +493,7 @@ rule = "gaussian"
     );
     let o = run(&[]);
     assert!(o.status.success(), "{}", text(&o));
-    // Four trainings, one device selection for the whole experiment.
+    // Two trainings (four result rows), one device selection for the whole experiment.
     let selections = String::from_utf8_lossy(&o.stderr)
         .lines()
         .filter(|l| l.starts_with("device selection #"))
