@@ -251,7 +251,7 @@ pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
             }
             Err(e) if opts.skip_bad => skipped.push((path.clone(), e)),
             Err(e) => {
-                return Err(DataError::format(path, format!("image {i} of the folder is unreadable: {e} (set skip_bad = true to skip such files)")))
+                return Err(DataError::format(path, format!("image {i} of the folder is unreadable: {e} (to skip such files: data.skip_bad = true in a training config, `--skip-bad` for data inspect; score, ood and classify skip them unless --strict)")))
             }
         }
     }
