@@ -249,7 +249,10 @@ pub fn run(
             };
             let solo = Box::new(tarflow_train::dist::Solo);
             let (mut trainer, warn) = match latest {
-                Some(_) => Trainer::resume_in(&run_dir, &[], solo, &device)?,
+                Some(_) => {
+                    let cfg = Trainer::config_of_run(&run_dir, &[])?;
+                    Trainer::resume_in(&run_dir, cfg, solo, &device)?
+                }
                 None => Trainer::start_in(cfg.clone(), solo, &device)?,
             };
             for w in warn {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{tarflow, text, TINY};
+use common::{tarflow, text, train, TINY};
 use std::path::{Path, PathBuf};
 
 fn err(o: &std::process::Output) -> String {
@@ -36,21 +36,14 @@ fn folder_with_bad_files(dir: &Path) -> PathBuf {
 fn tiny_run(dir: &Path, steps: u32) -> PathBuf {
     let cfg = dir.join("tiny.toml");
     std::fs::write(&cfg, TINY).unwrap();
-    let o = tarflow(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        &format!("output.dir={}", dir.display()),
-        "--set",
-        &format!("train.max_steps={steps}"),
-        "--set",
-        &format!("train.checkpoint_every={steps}"),
-        "--set",
-        &format!("eval.sample_every={steps}"),
-        "--set",
-        &format!("eval.every={steps}"),
-    ]);
+    let sets = [
+        "train.max_steps",
+        "train.checkpoint_every",
+        "eval.sample_every",
+        "eval.every",
+    ]
+    .map(|k| format!("{k}={steps}"));
+    let o = train(&cfg, dir, &sets.each_ref().map(String::as_str));
     assert!(o.status.success(), "{}", text(&o));
     dir.join("tiny")
 }

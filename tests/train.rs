@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{tarflow, text, TINY};
+use common::{tarflow, text, train, TINY};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use tarflow::train::metrics::{read, Record};
 use tarflow::train::rundir::RunDir;
 
@@ -17,21 +17,6 @@ fn write_named(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
-}
-
-fn train(cfg: &Path, out: &Path, sets: &[&str]) -> Output {
-    let out_set = format!("output.dir={}", out.display());
-    let mut args = vec![
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        &out_set,
-    ];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    tarflow(&args)
 }
 
 fn losses(run: &Path) -> Vec<(u64, f64)> {

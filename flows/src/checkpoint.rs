@@ -210,10 +210,7 @@ impl Checkpoint {
     /// Writes the checkpoint atomically: weights, buffers and the config in the metadata.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        if self.quant.is_some() {
-            let q = self.quant.as_deref().ok_or_else(|| {
-                FlowError::checkpoint(path, "not a quantised checkpoint".to_string())
-            })?;
+        if let Some(q) = self.quant.as_deref() {
             let bytes = crate::gguf::bytes(&self.config, &self.tensors, self.var.as_ref(), q)?;
             return write_atomic(path, &bytes);
         }

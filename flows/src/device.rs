@@ -43,8 +43,8 @@ impl DeviceKind {
     }
 }
 
-/// Calls of [`select`] in this process (`TARFLOW_TRACE_DEVICE=1` prints each on stderr: the
-/// CLI's tests hold that a command selects once).
+/// Calls of [`select`] in this process, numbering the lines `TARFLOW_TRACE_DEVICE=1` prints
+/// (the CLI's tests hold that a command selects once).
 static SELECTIONS: AtomicUsize = AtomicUsize::new(0);
 
 /// The GPUs opened so far, by (kind, ordinal): a second `select` of the same GPU returns the
@@ -76,11 +76,6 @@ pub fn select_explained(name: &str) -> Result<(Device, String)> {
     Ok((device, why))
 }
 
-/// How many times [`select`] ran in this process.
-pub fn selections() -> usize {
-    SELECTIONS.load(Ordering::SeqCst)
-}
-
 /// Whether this build can open a GPU at all (`--features cuda` or `metal`).
 pub fn gpu_built() -> bool {
     cfg!(any(feature = "cuda", feature = "metal"))
@@ -96,7 +91,10 @@ fn auto() -> (Device, String) {
     let mut tried = Vec::new();
     for kind in ["cuda", "metal"] {
         match open_gpu(kind, 0) {
-            Ok(d) => return (d.clone(), format!("{} (auto)", describe(&d))),
+            Ok(d) => {
+                let why = format!("{} (auto)", describe(&d));
+                return (d, why);
+            }
             Err(e) => tried.push(format!("{kind}: {e}")),
         }
     }
@@ -137,7 +135,7 @@ pub fn open_gpu(kind: &str, ordinal: usize) -> Result<Device> {
             )))
         }
     };
-    probe_f32(&device).map_err(|e| {
+    probe(&device, DType::F32).map_err(|e| {
         FlowError::Device(format!(
             "--device {kind}: a float32 matrix product failed on {}: {e}. candle's Metal \
              kernels need macOS 14 or newer (Metal Shading Language 3.1); use --device cpu",
@@ -148,12 +146,8 @@ pub fn open_gpu(kind: &str, ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
-/// A matrix–vector and a matrix–matrix product in f32, read on the host: the kernels every
+/// A matrix–vector and a matrix–matrix product in `dtype`, read on the host: the kernels every
 /// model runs, compiled at first use (an old macOS fails here, not mid-run).
-fn probe_f32(device: &Device) -> Result<()> {
-    probe(device, DType::F32)
-}
-
 fn probe(device: &Device, dtype: DType) -> Result<()> {
     let run = || -> Result<f32> {
         let a = upload(
@@ -271,23 +265,29 @@ pub fn host_f64(t: &Tensor) -> Result<Tensor> {
 /// self-comparison or `0·x` can be folded away by fast-math kernels, candle's Metal default).
 pub fn has_non_finite(t: &Tensor) -> Result<bool> {
     if t.device().is_cpu() {
-        let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        return Ok(v.iter().any(|x| !x.is_finite()));
+        return Ok(non_finite_rows(&t.flatten_all()?.unsqueeze(0)?)?[0]);
     }
     let s = to_host(&t.to_dtype(DType::F32)?.sum_all()?)?.to_scalar::<f32>()?;
     Ok(!s.is_finite())
 }
 
-/// For each row of `t` (its first dimension), whether it holds a NaN or ±∞, tested on the host.
+/// For each row of `t` (its first dimension), whether it holds a NaN or ±∞, tested on the host
+/// copy's values: f64 as they are, anything narrower as f32 (one copy, no widening).
 pub fn non_finite_rows(t: &Tensor) -> Result<Vec<bool>> {
-    let rows = to_host(t)?
-        .to_dtype(DType::F64)?
-        .flatten_from(1)?
-        .to_vec2::<f64>()?;
-    Ok(rows
-        .iter()
-        .map(|r| r.iter().any(|v| !v.is_finite()))
-        .collect())
+    let t = to_host(t)?.flatten_from(1)?;
+    Ok(match t.dtype() {
+        DType::F64 => t
+            .to_vec2::<f64>()?
+            .iter()
+            .map(|r| r.iter().any(|v| !v.is_finite()))
+            .collect(),
+        _ => t
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|r| r.iter().any(|v| !v.is_finite()))
+            .collect(),
+    })
 }
 
 /// A detached copy of `t` in a buffer of its own on every back-end (`Tensor::copy` shares the

@@ -205,15 +205,16 @@ pub fn generate(
                 }
                 None => model.reverse(&z, cond, &opts.reverse)?,
             };
-            let bad = count_non_finite(&x)? > 0;
+            let mut bad = count_non_finite(&x)?;
             // A given noise cannot be redrawn; fresh noise is, as the reference does.
-            if noise.is_some() || tries >= opts.max_redraws || !bad {
+            if noise.is_some() || tries >= opts.max_redraws || bad == 0 {
                 // The score step needs finite images; a batch still non-finite is kept as is
                 // and counted.
-                if let (Some((sigma, lambda)), false) = (opts.denoise, bad) {
+                if let (Some((sigma, lambda)), 0) = (opts.denoise, bad) {
                     x = model.denoise(&x, cond, sigma, lambda)?;
+                    bad = count_non_finite(&x)?;
                 }
-                non_finite += count_non_finite(&x)?;
+                non_finite += bad;
                 break x;
             }
             tries += 1;

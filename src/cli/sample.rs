@@ -278,11 +278,9 @@ fn like_training(
         e.guidance,
         e.temperature,
         cfg.train.seed,
-        match cfg.data.noise {
-            tarflow_train::config::NoiseKind::Gaussian if e.denoise && cfg.data.noise_std > 0.0 => {
-                format!("denoised (σ {}, unless a sample is not finite)", cfg.data.noise_std)
-            }
-            _ => "not denoised".into(),
+        match tarflow_train::evaluate::grid_denoise_sigma(&cfg) {
+            Some(s) => format!("denoised (σ {s}, unless a sample is not finite)"),
+            None => "not denoised".into(),
         },
         if r.ema { "EMA" } else { "trained" }
     );

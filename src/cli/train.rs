@@ -52,8 +52,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let (mut trainer, warnings) = match (&a.config, &a.resume) {
         (_, Some(dir)) => {
-            let device = select(&Trainer::config_of_run(dir, &sets)?, group.as_ref())?;
-            Trainer::resume_in(dir, &sets, group, &device)?
+            let cfg = Trainer::config_of_run(dir, &sets)?;
+            let device = select(&cfg, group.as_ref())?;
+            Trainer::resume_in(dir, cfg, group, &device)?
         }
         (Some(c), None) => {
             let cfg = TrainConfig::load(c, &sets)?;

@@ -156,6 +156,22 @@ pub fn tarflow_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output
         .unwrap()
 }
 
+/// `tarflow train --config CFG` into the folder `out`, with `sets` as `--set` overrides.
+pub fn train(cfg: &std::path::Path, out: &std::path::Path, sets: &[&str]) -> std::process::Output {
+    let out_set = format!("output.dir={}", out.display());
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &out_set,
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    tarflow(&args)
+}
+
 /// Exit status, stdout and stderr of a run, for assertion messages.
 pub fn text(o: &std::process::Output) -> String {
     format!(

@@ -1,6 +1,6 @@
 //! Exponential moving average of the weights, kept in f32 beside the trained variables.
 
-use crate::optim::owned;
+use crate::optim::{owned, owned_on};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::HashMap;
 
@@ -38,9 +38,7 @@ impl Ema {
     pub fn load(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
         for (k, s) in self.shadow.iter_mut() {
             if let Some(w) = weights.get(k) {
-                let w = tarflow_flows::device::upload(w, s.device(), DType::F32)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                *s = owned(&w)?;
+                *s = owned_on(w, s.device())?;
             }
         }
         Ok(())

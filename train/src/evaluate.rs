@@ -90,6 +90,13 @@ pub fn val_bpd_sums(
     })
 }
 
+/// σ of the denoising step a run's sample grids take: the Gaussian training noise, when
+/// `eval.denoise` is on and the run trained with some.
+pub fn grid_denoise_sigma(cfg: &TrainConfig) -> Option<f64> {
+    let d = &cfg.data;
+    (cfg.eval.denoise && d.noise == NoiseKind::Gaussian && d.noise_std > 0.0).then_some(d.noise_std)
+}
+
 /// Samples `eval.num_samples` images (labels cycling through the classes, `eval.guidance`,
 /// `eval.temperature`, one denoising step when trained with Gaussian noise) from a noise draw
 /// fixed by `train.seed`, and writes them as a PNG grid at `path` (atomically).
@@ -108,9 +115,10 @@ pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()
     let mut x = model.sample(e.num_samples, cond, e.temperature, &mut rng, &opts)?;
     // The score step needs finite images: a young or diverging model's NaN samples are drawn
     // as they are (black), not allowed to stop the run.
-    let finite = !tarflow_flows::device::has_non_finite(&x)?;
-    if finite && e.denoise && cfg.data.noise == NoiseKind::Gaussian && cfg.data.noise_std > 0.0 {
-        x = model.denoise(&x, cond, cfg.data.noise_std, 1.0)?;
+    if let Some(sigma) = grid_denoise_sigma(cfg) {
+        if !tarflow_flows::device::has_non_finite(&x)? {
+            x = model.denoise(&x, cond, sigma, 1.0)?;
+        }
     }
     let px = tarflow_sample::grid::to_u8(&x)?;
     let images: Vec<&[u8]> = px.chunks(m.dims_per_image()).collect();

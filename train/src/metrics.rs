@@ -54,18 +54,29 @@ pub struct MetricsLog {
 
 /// Reads every record of a `metrics.jsonl`; a bad line is an error naming its number.
 pub fn read(path: &Path) -> Result<Vec<Record>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TrainError::io(path, e)),
-    };
+    let text = read_text(path)?;
+    Ok(parse(&text, path)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// The file's text; a file not written yet is empty.
+fn read_text(path: &Path) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(TrainError::io(path, e)),
+    }
+}
+
+/// Each record of `text` with the line it was read from. A crash can cut the last line short:
+/// it is left out; any other bad line is an error naming its number.
+fn parse<'a>(text: &'a str, path: &Path) -> Result<Vec<(&'a str, Record)>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         match serde_json::from_str(line) {
-            Ok(r) => out.push(r),
+            Ok(r) => out.push((line, r)),
             // A crash can cut the last line short; anything else is corruption.
             Err(_) if i + 1 == text.lines().count() => break,
             Err(e) => {
@@ -85,29 +96,18 @@ impl MetricsLog {
     /// written (never re-serialised: a float's last digit would change), and a file with
     /// nothing to drop is not rewritten at all.
     pub fn open(path: &Path, keep_until: Option<u64>) -> Result<(Self, Vec<Record>)> {
-        let mut records = read(path)?;
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(TrainError::io(path, e)),
-        };
-        // `read` returned one record per complete, parseable line, in order.
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        let keep: Vec<bool> = records
-            .iter()
-            .map(|r| keep_until.is_none_or(|s| r.step <= s))
-            .collect();
-        let whole = lines.len() == records.len() && (text.is_empty() || text.ends_with('\n'));
-        if !whole || keep.iter().any(|k| !k) || !path.exists() {
-            let mut kept = String::new();
-            for (line, _) in lines.iter().zip(&keep).filter(|(_, k)| **k) {
-                kept.push_str(line);
-                kept.push('\n');
-            }
-            tarflow_flows::checkpoint::write_atomic(path, kept.as_bytes())?;
+        let text = read_text(path)?;
+        let parsed = parse(&text, path)?;
+        let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
+        let whole = parsed.len() == lines && (text.is_empty() || text.ends_with('\n'));
+        let (kept, dropped): (Vec<_>, Vec<_>) = parsed
+            .into_iter()
+            .partition(|(_, r)| keep_until.is_none_or(|s| r.step <= s));
+        if !whole || !dropped.is_empty() || !path.exists() {
+            let text: String = kept.iter().map(|(line, _)| format!("{line}\n")).collect();
+            tarflow_flows::checkpoint::write_atomic(path, text.as_bytes())?;
         }
-        let mut k = keep.iter();
-        records.retain(|_| k.next().copied().unwrap_or(false));
+        let records = kept.into_iter().map(|(_, r)| r).collect();
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)

@@ -73,6 +73,17 @@ pub(crate) fn owned(t: &Tensor) -> Result<Tensor> {
     tarflow_flows::device::fresh(t).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
+/// Saved state `t` (weights, moments) back on `device` in f32, cast on the host first.
+fn on_device_f32(t: &Tensor, device: &candle_core::Device) -> Result<Tensor> {
+    tarflow_flows::device::upload(t, device, DType::F32)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// [`on_device_f32`] in a buffer of its own.
+pub(crate) fn owned_on(t: &Tensor, device: &candle_core::Device) -> Result<Tensor> {
+    owned(&on_device_f32(t, device)?)
+}
+
 /// AdamW over named variables.
 #[derive(Debug)]
 pub struct AdamW {
@@ -110,10 +121,7 @@ impl AdamW {
     pub fn set_master(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
         for (name, w) in self.master.iter_mut() {
             if let Some(t) = weights.get(name) {
-                *w = owned(
-                    &tarflow_flows::device::upload(t, w.device(), DType::F32)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-                )?;
+                *w = owned_on(t, w.device())?;
             }
         }
         Ok(())
@@ -225,8 +233,7 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                tarflow_flows::device::upload(t, var.device(), DType::F32)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                on_device_f32(t, var.device())
             };
             let (m, v) = (read("m")?, read("v")?);
             // Copied: the moments are updated in place and must own their storage.

@@ -39,21 +39,21 @@ pub fn line_plot_png(title: &str, x_label: &str, y_label: &str, series: &[Series
 
 /// The y range to draw, within [`lo`, `hi`] (the data's extremes): a loss spike of 10⁷ would
 /// flatten the rest of the curve, so the range stops four inter-decile ranges beyond the
-/// deciles; whether that clipped anything.
-fn y_range(series: &[Series], lo: f64, hi: f64) -> (f64, f64, bool) {
+/// deciles (what falls outside is drawn at the edge and counted by [`titled`]).
+fn y_range(series: &[Series], lo: f64, hi: f64) -> (f64, f64) {
     let mut ys: Vec<f64> = series
         .iter()
         .flat_map(|(_, p)| p.iter().map(|&(_, y)| y))
         .filter(|y| y.is_finite())
         .collect();
     if ys.is_empty() {
-        return (lo, hi, false);
+        return (lo, hi);
     }
     ys.sort_by(f64::total_cmp);
     let q = |f: f64| ys[((ys.len() - 1) as f64 * f).round() as usize];
     let spread = (q(0.9) - q(0.1)).max(1e-9);
     let (a, b) = (lo.max(q(0.1) - 4.0 * spread), hi.min(q(0.9) + 4.0 * spread));
-    (a, b, a > lo || b < hi)
+    (a, b)
 }
 
 /// A tick's text on an axis spanning `span`: as many decimals as ten ticks over that span
@@ -124,7 +124,7 @@ fn line_plot_image(
     if x1 - x0 < 1e-9 {
         x1 = x0 + 1.0;
     }
-    let (y0, y1, _) = y_range(series, y0, y1);
+    let (y0, y1) = y_range(series, y0, y1);
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let (y0, y1) = (y0 - pad, y1 + pad);
     let title = titled(title, series, y0, y1);
@@ -229,14 +229,11 @@ mod tests {
             .collect();
         p[33].1 = 1.2e7;
         let s: Vec<super::Series> = vec![("bpd", &p)];
-        let (lo, hi, clipped) = super::y_range(&s, 1.7, 1.2e7);
-        assert!(
-            clipped && lo == 1.7 && (8.6..20.0).contains(&hi),
-            "{lo} {hi}"
-        );
+        let (lo, hi) = super::y_range(&s, 1.7, 1.2e7);
+        assert!(lo == 1.7 && (8.6..20.0).contains(&hi), "{lo} {hi}");
         let line: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, i as f64)).collect();
         let smooth: Vec<super::Series> = vec![("bpd", &line)];
-        assert_eq!(super::y_range(&smooth, 0.0, 49.0), (0.0, 49.0, false));
+        assert_eq!(super::y_range(&smooth, 0.0, 49.0), (0.0, 49.0));
     }
 
     #[test]

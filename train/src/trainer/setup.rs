@@ -65,11 +65,11 @@ impl Trainer {
     pub fn resume(root: &Path, sets: &[String]) -> Result<(Self, Vec<String>)> {
         let cfg = Self::config_of_run(root, sets)?;
         let device = crate::dist::device_for(&cfg.train.device, &Solo)?.0;
-        Self::resume_in(root, sets, Box::new(Solo), &device)
+        Self::resume_in(root, cfg, Box::new(Solo), &device)
     }
 
-    /// The config of the run in `root` with `sets` applied: what a resume will use (the CLI
-    /// reads its `train.device` to select the device before resuming).
+    /// The config of the run in `root` with `sets` applied: what a resume uses (the CLI reads
+    /// its `train.device` to select the device, then resumes with it).
     pub fn config_of_run(root: &Path, sets: &[String]) -> Result<TrainConfig> {
         let cp = RunDir::new(root).config_path();
         if !cp.is_file() {
@@ -79,17 +79,17 @@ impl Trainer {
         TrainConfig::from_toml(&text, &cp.display().to_string(), sets)
     }
 
-    /// [`Self::resume`] as one rank of `group` on `device` (the one the process selected); the
-    /// run may have been started with another number of ranks.
+    /// [`Self::resume`] with `cfg` ([`Self::config_of_run`]), as one rank of `group` on
+    /// `device` (the one the process selected); the run may have been started with another
+    /// number of ranks. The run's `config.toml` is rewritten only where `cfg` changed it.
     pub fn resume_in(
         root: &Path,
-        sets: &[String],
+        cfg: TrainConfig,
         group: Box<dyn Group>,
         device: &Device,
     ) -> Result<(Self, Vec<String>)> {
         let run = RunDir::new(root);
         let cp = run.config_path();
-        let cfg = Self::config_of_run(root, sets)?;
         // The weights go straight to the device the run trains on: a second device (a second
         // Metal id) would refuse every op that mixes them.
         let restored = run.load_latest(device)?;
@@ -102,8 +102,10 @@ impl Trainer {
                 ),
             ));
         }
-        if !sets.is_empty() && group.rank() == 0 {
-            tarflow_flows::checkpoint::write_atomic(&cp, cfg.to_toml()?.as_bytes())?;
+        let text = cfg.to_toml()?;
+        if group.rank() == 0 && std::fs::read_to_string(&cp).ok().as_deref() != Some(text.as_str())
+        {
+            tarflow_flows::checkpoint::write_atomic(&cp, text.as_bytes())?;
         }
         Self::build(cfg, run, Some(restored), group, device)
     }
