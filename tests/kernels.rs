@@ -196,7 +196,7 @@ fn the_fused_transformer_layer_matches_composed_ops() {
             "layer",
             &inputs,
             |w| {
-                let parts = tarflow::flows::layers::LayerParts {
+                let parts = tarflow::flows::kernels::LayerParts {
                     ln1: (&w[1], &w[2]),
                     qkv: (&w[3], &w[4]),
                     proj: (&w[5], &w[6]),
@@ -272,7 +272,7 @@ fn the_training_pass_equals_the_composed_ops() {
         let x = random_images(4, 3, cfg.img_size, 22);
         let run = || {
             let (m, vm) = ck.trainable_model(&Device::Cpu, DType::F32).unwrap();
-            let covers = kernels::flow::covers(&m);
+            let covers = m.train_pass_covers();
             let vars: Vec<(String, Var)> = vm
                 .data()
                 .lock()

@@ -3,7 +3,9 @@
 //! Each op picks candle's fused kernels when no gradient is being tracked, and plain
 //! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward; see ARCHITECTURE.md).
 
+use crate::engine::Engine;
 use crate::error::Result;
+use crate::kernels::LayerParts;
 use crate::quant::QuantWeights;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, D};
@@ -328,30 +330,9 @@ impl Mlp {
 
     /// (…, C) → (…, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = crate::gelu::gelu_erf(&self.fc1.forward(&self.norm.forward(x)?)?)?;
+        let h = gelu_erf(&self.fc1.forward(&self.norm.forward(x)?)?)?;
         self.fc2.forward(&h)
     }
-}
-
-/// Borrowed weights of one layer as (weight, bias) pairs, for other execution paths.
-pub struct LayerParts<'a> {
-    /// Attention pre-norm.
-    pub ln1: (&'a Tensor, &'a Tensor),
-    /// Fused q, k, v projection (3C, C).
-    pub qkv: (&'a Tensor, &'a Tensor),
-    /// Attention output projection.
-    pub proj: (&'a Tensor, &'a Tensor),
-    /// MLP pre-norm.
-    pub ln2: (&'a Tensor, &'a Tensor),
-    /// MLP first linear.
-    pub fc1: (&'a Tensor, &'a Tensor),
-    /// MLP second linear.
-    pub fc2: (&'a Tensor, &'a Tensor),
-    /// Attention head width.
-    pub head_dim: usize,
-    /// All twelve as one packed training variable, when the model was built that way
-    /// ([`crate::packing`]): the parts above are views of it.
-    pub packed: Option<&'a Tensor>,
 }
 
 /// One transformer layer: `x + Attn(LN(x))`, then `x + MLP(LN(x))`.
@@ -415,9 +396,16 @@ impl AttentionBlock {
         })
     }
 
-    /// Causal pass over (N, T, C); `attn_temp` divides the attention scores.
-    pub fn forward(&self, x: &Tensor, mask: &Tensor, attn_temp: f64) -> Result<Tensor> {
-        if crate::kernels::applies(x) && !self.is_quantised() {
+    /// Causal pass over (N, T, C) on the block's `engine`; `attn_temp` divides the attention
+    /// scores.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        attn_temp: f64,
+        engine: Engine,
+    ) -> Result<Tensor> {
+        if engine == Engine::Cpu && crate::kernels::applies(x) && !self.is_quantised() {
             return Ok(crate::kernels::layer::layer(x, &self.parts()?, attn_temp)?);
         }
         let x = (x + self.attention.forward(x, mask, attn_temp)?)?;
@@ -434,4 +422,16 @@ impl AttentionBlock {
         let x = (x + self.attention.step(x, cache, row_scale)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
     }
+}
+
+/// GELU with the exact erf form: the CPU engine's approximation ([`crate::kernels::gelu`]) on
+/// an f32 CPU tensor that needs no gradient (the fused layer covers training), candle's op
+/// elsewhere.
+fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(x) && !x.track_op() {
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        crate::kernels::gelu::in_place(&mut v);
+        return Ok(Tensor::from_vec(v, x.shape(), x.device())?);
+    }
+    Ok(x.gelu_erf()?)
 }

@@ -5,12 +5,14 @@
 //! [`quant`] and [`gguf`] for reduced-precision files), [`device`] keeps the device rules.
 //! [`kernels`] is the optional CPU engine the blocks call on the CPU in f32.
 
+pub mod affine;
 pub mod block;
 pub mod checkpoint;
+pub mod cond;
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod error;
-pub mod gelu;
 pub mod gguf;
 pub mod import;
 pub mod kernels;

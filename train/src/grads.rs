@@ -2,7 +2,7 @@
 //! `train.cpu_streams` equal parts whose forward and backward passes run at the same time.
 //!
 //! Where the CPU kernels cover the model, each part is one tape-free pass
-//! ([`tarflow_flows::kernels::flow::train_pass`]); elsewhere candle's forward and backward.
+//! ([`TarFlow::train_pass`]); elsewhere candle's forward and backward.
 //!
 //! One pass over a whole batch keeps every core busy only inside its products; its row-wise
 //! kernels, small products and block-level loops leave cores waiting. Passes over parts of the
@@ -53,7 +53,7 @@ pub fn loss_and_grads(
             _ => (x.narrow(0, i * h, h)?, cond.rows(i * h, (i + 1) * h)),
         };
         let scale = 1.0 / (divisor * parts) as f64;
-        if let Some(pass) = kernels::flow::train_pass(model, &xs, c, latent_norm, scale)? {
+        if let Some(pass) = model.train_pass(&xs, c, latent_norm, scale)? {
             return Ok(match pass.grads {
                 Some(g) => Done::Named(pass.loss, g),
                 None => Done::NonFinite(pass.loss),

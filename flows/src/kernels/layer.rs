@@ -10,19 +10,39 @@
 //! weight products each way plus a few row-wise passes.
 //!
 //! The slice-level [`Layer`] (a forward that returns what it keeps, a backward that consumes it)
-//! is also what the whole-flow training pass ([`super::flow`]) runs, with no node at all.
+//! is also what the tape-free training pass ([`super::train`]) runs, with no node at all.
 //!
 //! The layer's twelve parameters enter as one packed (·, C) matrix: the weights as rows of C,
 //! in [`PARAMS`] order. A model built for training on the CPU holds that matrix as its variable
-//! ([`crate::packing`]), so candle's backward gives the layer's weights one gradient buffer; any
+//! (the model's packing), so candle's backward gives the layer's weights one gradient buffer; any
 //! other model's weights are joined by `Tensor::cat`, which hands each its slice.
 
 use super::attention::Attn;
 use super::pool::{self, Buf};
 use super::{layer_norm, linear, slice};
-use crate::layers::LayerParts;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
+
+/// One transformer layer's weights as the engine reads them: borrowed (weight, bias) pairs.
+pub struct LayerParts<'a> {
+    /// Attention pre-norm.
+    pub ln1: (&'a Tensor, &'a Tensor),
+    /// Fused q, k, v projection (3C, C).
+    pub qkv: (&'a Tensor, &'a Tensor),
+    /// Attention output projection.
+    pub proj: (&'a Tensor, &'a Tensor),
+    /// MLP pre-norm.
+    pub ln2: (&'a Tensor, &'a Tensor),
+    /// MLP first linear.
+    pub fc1: (&'a Tensor, &'a Tensor),
+    /// MLP second linear.
+    pub fc2: (&'a Tensor, &'a Tensor),
+    /// Attention head width.
+    pub head_dim: usize,
+    /// All twelve as one packed training variable, in [`PARAMS`] order, when the model was built
+    /// that way: the parts above are views of it.
+    pub packed: Option<&'a Tensor>,
+}
 
 /// The layer's parameters (under `blocks.{k}.attn_blocks.{l}`) in packing order.
 pub const PARAMS: [&str; 12] = [
@@ -157,7 +177,7 @@ impl Layer {
         let mut u = pool::take(rows * d.hidden);
         linear::product(&h2, fc1w, &mut u, d.hidden, false);
         let mut g = pool::take(rows * d.hidden);
-        crate::gelu::forward_keeping_slope(&mut u, fc1b, &mut g);
+        super::gelu::forward_keeping_slope(&mut u, fc1b, &mut g);
         linear::forward(&g, fc2w, fc2b, y, Some(&x2));
         Saved {
             h1,
@@ -184,7 +204,7 @@ impl Layer {
         // MLP: dg = dy·W₂, du = dg ⊙ GELU'(u), dh₂ = du·W₁.
         let mut du = pool::take(rows * d.hidden);
         linear::backward(&s.g, fc2w, dy, Some(&mut du), dfc2w, dfc2b);
-        crate::gelu::backward_in_place(&s.u, &mut du, dfc1b);
+        super::gelu::backward_in_place(&s.u, &mut du, dfc1b);
         let mut dh = pool::take(rows * c);
         linear::backward_products(&s.h2, fc1w, &du, Some(&mut dh), dfc1w, d.hidden);
         drop(du);

@@ -1,9 +1,14 @@
-//! Fused CPU kernels: for training, the whole flow's loss and gradients in one pass with no
-//! autograd tape ([`flow`]), and, where that pass does not reach (STARFlow's extra options, a
-//! gradient through the input), a whole transformer layer as one autograd node with a
-//! hand-written backward ([`layer`]) and the Linear op of the embeddings and heads ([`linear`]);
-//! for gradient-free passes, the trunk ([`trunk`]) and the step engine ([`step`]) of inference.
-//! LayerNorm, causal attention and GELU are slice functions they share.
+//! The CPU engine: fused kernels over slices, under the model. This is a leaf: it reads rows
+//! of f32 and weights in its own layouts ([`LayerParts`], [`train::TrunkParts`],
+//! [`step::StepParts`]) and imports nothing of the model, whose flow (token order, shift,
+//! affine map, log-det, loss) the model writes once (`crate::affine`). It declares the model
+//! options it runs ([`COVERS`], [`TRAIN_COVERS`]); a block using any other runs composed.
+//!
+//! For training: a block's transformer forward and backward with no autograd tape ([`train`]),
+//! and, where the model trains through candle's tape, a whole transformer layer as one autograd
+//! node with a hand-written backward ([`layer`]) and the Linear op of the embeddings and heads
+//! ([`linear`]). For gradient-free passes: the trunk ([`trunk`]) and the step engine ([`step`])
+//! of inference. LayerNorm, causal attention and GELU ([`gelu`]) are slice functions they share.
 //!
 //! Composed candle ops materialise every intermediate on the autograd tape, and candle's
 //! backward gives each a zeroed gradient and an add: the training step spent most of its time
@@ -16,16 +21,36 @@
 //! runs, so the GPU path is testable on any machine.
 
 pub(crate) mod attention;
-pub mod flow;
+pub mod gelu;
 pub mod layer;
 pub(crate) mod layer_norm;
 pub mod linear;
 pub(crate) mod pool;
 pub mod step;
+pub mod train;
 pub mod trunk;
+
+pub use layer::LayerParts;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The model options (config keys beyond its sizes) the engine runs: the class embedding, the
+/// affine or volume-preserving head, any token order, the soft-clipped softplus head, the start
+/// token and the final norm. A block using any other option runs on candle's composed ops.
+pub const COVERS: &[&str] = &[
+    "num_classes",
+    "nvp",
+    "permutation",
+    "cond_deep_only",
+    "scale",
+    "sos",
+    "final_norm",
+];
+
+/// The options the tape-free training pass ([`train`] and the model's pass around it) covers:
+/// TarFlow's block. With others a model trains through candle's tape, on the fused layers.
+pub const TRAIN_COVERS: &[&str] = &["num_classes", "nvp", "permutation", "cond_deep_only"];
 
 /// 0: not yet read from the environment; 1: on; 2: off.
 static STATE: AtomicU8 = AtomicU8::new(0);

@@ -5,8 +5,8 @@
 //! the model's inverse), exactly as for candle's KV-cache step.
 
 use super::trunk::{DenseT, Trunk, TrunkStep};
+use super::LayerParts;
 use crate::error::Result;
-use crate::layers::AttentionBlock;
 use candle_core::Tensor;
 
 /// What a block adds around its trunk, for one inverse of `rows` rows.
@@ -34,7 +34,7 @@ pub struct StepWeights {
 impl StepWeights {
     /// Lays out a block's transformer `layers` and its projections.
     pub fn new(
-        layers: &[AttentionBlock],
+        layers: &[LayerParts],
         proj_in: (&Tensor, &Tensor),
         proj_out: (&Tensor, &Tensor),
     ) -> Result<Self> {

@@ -8,8 +8,8 @@
 
 use super::attention::Attn;
 use super::gemm_strided;
+use super::LayerParts;
 use crate::error::{FlowError, Result};
-use crate::layers::AttentionBlock;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
@@ -178,12 +178,11 @@ pub struct Trunk {
 }
 
 impl Trunk {
-    /// Lays out `layers` (dense weights; quantised layers are expanded first).
-    pub fn new(layers: &[AttentionBlock]) -> Result<Self> {
+    /// Lays out `layers` (dense weights).
+    pub fn new(layers: &[LayerParts]) -> Result<Self> {
         let layers = layers
             .iter()
-            .map(|l| {
-                let p = l.parts()?;
+            .map(|p| {
                 Ok((
                     p.head_dim,
                     Layer {
@@ -237,7 +236,7 @@ impl Trunk {
             layer.proj.add_to(&att, rows, h, true);
             layer.ln2.apply(h, &mut tmp);
             layer.fc1.apply(&tmp, rows, &mut mlp, true);
-            crate::gelu::in_place(&mut mlp);
+            super::gelu::in_place(&mut mlp);
             layer.fc2.add_to(&mlp, rows, h, true);
         }
     }
@@ -302,7 +301,7 @@ impl Trunk {
             layer.proj.add_to(&st.att, rows, h, par);
             layer.ln2.apply(h, &mut st.tmp);
             layer.fc1.apply(&st.tmp, rows, &mut st.mlp, par);
-            crate::gelu::in_place_chunk(&mut st.mlp);
+            super::gelu::in_place_chunk(&mut st.mlp);
             layer.fc2.add_to(&st.mlp, rows, h, par);
         }
         Ok(())

@@ -71,9 +71,9 @@ impl TarFlow {
 
     /// Per-sample training loss `0.5·mean_{t,d}(z²) − logdets` (N).
     pub fn loss_per_sample(out: &FlowOutput) -> Result<Tensor> {
-        let z = crate::block::at_least_f32(&out.z)?;
+        let z = crate::affine::at_least_f32(&out.z)?;
         let mse = (z.sqr()?.flatten_from(1)?.mean(1)? * 0.5)?;
-        Ok((mse - crate::block::at_least_f32(&out.logdets)?)?)
+        Ok((mse - crate::affine::at_least_f32(&out.logdets)?)?)
     }
 
     /// Gradient of the training loss (batch mean) with respect to the input images.

@@ -5,7 +5,8 @@ use super::options::{
     BlockSolve, GuidanceRule, GuideWhat, JacobiInit, JacobiOptions, ReverseOptions,
 };
 use super::TarFlow;
-use crate::block::{unaffine, Cond, MetaBlock};
+use crate::affine::unaffine;
+use crate::block::{Cond, MetaBlock};
 use crate::device::host_f64;
 use crate::error::{FlowError, Result};
 use crate::patch::unpatchify;

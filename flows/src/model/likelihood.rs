@@ -21,7 +21,7 @@ impl TarFlow {
     fn prior_nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let n = self.cfg.dims_per_image() as f64;
         let constant = n * (0.5 * LN_2PI + if discrete { LN_128 } else { 0.0 });
-        let half_sq = (crate::block::at_least_f32(&out.z)?
+        let half_sq = (crate::affine::at_least_f32(&out.z)?
             .sqr()?
             .flatten_from(1)?
             .sum(1)?
@@ -33,7 +33,7 @@ impl TarFlow {
     /// `½Σz² + ½n·ln 2π − n·Σ_k logdet_k`, plus `n·ln 128` when `discrete` (8-bit bins of width 2/256).
     pub fn nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let n = self.cfg.dims_per_image() as f64;
-        Ok((self.prior_nll(out, discrete)? - (crate::block::at_least_f32(&out.logdets)? * n)?)?)
+        Ok((self.prior_nll(out, discrete)? - (crate::affine::at_least_f32(&out.logdets)? * n)?)?)
     }
 
     /// Bits per dimension of 8-bit images (N): discrete NLL / (n·ln 2).
@@ -43,7 +43,7 @@ impl TarFlow {
             BpdConvention::Reference => 3 * self.cfg.img_size * self.cfg.img_size,
         } as f64;
         // evaluate_bpd.py: (−log p_prior)/n − logdets, where log p_prior uses the true C·H·W.
-        let nll = ((self.prior_nll(out, true)? / n)? - crate::block::at_least_f32(&out.logdets)?)?;
+        let nll = ((self.prior_nll(out, true)? / n)? - crate::affine::at_least_f32(&out.logdets)?)?;
         Ok((nll * nats_to_bpd(1.0, 1))?)
     }
 
@@ -52,9 +52,9 @@ impl TarFlow {
     pub fn nll_per_token(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
         let d = self.cfg.patch_dim() as f64;
         let constant = 0.5 * d * LN_2PI + if discrete { d * LN_128 } else { 0.0 };
-        let mut tok = ((crate::block::at_least_f32(&out.z)?.sqr()?.sum(2)? * 0.5)? + constant)?;
+        let mut tok = ((crate::affine::at_least_f32(&out.z)?.sqr()?.sum(2)? * 0.5)? + constant)?;
         for (block, o) in self.blocks.iter().zip(&out.blocks) {
-            let a = block.permute(&crate::block::at_least_f32(&o.alpha)?.sum(2)?, 1)?; // (N, T)
+            let a = block.permute(&crate::affine::at_least_f32(&o.alpha)?.sum(2)?, 1)?; // (N, T)
             tok = (tok + a)?; // −log|det| of the block is +Σα
         }
         Ok(tok)

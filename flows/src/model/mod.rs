@@ -7,10 +7,12 @@ mod forward;
 mod inverse;
 mod likelihood;
 mod options;
+mod train_pass;
 
 pub use inverse::{gaussian_guidance, guidance_weight, guide};
 pub use likelihood::{loss_to_bpd, nats_to_bpd};
 pub use options::{BlockSolve, GuidanceRule, GuideWhat, JacobiInit, JacobiOptions, ReverseOptions};
+pub use train_pass::TrainPass;
 
 use crate::block::{BlockOutput, Cond, MetaBlock};
 use crate::config::ModelConfig;

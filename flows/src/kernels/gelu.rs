@@ -2,18 +2,16 @@
 //!
 //! candle's `gelu_erf` calls scalar libm `erff` per element; this is a branch-free rational
 //! approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond) that the compiler
-//! vectorises, in clones for the CPU's widest SIMD ([`crate::kernels::simd_clones`]). The fused
-//! layer ([`crate::kernels::layer`]) and the trunk use it, and so does the composed path's
-//! [`gelu_erf`] where the CPU kernels apply to a tensor that needs no gradient (f32 on the CPU);
-//! everywhere else (GPUs, bf16, training on the composed ops) it is candle's op.
+//! vectorises, in clones for the CPU's widest SIMD ([`super::simd_clones`]). The fused layer
+//! ([`super::layer`]) and the trunk use it, and so does the model's MLP where the CPU kernels
+//! apply to a tensor that needs no gradient (f32 on the CPU); everywhere else (GPUs, bf16,
+//! training on the composed ops) the MLP runs candle's op.
 //!
 //! The polynomials' Horner steps are fused multiply-adds (`mul_add`), which round once on every
 //! target, so the clones agree bit for bit. Outside the clones, and on an x86-64 CPU without FMA
 //! (before 2013), each step is a call to libm's `fmaf`: correct but slow, so callers go through
 //! the clones (the step engine's GELU too).
 
-use crate::error::Result;
-use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// Values per parallel task.
@@ -59,11 +57,11 @@ pub fn gelu_f32(x: f32) -> f32 {
 }
 
 /// GELU of every value of `x` in place.
-pub(crate) fn in_place(x: &mut [f32]) {
+pub fn in_place(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK).for_each(in_place_chunk);
 }
 
-crate::kernels::simd_clones! {
+super::simd_clones! {
 /// [`in_place`] on one thread (the sequential inverse's few rows).
 pub(crate) fn in_place_chunk(x: &mut [f32]) {
     for v in x.iter_mut() {
@@ -86,7 +84,7 @@ pub(crate) fn forward_keeping_slope(x: &mut [f32], b: &[f32], out: &mut [f32]) {
         .for_each(|(o, x)| forward_slope_rows(x, b, o));
 }
 
-crate::kernels::simd_clones! {
+super::simd_clones! {
 fn forward_slope_rows(x: &mut [f32], b: &[f32], out: &mut [f32]) {
     let inv_sqrt_2pi = 0.398_942_3_f32;
     let n = b.len();
@@ -94,7 +92,7 @@ fn forward_slope_rows(x: &mut [f32], b: &[f32], out: &mut [f32]) {
         for ((o, v), bias) in or.iter_mut().zip(xr.iter_mut()).zip(b) {
             let u = *v + bias;
             let erf = erf_f32(u * std::f32::consts::FRAC_1_SQRT_2);
-            let pdf = crate::kernels::exp_f32(-0.5 * u * u) * inv_sqrt_2pi;
+            let pdf = super::exp_f32(-0.5 * u * u) * inv_sqrt_2pi;
             // The value exactly as `gelu_f32` rounds it.
             *o = 0.5 * u * (1.0 + erf);
             *v = 0.5 * (1.0 + erf) + u * pdf;
@@ -116,10 +114,10 @@ pub(crate) fn backward_in_place(slope: &[f32], g: &mut [f32], db: &mut [f32]) {
             acc
         })
         .collect();
-    crate::kernels::sum_partials(partial, db);
+    super::sum_partials(partial, db);
 }
 
-crate::kernels::simd_clones! {
+super::simd_clones! {
 fn backward_rows(slope: &[f32], g: &mut [f32], acc: &mut [f32]) {
     let n = acc.len();
     for (gr, sr) in g.chunks_exact_mut(n).zip(slope.chunks_exact(n)) {
@@ -131,27 +129,17 @@ fn backward_rows(slope: &[f32], g: &mut [f32], acc: &mut [f32]) {
 }
 }
 
-/// GELU with the exact erf form: this file's approximation on CPU/f32 without gradient
-/// (the trunk and fused layer cover training), candle's op elsewhere.
-pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if crate::kernels::applies(x) && !x.track_op() {
-        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-        in_place(&mut v);
-        return Ok(Tensor::from_vec(v, x.shape(), x.device())?);
-    }
-    Ok(x.gelu_erf()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn fast_gelu_matches_candle_exact_gelu() {
         let v: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 0.0025).collect();
-        let x = Tensor::from_vec(v, 8001, &Device::Cpu).unwrap();
-        let fast = gelu_erf(&x).unwrap().to_vec1::<f32>().unwrap();
+        let x = Tensor::from_vec(v.clone(), 8001, &Device::Cpu).unwrap();
+        let mut fast = v;
+        in_place(&mut fast);
         let exact = x
             .to_dtype(DType::F64)
             .unwrap()

@@ -1,45 +1,23 @@
 //! One flow block (ml-tarflow's `MetaBlock`): a causal transformer predicting an affine map
 //! of each token from the tokens before it, in identity or flipped token order.
 
+use crate::affine::{affine, affine_rows, at_least_f32, head, permute_rows, shift};
+pub use crate::cond::Cond;
 use crate::config::{ModelConfig, ScaleHead};
+use crate::engine::{self, Engine};
 use crate::error::{FlowError, Result};
-use crate::kernels::flow::{self, TrainParts};
-use crate::kernels::step::{heads, StepKernel, StepParts, StepWeights};
+use crate::kernels::step::{heads, StepWeights};
+use crate::kernels::train::TrunkParts;
 use crate::layers::{AttentionBlock, Linear, RmsNorm};
 use crate::quant::QuantWeights;
+mod step;
+
+pub use step::Stepper;
+
 use candle_core::{DType, Device, Tensor};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
-
-/// Class conditioning of one pass.
-#[derive(Debug, Clone, Copy)]
-pub enum Cond<'a> {
-    /// One label per row; negative labels (dropped) use the mean class embedding.
-    Labels(&'a [i64]),
-    /// No label: the mean class embedding for every row (zero for unconditional models).
-    Null,
-}
-
-impl<'a> Cond<'a> {
-    /// The conditioning of `labels` for a model of `num_classes` classes: the labels where the
-    /// model is conditional and some row has one (≥ 0), else none (the mean embedding for all).
-    pub fn of(num_classes: usize, labels: Option<&'a [i64]>) -> Self {
-        match labels {
-            Some(l) if num_classes > 0 && l.iter().any(|&v| v >= 0) => Cond::Labels(l),
-            _ => Cond::Null,
-        }
-    }
-
-    /// The conditioning of rows `a..b` of the batch (a share run on its own).
-    pub fn rows(self, a: usize, b: usize) -> Self {
-        match self {
-            Cond::Labels(l) => Cond::Labels(&l[a..b]),
-            Cond::Null => Cond::Null,
-        }
-    }
-}
 
 /// What one block's forward pass produced.
 #[derive(Debug, Clone)]
@@ -69,6 +47,8 @@ pub struct MetaBlock {
     scale: ScaleHead,
     sos: Option<Tensor>,         // (1, D) learned start token (STARFlow)
     final_norm: Option<RmsNorm>, // before proj_out (STARFlow)
+    /// Whether the CPU engine may run this block ([`engine::cpu_may_run`], decided at load).
+    cpu_may_run: bool,
     /// The step engine's Wᵀ copies, made on the first CPU inverse (frozen weights only).
     step_weights: OnceLock<Arc<StepWeights>>,
 }
@@ -144,15 +124,28 @@ impl MetaBlock {
             } else {
                 None
             },
+            cpu_may_run: engine::cpu_may_run(cfg, index, dev, vb.dtype()),
             step_weights: OnceLock::new(),
         })
     }
 
-    /// The weights the CPU training pass reads ([`crate::kernels::flow`]), when it covers this
-    /// block: TarFlow's block (no start token, final norm or soft-clipped head) with dense
-    /// weights and layers trained as packed variables.
-    pub(crate) fn train_parts(&self) -> Option<TrainParts<'_>> {
-        if self.sos.is_some() || self.final_norm.is_some() || self.scale != ScaleHead::Exp {
+    /// The engine that runs this block's passes now: the CPU engine where it may run the block
+    /// and the process's switch is on ([`crate::kernels::enabled`]), else the composed ops.
+    /// A quantised block runs on the CPU engine with its layers expanded to f32, except under
+    /// `--native-qmatmul`, where candle's integer matmul (composed) runs it.
+    pub fn engine(&self) -> Engine {
+        let native = self.is_quantised() && crate::quant::native_matmul();
+        match self.cpu_may_run && crate::kernels::enabled() && !native {
+            true => Engine::Cpu,
+            false => Engine::Composed,
+        }
+    }
+
+    /// The transformer weights the CPU engine's training pass reads, where the engine runs this
+    /// block with dense weights and layers trained as packed variables (the model checks the
+    /// options: [`engine::train_pass_covers`]).
+    pub(crate) fn trunk_parts(&self) -> Option<TrunkParts<'_>> {
+        if self.engine() != Engine::Cpu {
             return None;
         }
         let layers = self
@@ -163,14 +156,13 @@ impl MetaBlock {
                 Some((p.packed?, p.head_dim, p.fc1.1.elem_count()))
             })
             .collect::<Option<Vec<_>>>()?;
-        Some(TrainParts {
+        Some(TrunkParts {
             proj_in: self.proj_in.parts().ok()?,
             pos: &self.pos_embed,
             class_embed: self.class_embed.as_ref(),
             layers,
             proj_out: self.proj_out.parts().ok()?,
-            flipped: self.flip.is_some(),
-            nvp: self.nvp,
+            reversed: self.flip.is_some(),
         })
     }
 
@@ -281,23 +273,9 @@ impl MetaBlock {
         Ok(Some(Tensor::cat(&[&c, &u], 0)?))
     }
 
-    /// Turns raw `proj_out` outputs into (α, μ), α = ln σ; α ≡ 0 for volume-preserving blocks.
-    /// STARFlow's head soft-clips `o ← 4·tanh(o/4)` and takes `σ = softplus(a + 0.5413)`.
+    /// (α, μ) of raw `proj_out` outputs ([`crate::affine::head`]).
     fn split(&self, o: &Tensor) -> Result<(Tensor, Tensor)> {
-        let d = self.patch_dim;
-        let o = match self.scale {
-            ScaleHead::Exp => o.clone(),
-            ScaleHead::Softplus => ((o / 4.0)?.tanh()? * 4.0)?,
-        };
-        if !self.nvp {
-            return Ok((o.zeros_like()?, o));
-        }
-        let (a, mu) = (o.narrow(2, 0, d)?, o.narrow(2, d, d)?);
-        let alpha = match self.scale {
-            ScaleHead::Exp => a,
-            ScaleHead::Softplus => softplus(&(a + SOFTPLUS_INV_1)?)?.log()?,
-        };
-        Ok((alpha, mu))
+        head(o, self.patch_dim, self.nvp, self.scale)
     }
 
     /// x → z for this block: `z = (x − μ)·exp(−α)` token-wise, parameters from earlier tokens.
@@ -328,7 +306,8 @@ impl MetaBlock {
     /// not apply. Under --native-qmatmul nothing is expanded, so a quantised block stays on the
     /// composed path, where candle's integer matmul runs it.
     fn dense_for_kernels(&self, x: &Tensor) -> Result<Option<Cow<'_, MetaBlock>>> {
-        if !crate::kernels::applies(x) || x.track_op() || self.is_trainable() {
+        let f32_input = x.dtype() == DType::F32;
+        if self.engine() != Engine::Cpu || !f32_input || x.track_op() || self.is_trainable() {
             return Ok(None);
         }
         let block = match self.expanded()? {
@@ -355,11 +334,11 @@ impl MetaBlock {
         let flipped = self.flip.is_some();
         let take = crate::kernels::pool::take;
         let mut xp = take(s.len());
-        flow::permute(&s, &mut xp, t, d, flipped);
+        permute_rows(&s, &mut xp, t, d, flipped);
         let po = heads(&block.step_parts(cls.as_ref())?, &xp, (n, t), 1.0)?; // (N·T, W)
         let (mut z, mut e, mut alpha) = (take(s.len()), take(s.len()), vec![0f32; s.len()]);
         let mut sums = vec![0f64; n];
-        flow::affine_head(
+        affine_rows(
             &xp,
             &po,
             (t, d),
@@ -367,7 +346,7 @@ impl MetaBlock {
             (&mut z, &mut e, &mut alpha),
             &mut sums,
         );
-        flow::permute(&z, &mut s, t, d, flipped);
+        permute_rows(&z, &mut s, t, d, flipped);
         let dims = (t * d) as f64;
         let logdet: Vec<f32> = sums.iter().map(|s| (-s / dims) as f32).collect();
         let dev = x.device();
@@ -429,7 +408,7 @@ impl MetaBlock {
                 h = h.broadcast_add(c)?;
             }
             for layer in &self.layers {
-                h = layer.forward(&h, &mask, attn_temp)?;
+                h = layer.forward(&h, &mask, attn_temp, self.engine())?;
             }
             self.head_out(&h)? // (N, T, W)
         };
@@ -441,150 +420,4 @@ impl MetaBlock {
         };
         Ok((alpha, mu, proj_out))
     }
-
-    /// The state of one sequential inverse over `rows` rows whose attention scores are divided
-    /// by `temps[r]`: the trunk's CPU step kernel where the kernels apply, else candle's KV
-    /// caches (the GPU path and the reference).
-    pub fn stepper(&self, rows: usize, temps: &[f64], cls: Option<&Tensor>) -> Result<Stepper> {
-        let t = self.pos_embed.dim(0)?;
-        let device = self.pos_embed.device();
-        if crate::kernels::enabled()
-            && device.is_cpu()
-            && self.pos_embed.dtype() == DType::F32
-            && !self.is_quantised()
-        {
-            let parts = self.step_parts(cls)?;
-            return Ok(Stepper::Cpu(Box::new(StepKernel::new(parts, rows, temps)?)));
-        }
-        let scale = if temps.iter().all(|&v| v == 1.0) {
-            None
-        } else {
-            let inv: Vec<f32> = temps.iter().map(|&v| (1.0 / v) as f32).collect();
-            Some(Tensor::from_vec(inv, (rows, 1, 1, 1), device)?)
-        };
-        Ok(Stepper::Kv {
-            caches: self.layers.iter().map(|_| KvCache::new(2, t)).collect(),
-            scale,
-        })
-    }
-
-    /// What the CPU step engine reads around `trunk`: the weights in its layout, the embeddings,
-    /// the final norm, and the class embedding of each row.
-    fn step_parts<'a>(&'a self, cls: Option<&'a Tensor>) -> Result<StepParts<'a>> {
-        Ok(StepParts {
-            weights: self.step_weights()?,
-            pos: &self.pos_embed,
-            flipped: self.flip.is_some(),
-            cls,
-            final_norm: self.final_norm.as_ref().map(RmsNorm::weight),
-        })
-    }
-
-    /// The step engine's layout of the weights: kept for frozen weights (a model being trained
-    /// changes its own), made per inverse otherwise.
-    fn step_weights(&self) -> Result<Arc<StepWeights>> {
-        if let Some(w) = self.step_weights.get() {
-            return Ok(w.clone());
-        }
-        let w = Arc::new(StepWeights::new(
-            &self.layers,
-            self.proj_in.parts()?,
-            self.proj_out.parts()?,
-        )?);
-        if !self.is_trainable() {
-            let _ = self.step_weights.set(w.clone());
-        }
-        Ok(w)
-    }
-
-    /// Feeds sequence position `i` of every row, `x_i` (rows, 1, D), with `cls` (rows or 1, 1, C;
-    /// the CPU engine took them at [`Self::stepper`]), and returns the (α, μ) of the next token:
-    /// token i+1 (TarFlow; the input is token i) or token i (with `sos`; the input is token i−1,
-    /// or the start token at i = 0).
-    pub fn step(
-        &self,
-        x_i: &Tensor,
-        i: usize,
-        cls: Option<&Tensor>,
-        st: &mut Stepper,
-    ) -> Result<(Tensor, Tensor)> {
-        let head = match st {
-            Stepper::Cpu(k) => {
-                let rows = x_i.dim(0)?;
-                let x = x_i.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let out = k.step(&x, i)?;
-                let w = out.len() / rows.max(1);
-                Tensor::from_vec(out, (rows, 1, w), x_i.device())?
-            }
-            Stepper::Kv { caches, scale } => {
-                let t = self.pos_embed.dim(0)?;
-                let pos = match &self.flip {
-                    Some(_) => t - 1 - i,
-                    None => i,
-                };
-                let mut h = self
-                    .proj_in
-                    .forward(x_i)?
-                    .broadcast_add(&self.pos_embed.narrow(0, pos, 1)?)?;
-                if let Some(c) = cls {
-                    h = h.broadcast_add(c)?;
-                }
-                for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-                    h = layer.step(&h, cache, scale.as_ref())?;
-                }
-                self.head_out(&h)?
-            }
-        };
-        self.split(&head)
-    }
-}
-
-/// The per-inverse state of [`MetaBlock::step`].
-pub enum Stepper {
-    /// The CPU step engine.
-    Cpu(Box<StepKernel>),
-    /// candle's KV caches, one per layer, and the per-row score multipliers.
-    Kv {
-        /// One per layer.
-        caches: Vec<KvCache>,
-        /// (rows, 1, 1, 1) `1 / temperature`, when not all 1.
-        scale: Option<Tensor>,
-    },
-}
-
-/// softplus⁻¹(1): STARFlow's offset so that σ = 1 when the head outputs 0.
-const SOFTPLUS_INV_1: f64 = 0.541_324_854_612_918_1;
-
-/// `ln(1 + eˣ)`, stable for large |x|.
-fn softplus(x: &Tensor) -> Result<Tensor> {
-    let pos = x.relu()?;
-    Ok((pos + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
-}
-
-/// Shifts (N, T, D) right by one token along T, with zeros first.
-fn shift(x: &Tensor) -> Result<Tensor> {
-    let (n, t, d) = x.dims3()?;
-    let zero = Tensor::zeros((n, 1, d), x.dtype(), x.device())?;
-    Ok(Tensor::cat(&[&zero, &x.narrow(1, 0, t - 1)?], 1)?)
-}
-
-/// `x` in f32 when it is bf16/f16; f32 and f64 unchanged.
-pub fn at_least_f32(x: &Tensor) -> Result<Tensor> {
-    Ok(match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    })
-}
-
-/// The block's map `z = (x − μ)·exp(−α)`, evaluated in at least f32 (as upstream forces for the
-/// scales: a bf16 `exp(−α)` would round the scale before the product); the result has `x`'s dtype.
-pub fn affine(x: &Tensor, mu: &Tensor, alpha: &Tensor) -> Result<Tensor> {
-    let (xf, mf, af) = (at_least_f32(x)?, at_least_f32(mu)?, at_least_f32(alpha)?);
-    Ok(((xf - mf)? * af.neg()?.exp()?)?.to_dtype(x.dtype())?)
-}
-
-/// The inverse map `x = z·exp(α) + μ`, in at least f32, in `z`'s dtype.
-pub fn unaffine(z: &Tensor, alpha: &Tensor, mu: &Tensor) -> Result<Tensor> {
-    let (zf, af, mf) = (at_least_f32(z)?, at_least_f32(alpha)?, at_least_f32(mu)?);
-    Ok(((zf * af.exp()?)? + mf)?.to_dtype(z.dtype())?)
 }
