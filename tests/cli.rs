@@ -2,6 +2,9 @@
 
 mod common;
 
+use approx::{assert_abs_diff_eq, assert_abs_diff_ne};
+use common::values;
+
 use common::fixture;
 use std::process::Command;
 
@@ -44,7 +47,7 @@ fn import_then_info_describes_the_reference_model() {
     let a = tarflow::Checkpoint::load(&out, &candle_core::Device::Cpu).unwrap();
     let b = tarflow::Checkpoint::import(&src, 16, 4, None, &candle_core::Device::Cpu).unwrap();
     for (k, t) in &b.tensors {
-        assert_eq!(common::max_abs_diff(t, &a.tensors[k]), 0.0, "{k}");
+        assert_eq!(values(t), values(&a.tensors[k]), "{k}");
     }
     // No temporary file is left behind by the atomic write.
     let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -111,7 +114,7 @@ fn pth_and_safetensors_state_dicts_import_to_the_same_model() {
     assert_eq!(a.config, b.config);
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (k, t) in &b.tensors {
-        assert_eq!(common::max_abs_diff(t, &a.tensors[k]), 0.0, "{k}");
+        assert_eq!(values(t), values(&a.tensors[k]), "{k}");
     }
     let x = common::random_images(2, 1, 8, 4);
     let za = a
@@ -121,8 +124,12 @@ fn pth_and_safetensors_state_dicts_import_to_the_same_model() {
         .unwrap();
     let m = b.model(&Device::Cpu, DType::F32).unwrap();
     let zb = m.forward(&x, tarflow::Cond::Labels(&[0, 2])).unwrap();
-    assert_eq!(common::max_abs_diff(&za.z, &zb.z), 0.0);
-    assert!(common::max_abs_diff(&za.z, &tarflow::flows::patch::patchify(&x, 2).unwrap()) > 1e-3);
+    assert_eq!(values(&za.z), values(&zb.z));
+    assert_abs_diff_ne!(
+        values(&za.z),
+        values(&tarflow::flows::patch::patchify(&x, 2).unwrap()),
+        epsilon = 1e-3
+    );
 
     // And through the CLI, with the wrapped-state_dict and info paths.
     let dir = tempfile::tempdir().unwrap();
@@ -177,7 +184,7 @@ fn data_inspect_reports_the_embedded_default_and_writes_a_grid() {
         ),
         (Some(10), Some(0), Some(9))
     );
-    assert!((v["mean"].as_f64().unwrap() - 33.44).abs() < 0.01);
+    assert_abs_diff_eq!(v["mean"].as_f64().unwrap(), 33.44, epsilon = 0.01);
     let png = std::fs::read(&grid).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     let npz = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

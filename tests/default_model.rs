@@ -3,6 +3,7 @@
 
 mod common;
 
+use approx::{abs_diff_eq, assert_abs_diff_eq};
 use common::{tarflow, text};
 
 fn repo(rel: &str) -> String {
@@ -113,7 +114,7 @@ fn a_dataset_source_scores_with_its_identity_and_standard_error() {
     assert!(e > 0.5 && e < 3.0, "test digits at {e} bits/dim");
     let se = elbo["bits_per_dim"]["stderr"].as_f64().unwrap();
     let sd = elbo["bits_per_dim"]["std"].as_f64().unwrap();
-    assert!((se - sd / 40f64.sqrt()).abs() < 1e-12);
+    assert_abs_diff_eq!(se, sd / 40f64.sqrt(), epsilon = 1e-12);
     assert_eq!(elbo["excluded"], 0);
 }
 
@@ -214,7 +215,7 @@ fn a_folder_source_is_scored_like_its_files() {
     let by_files: Vec<f64> = bits_per_dim_lines(&o);
     assert_eq!(by_source.len(), by_files.len());
     for (a, b) in by_source.iter().zip(&by_files) {
-        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        assert!(abs_diff_eq!(a, b, epsilon = 1e-9), "{a} vs {b}");
     }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();

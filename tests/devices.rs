@@ -6,6 +6,7 @@
 
 mod common;
 
+use approx::abs_diff_eq;
 use candle_core::{DType, Device, Var};
 use common::{load, tarflow, text, TINY};
 use tarflow::flows::kernels;
@@ -83,7 +84,7 @@ fn checkpoints_in_f64_f16_and_bf16_load_and_score_like_f32() {
         let got = bpd(&ck);
         for (g, w) in got.iter().zip(&want) {
             assert!(
-                (g - w).abs() <= tol * w.abs(),
+                abs_diff_eq!(g, w, epsilon = tol * w.abs()),
                 "{dtype:?} file: {g} bits/dim, the f32 file {w}"
             );
         }
@@ -289,7 +290,7 @@ fn the_starting_values_survive_the_first_optimizer_step() {
         for i in 0..4 {
             let want = 0.5 * w0[i] as f64 + 0.5 * w1[i];
             assert!(
-                (got[i] - want).abs() < 1e-6,
+                abs_diff_eq!(got[i], want, epsilon = 1e-6),
                 "{dtype:?} on {name}: EMA[{i}] = {}, expected ½·w₀ + ½·w₁ = {want} (w₁ = {})",
                 got[i],
                 w1[i]

@@ -4,8 +4,9 @@
 
 mod common;
 
+use approx::{abs_diff_eq, assert_abs_diff_eq};
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{max_abs_diff, random_checkpoint, random_images};
+use common::{random_checkpoint, random_images, values};
 use tarflow::flows::kernels;
 use tarflow::flows::rng::{randn, seeded};
 use tarflow::{Cond, ModelConfig, TarFlow};
@@ -30,17 +31,17 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
 
 /// max |a − b| ≤ rel·max|b| + 1e-6.
 fn close(name: &str, a: &Tensor, b: &Tensor, rel: f64) {
-    assert_eq!(a.dims(), b.dims(), "{name}: shapes");
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
-    assert!(
-        diff <= rel * scale + 1e-6,
-        "{name}: max diff {diff} vs scale {scale}"
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert_abs_diff_eq!(
+        values(a).named(name),
+        values(b),
+        epsilon = rel * scale + 1e-6
     );
 }
 
@@ -297,7 +298,7 @@ fn the_training_pass_equals_the_composed_ops() {
             "whether the training pass covers the model ({what})"
         );
         assert!(
-            (l1 - l0).abs() <= 1e-5 * l0.abs().max(1.0),
+            abs_diff_eq!(l1, l0, epsilon = 1e-5 * l0.abs().max(1.0)),
             "loss {l1} vs {l0} ({what})"
         );
         assert_eq!(g1.len(), g0.len(), "parameters with a gradient ({what})");
@@ -367,13 +368,8 @@ fn the_fast_sampler_equals_the_composed_ops_in_every_variant() {
             }
             for o in variants {
                 let (a, b) = on_both_paths(|| m.reverse(&z, cond, &o).unwrap());
-                let diff = max_abs_diff(&a, &b);
-                assert!(
-                    diff < 1e-4,
-                    "nvp {} classes {} {o:?}: {diff}",
-                    cfg.nvp,
-                    cfg.num_classes
-                );
+                let what = format!("nvp {} classes {} {o:?}", cfg.nvp, cfg.num_classes);
+                assert_abs_diff_eq!(values(&a).named(what), values(&b), epsilon = 1e-4);
             }
         }
     }
@@ -394,13 +390,17 @@ fn the_fast_forward_equals_the_composed_ops() {
         for cond in [Cond::Labels(&y), Cond::Null] {
             let (a, b) = on_both_paths(|| m.forward(&x, cond).unwrap());
             assert_eq!(a.z.dims(), b.z.dims());
-            assert!(max_abs_diff(&a.z, &b.z) < 1e-4, "z");
-            assert!(max_abs_diff(&a.logdets, &b.logdets) < 1e-5, "logdets");
+            assert_abs_diff_eq!(values(&a.z).named("z"), values(&b.z), epsilon = 1e-4);
+            assert_abs_diff_eq!(
+                values(&a.logdets).named("logdets"),
+                values(&b.logdets),
+                epsilon = 1e-5
+            );
             for (p, q) in a.blocks.iter().zip(&b.blocks) {
-                assert!(max_abs_diff(&p.out, &q.out) < 1e-4);
-                assert!(max_abs_diff(&p.alpha, &q.alpha) < 1e-5);
-                assert!(max_abs_diff(&p.proj_out, &q.proj_out) < 1e-5);
-                assert!(max_abs_diff(&p.logdet, &q.logdet) < 1e-6);
+                assert_abs_diff_eq!(values(&p.out), values(&q.out), epsilon = 1e-4);
+                assert_abs_diff_eq!(values(&p.alpha), values(&q.alpha), epsilon = 1e-5);
+                assert_abs_diff_eq!(values(&p.proj_out), values(&q.proj_out), epsilon = 1e-5);
+                assert_abs_diff_eq!(values(&p.logdet), values(&q.logdet), epsilon = 1e-6);
             }
         }
     }
@@ -463,23 +463,28 @@ fn every_starflow_option_rule_and_guide_blocks_run_the_same_on_both_paths() {
         }
         for o in variants {
             let (a, b) = on_both_paths(|| m.reverse(&z, Cond::Labels(&y), &o).unwrap());
-            let diff = max_abs_diff(&a, &b);
-            assert!(diff < 1e-4, "{cfg:?} {o:?}: {diff}");
+            let what = format!("{cfg:?} {o:?}");
+            assert_abs_diff_eq!(values(&a).named(what), values(&b), epsilon = 1e-4);
         }
         let x = random_images(5, 3, 6, 2);
         let (a, b) = on_both_paths(|| m.forward(&x, Cond::Labels(&y)).unwrap());
-        assert!(max_abs_diff(&a.z, &b.z) < 1e-4, "{cfg:?}: z");
-        assert!(
-            max_abs_diff(&a.logdets, &b.logdets) < 1e-5,
-            "{cfg:?}: logdets"
+        assert_abs_diff_eq!(
+            values(&a.z).named("{cfg:?}: z"),
+            values(&b.z),
+            epsilon = 1e-4
+        );
+        assert_abs_diff_eq!(
+            values(&a.logdets).named("{cfg:?}: logdets"),
+            values(&b.logdets),
+            epsilon = 1e-5
         );
         // The inverse of the forward pass on the kernels.
         let back = m
             .reverse(&a.z, Cond::Labels(&y), &ReverseOptions::default())
             .unwrap();
         let x = x.to_dtype(DType::F32).unwrap();
-        let rt = max_abs_diff(&back, &x);
-        assert!(rt < 1e-3, "{cfg:?}: round trip {rt}");
+        let what = format!("{cfg:?}: round trip");
+        assert_abs_diff_eq!(values(&back).named(what), values(&x), epsilon = 1e-3);
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use approx::{abs_diff_eq, assert_abs_diff_eq};
 use candle_core::{DType, Device, Tensor};
 use common::{tarflow, text};
 use std::path::{Path, PathBuf};
@@ -131,9 +132,12 @@ fn bits_per_dim_of_the_identity_flow_is_the_gaussian_formula() {
     for composed in [false, true] {
         let r = &score_json(&ck, &img, composed)[0];
         let nll = r["nll_nats"].as_f64().unwrap();
-        assert!((nll - want).abs() < 1e-4 * want, "{nll} vs {want}");
+        assert!(
+            abs_diff_eq!(nll, want, epsilon = 1e-4 * want),
+            "{nll} vs {want}"
+        );
         let bpd = r["bits_per_dim"].as_f64().unwrap();
-        assert!((bpd - want / (64.0 * std::f64::consts::LN_2)).abs() < 1e-6);
+        assert_abs_diff_eq!(bpd, want / (64.0 * std::f64::consts::LN_2), epsilon = 1e-6);
         assert_eq!(r["precision"], "f32");
     }
 }
@@ -238,7 +242,7 @@ fn iw_bound_is_below_the_elbo_average_and_equal_at_one_draw() {
     };
     use tarflow::sample::score::Bound::{Elbo, Iw};
     for (e, i) in run(1, Elbo).iter().zip(run(1, Iw)) {
-        assert!((e.nll_nats - i.nll_nats).abs() < 1e-9 * e.nll_nats.abs());
+        assert_abs_diff_eq!(e.nll_nats, i.nll_nats, epsilon = 1e-9 * e.nll_nats.abs());
     }
     for (e, i) in run(16, Elbo).iter().zip(run(16, Iw)) {
         assert_eq!(
@@ -315,7 +319,7 @@ fn the_class_mixture_lies_within_ln_c_of_the_best_class() {
         for d in 0..2 {
             let s: f64 = per.iter().map(|c| (-c[i].draw_nll_nats[d]).exp()).sum();
             let want = -(s / 3.0).ln();
-            assert!((m.draw_nll_nats[d] - want).abs() < 1e-6 * want.abs());
+            assert_abs_diff_eq!(m.draw_nll_nats[d], want, epsilon = 1e-6 * want.abs());
         }
         let best = per
             .iter()

@@ -1,6 +1,7 @@
 //! The library calls the notebooks make, on the run the repository ships
 //! (`notebooks/quickstart-run`), so a broken notebook API fails `cargo test` too.
 
+use approx::assert_abs_diff_eq;
 use candle_core::{Device, Tensor};
 use tarflow::sample::display::Png;
 use tarflow::sample::generate::{generate, Labels, SampleOptions};
@@ -95,7 +96,7 @@ fn held_out_digits_classify_by_likelihood_and_outscore_noise() {
     // 82.5 % on 200 digits in the notebook; chance is 10 %.
     assert!(acc > 0.6, "accuracy {acc}");
     let p = cls.posterior(0);
-    assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    assert_abs_diff_eq!(p.iter().sum::<f64>(), 1.0, epsilon = 1e-9);
     // The NLL under the predicted label is the row's minimum.
     let k = cls.predicted[0] as usize;
     assert!(cls.nll[0].iter().all(|&v| v >= cls.nll[0][k]));

@@ -3,8 +3,9 @@
 
 mod common;
 
+use approx::{abs_diff_eq, assert_abs_diff_eq, assert_abs_diff_ne};
 use candle_core::{DType, Device, Tensor};
-use common::{max_abs_diff, random_checkpoint, random_images};
+use common::{random_checkpoint, random_images, values};
 use tarflow::flows::patch::patchify;
 use tarflow::{Cond, ModelConfig, ReverseOptions, TarFlow};
 
@@ -105,7 +106,7 @@ fn log_det_check(cfg: &ModelConfig) {
         }
         let brute = log_abs_det(jac);
         assert!(
-            (brute - logdets[b]).abs() < 1e-6,
+            abs_diff_eq!(brute, logdets[b], epsilon = 1e-6),
             "sample {b}: brute-force log|det J| = {brute}, model = {}",
             logdets[b]
         );
@@ -131,8 +132,7 @@ fn inverse_check(cfg: &ModelConfig) {
     let back = m
         .reverse(&out.z, Cond::Labels(&y), &ReverseOptions::default())
         .unwrap();
-    let err = max_abs_diff(&back, &x);
-    assert!(err <= 1e-5, "x → z → x error {err}");
+    assert_abs_diff_eq!(values(&back).named("x → z → x"), values(&x), epsilon = 1e-5);
     let z = tarflow::flows::rng::randn(
         &mut tarflow::flows::rng::seeded(9),
         (3, 16, 12),
@@ -144,10 +144,13 @@ fn inverse_check(cfg: &ModelConfig) {
         .reverse(&z, Cond::Null, &ReverseOptions::default())
         .unwrap();
     let z2 = m.forward(&img, Cond::Null).unwrap().z;
-    let err = max_abs_diff(&z2, &z);
-    assert!(err <= 1e-5, "z → x → z error {err}");
+    assert_abs_diff_eq!(values(&z2).named("z → x → z"), values(&z), epsilon = 1e-5);
     // The flow is not trivially the identity.
-    assert!(max_abs_diff(&patchify(&x, 2).unwrap(), &out.z) > 1e-2);
+    assert_abs_diff_ne!(
+        values(&patchify(&x, 2).unwrap()),
+        values(&out.z),
+        epsilon = 1e-2
+    );
 }
 
 #[test]
@@ -176,16 +179,17 @@ fn each_block_is_causal_in_its_own_token_order() {
             let a1 = changed.proj_out.narrow(1, 0, j).unwrap();
             if j > 0 {
                 assert_eq!(
-                    max_abs_diff(&a0, &a1),
-                    0.0,
+                    values(&a0),
+                    values(&a1),
                     "block params of tokens ≤ {j} changed"
                 );
             }
-            let later = max_abs_diff(
-                &base.proj_out.narrow(1, j, t - j).unwrap(),
-                &changed.proj_out.narrow(1, j, t - j).unwrap(),
+            // Tokens after j see the change.
+            assert_abs_diff_ne!(
+                values(&base.proj_out.narrow(1, j, t - j).unwrap()).named(format!("after {j}")),
+                values(&changed.proj_out.narrow(1, j, t - j).unwrap()),
+                epsilon = 1e-6
             );
-            assert!(later > 1e-6, "tokens after {j} should see the change");
         }
     }
 }
@@ -253,15 +257,15 @@ fn guidance_changes_the_sample_and_attn_temp_alone_does_not() {
         ..Default::default()
     };
     let guided = m.reverse(&z, Cond::Labels(&y), &g).unwrap();
-    assert!(max_abs_diff(&plain, &guided) > 1e-4);
+    assert_abs_diff_ne!(values(&plain), values(&guided), epsilon = 1e-4);
     // Guidance 0 with any attention temperature is the plain sample.
     let t = ReverseOptions {
         attn_temp: 0.5,
         ..Default::default()
     };
     assert_eq!(
-        max_abs_diff(&plain, &m.reverse(&z, Cond::Labels(&y), &t).unwrap()),
-        0.0
+        values(&plain),
+        values(&m.reverse(&z, Cond::Labels(&y), &t).unwrap())
     );
 }
 
@@ -280,19 +284,19 @@ fn sampling_is_seeded_and_temperature_scales_the_noise() {
     let b = m
         .sample(2, Cond::Labels(&y), 1.0, &mut seeded(5), &opts)
         .unwrap();
-    assert_eq!(max_abs_diff(&a, &b), 0.0, "same seed, same samples");
+    assert_eq!(values(&a), values(&b), "same seed, same samples");
     let c = m
         .sample(2, Cond::Labels(&y), 1.0, &mut seeded(6), &opts)
         .unwrap();
-    assert!(max_abs_diff(&a, &c) > 1e-3);
+    assert_abs_diff_ne!(values(&a), values(&c), epsilon = 1e-3);
     // Temperature 0 is the reverse of the all-zero latent.
     let cold = m
         .sample(2, Cond::Labels(&y), 0.0, &mut seeded(5), &opts)
         .unwrap();
     let zero = Tensor::zeros((2, 4, 48), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(
-        max_abs_diff(&cold, &m.reverse(&zero, Cond::Labels(&y), &opts).unwrap()),
-        0.0
+        values(&cold),
+        values(&m.reverse(&zero, Cond::Labels(&y), &opts).unwrap())
     );
     assert!(m
         .sample(2, Cond::Null, f64::NAN, &mut seeded(5), &opts)

@@ -3,6 +3,7 @@
 
 mod common;
 
+use approx::assert_abs_diff_eq;
 use candle_core::Device;
 use common::load;
 use common::reference::{self as check, Prec};
@@ -42,7 +43,11 @@ fn forward_matches_reference() {
     let y = common::labels(&inp["labels"]);
     let out = m.forward(&inp["x"], tarflow::Cond::Labels(&y)).unwrap();
     let loss = tarflow::TarFlow::loss(&out).unwrap();
-    assert!((loss.to_scalar::<f32>().unwrap() - 0.211_481_9).abs() < 1e-5);
+    assert_abs_diff_eq!(
+        loss.to_scalar::<f32>().unwrap(),
+        0.211_481_9,
+        epsilon = 1e-5
+    );
 }
 
 #[test]

@@ -2,8 +2,9 @@
 
 mod common;
 
+use approx::{abs_diff_eq, assert_abs_diff_eq, assert_abs_diff_ne};
 use candle_core::{DType, Device, Tensor};
-use common::{labels, load, max_abs_diff, reference_checkpoint, tarflow, text};
+use common::{labels, load, reference_checkpoint, tarflow, text, values};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use tarflow::flows::rng::{seeded, uniform};
@@ -95,11 +96,11 @@ fn score_equals_the_library_and_its_patches_sum_to_the_total() {
         for (r, w) in rows.iter().zip(&want) {
             let nll = r["nll_nats"].as_f64().unwrap();
             assert!(
-                (nll - *w as f64).abs() < 1e-3 * w.abs() as f64,
+                abs_diff_eq!(nll, *w as f64, epsilon = 1e-3 * w.abs() as f64),
                 "{dequant}: {nll} vs {w}"
             );
             let bpd = r["bits_per_dim"].as_f64().unwrap();
-            assert!((bpd - nll / (768.0 * 2f64.ln())).abs() < 1e-9);
+            assert_abs_diff_eq!(bpd, nll / (768.0 * 2f64.ln()), epsilon = 1e-9);
             let bits: f64 = r["patch_bits"]
                 .as_array()
                 .unwrap()
@@ -108,7 +109,7 @@ fn score_equals_the_library_and_its_patches_sum_to_the_total() {
                 .sum();
             assert_eq!(r["patch_bits"].as_array().unwrap().len(), 16);
             assert!(
-                (bits - nll / 2f64.ln()).abs() < 1e-6 * bits.abs(),
+                abs_diff_eq!(bits, nll / 2f64.ln(), epsilon = 1e-6 * bits.abs()),
                 "{bits} vs {nll}"
             );
             assert_eq!(r["block_logdet_nats"].as_array().unwrap().len(), 4);
@@ -249,8 +250,11 @@ fn sample_with_reference_noise_reproduces_the_reference_reverse() {
         let o = tarflow(&args);
         assert!(o.status.success(), "{}", text(&o));
         let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-        let d = max_abs_diff(&got["samples"], &exp[key]);
-        assert!(d < 1e-3, "{key}: max diff {d}");
+        assert_abs_diff_eq!(
+            values(&got["samples"]).named(key),
+            values(&exp[key]),
+            epsilon = 1e-3
+        );
     }
     assert!(image::open(&grid).is_ok());
     let one = image::open(singles.join("sample-00003.png")).unwrap();
@@ -289,8 +293,8 @@ fn sample_draws_seeded_images_and_rejects_bad_options() {
     let b = run("5", &dir.path().join("b.png"));
     let c = run("6", &dir.path().join("c.png"));
     assert_eq!(a["samples"].dims(), &[6, 3, 16, 16]);
-    assert_eq!(max_abs_diff(&a["samples"], &b["samples"]), 0.0);
-    assert!(max_abs_diff(&a["samples"], &c["samples"]) > 1e-3);
+    assert_eq!(values(&a["samples"]), values(&b["samples"]));
+    assert_abs_diff_ne!(values(&a["samples"]), values(&c["samples"]), epsilon = 1e-3);
     let t = text(&tarflow(&["sample", "--checkpoint", ck, "--labels", "3,x"]));
     assert!(t.contains("--labels") && t.contains("\"x\""), "{t}");
     let t = text(&tarflow(&["sample", "--checkpoint", ck, "--labels", "10"]));

@@ -2,8 +2,9 @@
 
 mod common;
 
+use approx::{abs_diff_eq, assert_abs_diff_eq, assert_abs_diff_ne};
 use candle_core::{DType, Device, Tensor};
-use common::{max_abs_diff, random_checkpoint, random_images};
+use common::{random_checkpoint, random_images, values};
 use tarflow::flows::config::{Permutation, ScaleHead};
 use tarflow::flows::model::gaussian_guidance;
 use tarflow::flows::params::param_specs;
@@ -91,7 +92,7 @@ fn softplus_head_and_start_token_match_hand_values() {
         for t in 0..4 {
             let want = (xs[1][t][e] - mu) / sigma;
             assert!(
-                (z0[1][t][e] - want).abs() < 1e-5,
+                abs_diff_eq!(z0[1][t][e], want, epsilon = 1e-5),
                 "t {t} e {e}: {} vs {want}",
                 z0[1][t][e]
             );
@@ -99,7 +100,11 @@ fn softplus_head_and_start_token_match_hand_values() {
     }
     let ld = out.blocks[0].logdet.to_vec1::<f32>().unwrap();
     let want = -sum_log_sigma / d as f32;
-    assert!((ld[1] - want).abs() < 1e-5, "{} vs {want}", ld[1]);
+    assert!(
+        abs_diff_eq!(ld[1], want, epsilon = 1e-5),
+        "{} vs {want}",
+        ld[1]
+    );
 }
 
 #[test]
@@ -135,12 +140,22 @@ fn gaussian_guidance_matches_the_closed_form() {
         a.to_vec1::<f32>().unwrap()[0],
         mu.to_vec1::<f32>().unwrap()[0],
     );
-    assert!((a - (-0.5 * 1.75f32.ln())).abs() < 1e-6, "{a}");
-    assert!((mu - (2.0 - 0.75) / 1.75).abs() < 1e-6, "{mu}");
+    assert!(
+        abs_diff_eq!(a, (-0.5 * 1.75f32.ln()), epsilon = 1e-6),
+        "{a}"
+    );
+    assert!(
+        abs_diff_eq!(mu, (2.0 - 0.75) / 1.75, epsilon = 1e-6),
+        "{mu}"
+    );
     // σc ≥ σu: s clips to 1 and the rule is plain CFG on μ with σ unchanged.
     let (a, mu) = gaussian_guidance(&t(2f32.ln()), &t(1.0), &t(0.0), &t(3.0), 2.0).unwrap();
-    assert!((a.to_vec1::<f32>().unwrap()[0] - 2f32.ln()).abs() < 1e-6);
-    assert!((mu.to_vec1::<f32>().unwrap()[0] - (3.0 * 1.0 - 2.0 * 3.0)).abs() < 1e-5);
+    assert_abs_diff_eq!(a.to_vec1::<f32>().unwrap()[0], 2f32.ln(), epsilon = 1e-6);
+    assert_abs_diff_eq!(
+        mu.to_vec1::<f32>().unwrap()[0],
+        (3.0 * 1.0 - 2.0 * 3.0),
+        epsilon = 1e-5
+    );
 }
 
 #[test]
@@ -152,9 +167,13 @@ fn only_the_deep_block_sees_the_label() {
     let x = random_images(2, 1, 4, 5);
     let a = m.forward(&x, Cond::Labels(&[0, 1])).unwrap();
     let b = m.forward(&x, Cond::Labels(&[2, 2])).unwrap();
-    assert_eq!(max_abs_diff(&a.blocks[0].out, &b.blocks[0].out), 0.0);
-    assert_eq!(max_abs_diff(&a.blocks[1].out, &b.blocks[1].out), 0.0);
-    assert!(max_abs_diff(&a.blocks[2].out, &b.blocks[2].out) > 1e-4);
+    assert_eq!(values(&a.blocks[0].out), values(&b.blocks[0].out));
+    assert_eq!(values(&a.blocks[1].out), values(&b.blocks[1].out));
+    assert_abs_diff_ne!(
+        values(&a.blocks[2].out),
+        values(&b.blocks[2].out),
+        epsilon = 1e-4
+    );
 }
 
 #[test]
@@ -182,32 +201,31 @@ fn guidance_rules_and_block_selection() {
     };
     let all = run(lin);
     assert_eq!(
-        max_abs_diff(
-            &run(ReverseOptions {
-                guide_blocks: 3,
-                ..lin
-            }),
-            &all
-        ),
-        0.0
+        values(&run(ReverseOptions {
+            guide_blocks: 3,
+            ..lin
+        })),
+        values(&all)
     );
     let top = run(ReverseOptions {
         guide_blocks: 1,
         ..lin
     });
-    assert!(max_abs_diff(&top, &plain) > 1e-4 && max_abs_diff(&top, &all) > 1e-4);
+    assert_abs_diff_ne!(values(&top), values(&plain), epsilon = 1e-4);
+    assert_abs_diff_ne!(values(&top), values(&all), epsilon = 1e-4);
     let gauss = run(ReverseOptions {
         rule: GuidanceRule::Gaussian,
         ..lin
     });
-    assert!(max_abs_diff(&gauss, &all) > 1e-4 && max_abs_diff(&gauss, &plain) > 1e-4);
+    assert_abs_diff_ne!(values(&gauss), values(&all), epsilon = 1e-4);
+    assert_abs_diff_ne!(values(&gauss), values(&plain), epsilon = 1e-4);
     // w = 0 is no guidance under either rule.
     let g0 = run(ReverseOptions {
         rule: GuidanceRule::Gaussian,
         guidance: 0.0,
         ..lin
     });
-    assert_eq!(max_abs_diff(&g0, &plain), 0.0);
+    assert_eq!(values(&g0), values(&plain));
 }
 
 #[test]
@@ -231,7 +249,7 @@ fn latent_norm_sums_the_intermediate_outputs() {
     };
     let want = mean_sq(&out.blocks[0].out) + mean_sq(&out.blocks[1].out);
     assert!(
-        (got - want).abs() < 1e-6 * want.abs().max(1.0),
+        abs_diff_eq!(got, want, epsilon = 1e-6 * want.abs().max(1.0)),
         "{got} vs {want}"
     );
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use approx::{abs_diff_eq, assert_abs_diff_eq};
 use common::{tarflow, text, train, TINY};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -139,7 +140,7 @@ fn concurrent_cpu_streams_train_like_one_pass_on_any_number_of_threads() {
     assert_eq!(one.len(), 6);
     for ((s, a), (_, b)) in one.iter().zip(&two) {
         assert!(
-            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+            abs_diff_eq!(a, b, epsilon = 1e-4 * a.abs().max(1.0)),
             "step {s}: one pass {a}, two streams {b}"
         );
     }
@@ -586,8 +587,12 @@ fn jacobi_sampling_of_a_trained_model_matches_sequential() {
         let mut jx = extra.clone();
         jx.extend(["--chunk", "4,0"]);
         let (b, log) = get("jacobi", &jx);
-        let d = common::max_abs_diff(&a, &b);
-        assert!(d < 1e-3, "{extra:?}: {d}");
+        let what = format!("{extra:?}");
+        assert_abs_diff_eq!(
+            common::values(&a).named(what),
+            common::values(&b),
+            epsilon = 1e-3
+        );
         assert!(
             log.contains("jacobi block 1") && log.contains("toughness"),
             "{log}"

@@ -1,5 +1,6 @@
 //! IDX reading and the embedded default dataset, on files the tests write themselves.
 
+use approx::abs_diff_eq;
 use std::io::Write;
 use tarflow_datasets::{embedded, idx};
 
@@ -100,7 +101,7 @@ fn embedded_default_is_ten_thousand_real_mnist_digits() {
         &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     );
     assert!(
-        (set.mean_pixel() - 33.44).abs() < 0.01,
+        abs_diff_eq!(set.mean_pixel(), 33.44, epsilon = 0.01),
         "mean {}",
         set.mean_pixel()
     );

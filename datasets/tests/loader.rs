@@ -1,5 +1,6 @@
 //! Loader determinism, resume, split, and transform statistics.
 
+use approx::abs_diff_eq;
 use std::sync::Arc;
 use tarflow_datasets::loader::{Batch, Loader};
 use tarflow_datasets::transform::{Noise, Transform};
@@ -93,7 +94,10 @@ fn flip_noise_and_label_drop_have_the_right_statistics() {
     };
     let b = Loader::new(set(n), None, n, 3, t, true).make_batch(&(0..n).collect::<Vec<_>>(), 0, 0);
     let flipped = b.images.chunks(8).filter(|im| im[0] == 1.0).count() as f64 / n as f64;
-    assert!((flipped - 0.5).abs() < 0.03, "flip rate {flipped}");
+    assert!(
+        abs_diff_eq!(flipped, 0.5, epsilon = 0.03),
+        "flip rate {flipped}"
+    );
     assert!(
         b.images
             .chunks(8)
@@ -101,7 +105,10 @@ fn flip_noise_and_label_drop_have_the_right_statistics() {
         "whole rows flip"
     );
     let dropped = b.labels.iter().filter(|&&l| l == -1).count() as f64 / n as f64;
-    assert!((dropped - 0.1).abs() < 0.02, "drop rate {dropped}");
+    assert!(
+        abs_diff_eq!(dropped, 0.1, epsilon = 0.02),
+        "drop rate {dropped}"
+    );
 
     let sigma = 0.05;
     let t = Transform {
@@ -150,7 +157,7 @@ fn flip_noise_and_label_drop_have_the_right_statistics() {
         .sum::<f64>()
         / n as f64;
     assert!(
-        (mean_u - 0.5).abs() < 0.02,
+        abs_diff_eq!(mean_u, 0.5, epsilon = 0.02),
         "dequantisation noise mean {mean_u}"
     );
 }

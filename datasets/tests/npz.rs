@@ -1,5 +1,6 @@
 //! Downsampled-ImageNet npz batches: real fixtures and small files written here.
 
+use approx::abs_diff_eq;
 use std::io::Write;
 use std::path::Path;
 use tarflow_datasets::npz;
@@ -60,7 +61,10 @@ fn real_batches_have_the_documented_layout_and_labels() {
             .map(|i| train.image(i).unwrap()[pos] as f64)
             .sum::<f64>()
             / 16.0;
-        assert!((m - ours).abs() < 1e-9, "position {pos}: {m} vs {ours}");
+        assert!(
+            abs_diff_eq!(m, ours, epsilon = 1e-9),
+            "position {pos}: {m} vs {ours}"
+        );
     }
     let val = npz::read_imagenet(&fixture("val_data.npz")).unwrap();
     assert_eq!(val.len(), 4);

@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: fixture paths, tensor comparisons, running the binary.
 #![allow(dead_code)]
 
+use approx::AbsDiffEq;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,35 +34,84 @@ fn host(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// Max |a − b| over all elements (in f64, on the host).
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    host(a)
-        .iter()
-        .zip(host(b))
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+/// A tensor's values on the host in f64, compared element-wise through `approx`
+/// (`assert_abs_diff_eq!`, `assert_abs_diff_ne!`) or exactly (`assert_eq!`).
+#[derive(Clone, PartialEq)]
+pub struct Values {
+    name: String,
+    shape: Vec<usize>,
+    v: Vec<f64>,
 }
 
-/// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise, printing the worst offender; with
-/// `TARFLOW_TEST_REPORT` set, also prints each comparison's max abs diff (to measure tolerances).
+/// `t`'s values, for comparing with approx's assertions.
+pub fn values(t: &Tensor) -> Values {
+    Values {
+        name: String::new(),
+        shape: t.dims().to_vec(),
+        v: host(t),
+    }
+}
+
+impl Values {
+    /// The same values, named in a failing assertion's message.
+    pub fn named(mut self, name: impl std::fmt::Display) -> Self {
+        self.name = name.to_string();
+        self
+    }
+}
+
+impl std::fmt::Debug for Values {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let max = self.v.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let head: Vec<String> = self.v.iter().take(4).map(|x| format!("{x:.6e}")).collect();
+        write!(
+            f,
+            "{} {:?} [{}, …] max |v| {max:.3e}",
+            self.name,
+            self.shape,
+            head.join(", ")
+        )
+    }
+}
+
+impl AbsDiffEq for Values {
+    type Epsilon = f64;
+
+    fn default_epsilon() -> f64 {
+        f64::default_epsilon()
+    }
+
+    /// Same shape, and every element within `epsilon` of the other's.
+    fn abs_diff_eq(&self, other: &Self, epsilon: f64) -> bool {
+        self.shape == other.shape
+            && self
+                .v
+                .iter()
+                .zip(&other.v)
+                .all(|(a, b)| a.abs_diff_eq(b, epsilon))
+    }
+}
+
+/// Asserts `|a − b| ≤ atol + rtol·|b|` element-wise (numpy's `allclose`, each element through
+/// `approx::abs_diff_eq!`), naming the worst element; with `TARFLOW_TEST_REPORT` set, also
+/// prints each comparison's max abs diff (to measure tolerances).
 pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
     assert_eq!(a.dims(), b.dims(), "{name}: shape mismatch");
     let (av, bv) = (host(a), host(b));
     let (mut worst, mut max_abs) = ((f64::MIN, 0usize), 0f64);
     for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
         assert!(x.is_finite(), "{name}: element {i} is {x}");
-        let d = (x - y).abs();
-        max_abs = max_abs.max(d);
-        let excess = d - (atol + rtol * y.abs());
-        if excess > worst.0 {
-            worst = (excess, i);
+        let tol = atol + rtol * y.abs();
+        max_abs = max_abs.max((x - y).abs());
+        if !approx::abs_diff_eq!(x, y, epsilon = tol) && (x - y).abs() - tol > worst.0 {
+            worst = ((x - y).abs() - tol, i);
         }
     }
     if std::env::var_os("TARFLOW_TEST_REPORT").is_some() {
         eprintln!("{name}: max abs diff {max_abs:.3e} (tolerance {atol:.1e} + {rtol:.1e}·|ref|)");
     }
     assert!(
-        worst.0 <= 0.0,
+        worst.0 == f64::MIN,
         "{name}: element {} is {} but expected {} (atol {atol}, rtol {rtol}; max abs diff {max_abs})",
         worst.1,
         av[worst.1],
