@@ -236,7 +236,7 @@ pub fn run(
                 }
             }
             let max = cfg.train.max_steps.unwrap_or(0);
-            let latest = tarflow_train::rundir::RunDir::new(&run_dir).latest()?;
+            let latest = tarflow_train::checkpoints::RunDir::new(&run_dir).latest()?;
             // Each device a variant names is selected once for the whole experiment.
             let name = cfg.train.device.clone();
             let device = match devices.iter().find(|(n, _)| *n == name) {

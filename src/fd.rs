@@ -235,7 +235,7 @@ pub fn to_tensor(set: &ImageSet, idx: &[usize]) -> Result<Tensor> {
         let im = set
             .image(i)
             .ok_or_else(|| TrainError::config("fd", format!("image {i} out of range")))?;
-        v.extend(im.iter().map(|&k| k as f32 / 127.5 - 1.0));
+        v.extend(im.iter().map(|&k| tarflow_datasets::transform::to_unit(k)));
     }
     Ok(Tensor::from_vec(
         v,
@@ -360,7 +360,7 @@ pub fn sample_features(
     let px = tarflow_sample::grid::to_u8(&s.images)?;
     let gen = Tensor::from_vec(
         px.into_iter()
-            .map(|k| k as f32 / 127.5 - 1.0)
+            .map(tarflow_datasets::transform::to_unit)
             .collect::<Vec<_>>(),
         s.images.dims(),
         &Device::Cpu,

@@ -10,7 +10,7 @@ mod common;
 use common::{tarflow, text, TINY};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tarflow::train::rundir::RunDir;
+use tarflow::train::checkpoints::RunDir;
 
 /// A tmpfs mounted for the test's lifetime.
 struct Mount(PathBuf);

@@ -183,7 +183,7 @@ fn a_killed_rank_stops_the_other_naming_it_and_the_run_resumes() {
         "{stderr}"
     );
     // Resume from the last good checkpoint with two ranks, then one (accumulating two).
-    let latest = tarflow::train::rundir::RunDir::new(&run)
+    let latest = tarflow::train::checkpoints::RunDir::new(&run)
         .latest()
         .unwrap()
         .expect("a checkpoint");

@@ -7,8 +7,8 @@ use approx::{abs_diff_eq, assert_abs_diff_eq};
 use common::{tarflow, text, train, TINY};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use tarflow::train::checkpoints::RunDir;
 use tarflow::train::metrics::{read, Record};
-use tarflow::train::rundir::RunDir;
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     write_named(dir, "tiny.toml", text)

@@ -82,12 +82,22 @@ pub fn load_image(
     size: usize,
     channels: usize,
 ) -> std::result::Result<Vec<u8>, String> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
+    planar(decode(path).map_err(|e| e.to_string())?, size, channels)
+}
+
+/// Decodes one image file, its format guessed from its bytes.
+pub fn decode(path: &Path) -> image::ImageResult<image::DynamicImage> {
+    image::ImageReader::open(path)?
+        .with_guessed_format()?
         .decode()
-        .map_err(|e| e.to_string())?;
+}
+
+/// A decoded image resized (shorter side → S) and centre-cropped to planar C×S×S bytes.
+pub fn planar(
+    img: image::DynamicImage,
+    size: usize,
+    channels: usize,
+) -> std::result::Result<Vec<u8>, String> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err("empty image".into());

@@ -4,6 +4,24 @@
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+/// An 8-bit value as the model reads it, in [−1, 1]: `k/127.5 − 1` in f64 (training adds its
+/// noise there). Every path that feeds the model pixels (training, scoring, FD, quantisation
+/// checks) goes through this function or [`to_unit`], so all round alike.
+pub fn unit(k: u8) -> f64 {
+    k as f64 / 127.5 - 1.0
+}
+
+/// [`unit`] rounded once to f32.
+pub fn to_unit(k: u8) -> f32 {
+    unit(k) as f32
+}
+
+/// An 8-bit value dequantised by `u` ∈ [0, 1) of a bin: `(k + u)/128 − 1`, exact in f64 and
+/// rounded once to f32.
+pub fn dequantised(k: u8, u: f64) -> f32 {
+    ((k as f64 + u) / 128.0 - 1.0) as f32
+}
+
 /// Noise added to the [-1, 1] image.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Noise {
@@ -44,16 +62,15 @@ impl Transform {
                 let row = (ch * h + y) * w;
                 for x in 0..w {
                     let sx = if flip { w - 1 - x } else { x };
-                    let k = src[row + sx] as f64;
-                    let v = match self.noise {
-                        Noise::None => k / 127.5 - 1.0,
+                    let k = src[row + sx];
+                    dst[row + x] = match self.noise {
+                        Noise::None => to_unit(k),
                         Noise::Gaussian(s) => {
                             let e: f64 = StandardNormal.sample(rng);
-                            k / 127.5 - 1.0 + s * e
+                            (unit(k) + s * e) as f32
                         }
-                        Noise::Uniform => (k + rng.random::<f64>()) / 128.0 - 1.0,
+                        Noise::Uniform => dequantised(k, rng.random::<f64>()),
                     };
-                    dst[row + x] = v as f32;
                 }
             }
         }

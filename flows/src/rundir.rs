@@ -1,7 +1,7 @@
 //! The layout of a training run directory, owned here once: `config.toml`, `metrics.jsonl`,
 //! `plots/`, `samples/`, `checkpoints/step-XXXXXXX/{model,ema,optimizer}.safetensors +
 //! state.json`, and `latest` naming the newest checkpoint. Training writes it
-//! (`tarflow_train::rundir`), everything that loads a model reads it through this module.
+//! (`tarflow_train::checkpoints`), everything that loads a model reads it through this module.
 
 use crate::error::{FlowError, Result};
 use std::path::{Path, PathBuf};

@@ -116,16 +116,15 @@ fn decode_error(path: &Path, e: &image::ImageError) -> String {
 /// error unless `resize` (shorter side → S, centre crop, channel conversion).
 pub fn load_for_model(path: &Path, cfg: &ModelConfig, resize: bool) -> Result<Vec<u8>> {
     let (s, c) = (cfg.img_size, cfg.in_channels);
-    if resize {
-        return tarflow_datasets::folder::load_image(path, s, c)
-            .map_err(|e| SampleError::file(path, format!("cannot decode: {e}")));
-    }
-    let img = image::ImageReader::open(path)
-        .map_err(|e| SampleError::file(path, e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| SampleError::file(path, e.to_string()))?
-        .decode()
+    let img = tarflow_datasets::folder::decode(path)
         .map_err(|e| SampleError::file(path, decode_error(path, &e)))?;
+    let planar = |img| {
+        tarflow_datasets::folder::planar(img, s, c)
+            .map_err(|e| SampleError::file(path, format!("cannot decode: {e}")))
+    };
+    if resize {
+        return planar(img);
+    }
     let (w, h) = (img.width() as usize, img.height() as usize);
     let have = img.color().channel_count() as usize;
     let fits_channels = match c {
@@ -145,6 +144,5 @@ pub fn load_for_model(path: &Path, cfg: &ModelConfig, resize: bool) -> Result<Ve
             ),
         ));
     }
-    tarflow_datasets::folder::load_image(path, s, c)
-        .map_err(|e| SampleError::file(path, format!("cannot decode: {e}")))
+    planar(img)
 }

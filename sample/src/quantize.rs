@@ -85,7 +85,7 @@ pub fn inversion_error(model: &TarFlow, pixels: &[Vec<u8>], labels: Option<&[i64
     let (c, s) = (cfg.in_channels, cfg.img_size);
     let flat: Vec<f32> = pixels
         .iter()
-        .flat_map(|p| p.iter().map(|&k| k as f32 / 127.5 - 1.0))
+        .flat_map(|p| p.iter().map(|&k| tarflow_datasets::transform::to_unit(k)))
         .collect();
     let x = tarflow_flows::device::upload_vec(
         flat,

@@ -4,6 +4,7 @@
 use crate::error::{Result, SampleError};
 use candle_core::Tensor;
 use std::path::PathBuf;
+use tarflow_datasets::transform::{dequantised, to_unit};
 use tarflow_flows::device::host_f64;
 use tarflow_flows::model::nats_to_bpd;
 use tarflow_flows::rng::{seeded, uniform};
@@ -133,7 +134,13 @@ fn score_batch(
     let n_dims = cfg.dims_per_image() as f64;
     let draws = us.len() as f64;
     let cond = Cond::of(cfg.num_classes, labels);
-    let k = &tarflow_flows::device::to_host(k)?;
+    // 8-bit values, exact in any float dtype.
+    let kv: Vec<u8> = host_f64(k)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
     let mut r = Batch {
         nll: vec![Vec::with_capacity(us.len()); b],
         tok: vec![vec![0.0; nt]; b],
@@ -141,12 +148,15 @@ fn score_batch(
         bad_block: vec![None; b],
     };
     for u in us {
-        let x = match u {
-            Some(u) => (((k + tarflow_flows::device::to_host(u)?)? / 128.0)? - 1.0)?,
-            None => ((k / 127.5)? - 1.0)?,
-        };
         // Dequantised on the host in f32, cast there, then uploaded.
-        let x = tarflow_flows::device::upload(&x, model.device(), model.dtype())?;
+        let x: Vec<f32> = match u {
+            Some(u) => {
+                let uv = host_f64(u)?.flatten_all()?.to_vec1::<f64>()?;
+                kv.iter().zip(uv).map(|(&k, u)| dequantised(k, u)).collect()
+            }
+            None => kv.iter().map(|&k| to_unit(k)).collect(),
+        };
+        let x = tarflow_flows::device::upload_vec(x, k.dims(), model.device(), model.dtype())?;
         let out = model.forward(&x, cond)?;
         let v = host_f64(&model.nll(&out, true)?)?.to_vec1::<f64>()?;
         let t = host_f64(&model.nll_per_token(&out, true)?)?.to_vec2::<f64>()?;

@@ -1,9 +1,10 @@
 //! tarflow-train: the training loop and everything it keeps.
 //!
 //! Read in order: [`config`] (the TOML file) → [`trainer`] (the loop) → [`optim`], [`schedule`],
-//! [`ema`] (one update) → [`rundir`] (checkpoints and resume) → [`metrics`], [`plot`] (what a run
+//! [`ema`] (one update) → [`checkpoints`] (writing and resuming a run) → [`metrics`], [`plot`] (what a run
 //! shows); [`run`] reads a run directory back for analysis.
 
+pub mod checkpoints;
 pub mod config;
 pub mod data;
 pub mod dist;
@@ -17,7 +18,6 @@ pub mod optim;
 pub mod overrides;
 pub mod plot;
 pub mod run;
-pub mod rundir;
 pub mod schedule;
 pub mod trainer;
 

@@ -1,10 +1,10 @@
 //! A run directory read back for analysis (notebooks, scripts): its config, its metrics, its
 //! sample grids, its held-out images and its weights.
 
+use crate::checkpoints::RunDir;
 use crate::error::{Result, TrainError};
 use crate::metrics::Record;
 use crate::plot::{line_plot_png, Series};
-use crate::rundir::RunDir;
 use crate::TrainConfig;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};

@@ -14,13 +14,13 @@ mod outputs;
 mod setup;
 mod step;
 
+use crate::checkpoints::{RunDir, TrainState};
 use crate::config::TrainConfig;
 use crate::dist::Group;
 use crate::ema::Ema;
 use crate::error::Result;
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::AdamW;
-use crate::rundir::{RunDir, TrainState};
 use crate::schedule::WarmupCosine;
 use candle_core::{DType, Device, Var};
 use std::path::{Path, PathBuf};

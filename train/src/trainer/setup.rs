@@ -2,13 +2,13 @@
 //! schedule and the state, checked against the other ranks.
 
 use super::Trainer;
+use crate::checkpoints::{RunDir, TrainState};
 use crate::config::TrainConfig;
 use crate::dist::{Group, Solo};
 use crate::ema::Ema;
 use crate::error::{Result, TrainError};
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::rundir::{RunDir, TrainState};
 use crate::schedule::WarmupCosine;
 use candle_core::{DType, Device, Var};
 use std::path::Path;
@@ -113,7 +113,7 @@ impl Trainer {
     fn build(
         cfg: TrainConfig,
         run: RunDir,
-        restored: Option<crate::rundir::Restored>,
+        restored: Option<crate::checkpoints::Restored>,
         group: Box<dyn Group>,
         device: &Device,
     ) -> Result<(Self, Vec<String>)> {
