@@ -36,15 +36,23 @@ impl TarFlow {
         Ok((self.prior_nll(out, discrete)? - (crate::affine::at_least_f32(&out.logdets)? * n)?)?)
     }
 
-    /// Bits per dimension of 8-bit images (N): discrete NLL / (n·ln 2).
+    /// Bits per dimension of 8-bit images (N): the discrete [`Self::nll`] through
+    /// [`nats_to_bpd`] (the one conversion, as scoring takes it), or evaluate_bpd.py's figure.
     pub fn bits_per_dim(&self, out: &FlowOutput, convention: BpdConvention) -> Result<Tensor> {
-        let n = match convention {
-            BpdConvention::TrueDims => self.cfg.dims_per_image(),
-            BpdConvention::Reference => 3 * self.cfg.img_size * self.cfg.img_size,
-        } as f64;
-        // evaluate_bpd.py: (−log p_prior)/n − logdets, where log p_prior uses the true C·H·W.
-        let nll = ((self.prior_nll(out, true)? / n)? - crate::affine::at_least_f32(&out.logdets)?)?;
-        Ok((nll * nats_to_bpd(1.0, 1))?)
+        match convention {
+            BpdConvention::TrueDims => {
+                let n = self.cfg.dims_per_image();
+                Ok((self.nll(out, true)? * nats_to_bpd(1.0, n))?)
+            }
+            BpdConvention::Reference => {
+                // evaluate_bpd.py: (−log p_prior)/n − logdets with n = 3·S², where
+                // log p_prior sums the true C·H·W dimensions.
+                let n = (3 * self.cfg.img_size * self.cfg.img_size) as f64;
+                let logdets = crate::affine::at_least_f32(&out.logdets)?;
+                let nll = ((self.prior_nll(out, true)? / n)? - logdets)?;
+                Ok((nll * nats_to_bpd(1.0, 1))?)
+            }
+        }
     }
 
     /// Per-token NLL in nats (N, T), canonical token order: `½Σ_d z² + const + Σ_k Σ_d α_k`;
