@@ -332,3 +332,38 @@ fn the_class_mixture_lies_within_ln_c_of_the_best_class() {
         );
     }
 }
+
+#[test]
+fn validation_scores_an_image_f32_cannot_as_scoring_does() {
+    use std::sync::Arc;
+    use tarflow::datasets::loader::Loader;
+    use tarflow::datasets::transform::Transform;
+    use tarflow::datasets::ImageSet;
+    let dir = tempfile::tempdir().unwrap();
+    let (ck, _) = constant_head(-25.0, 0.1, dir.path());
+    let model = ck.model(&Device::Cpu, DType::F32).unwrap();
+    let (far, near) = (digitish(5), vec![128u8; 64]);
+    let set = Arc::new(ImageSet {
+        channels: 1,
+        height: 8,
+        width: 8,
+        pixels: [far.clone(), near.clone()].concat(),
+        labels: None,
+    });
+    let val = Loader::new(set, None, 2, 0, Transform::default(), false);
+    let (mean, left_out) = tarflow::train::evaluate::val_bpd(&model, &val, 0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(left_out, 0, "the far image is scored in f64, not left out");
+    let opts = ScoreOptions {
+        dequant: Dequant::None,
+        ..Default::default()
+    };
+    let s = score_images(&model, &[], &[far, near], &opts).unwrap();
+    assert!(s[0].widened);
+    let want = (s[0].bits_per_dim + s[1].bits_per_dim) / 2.0;
+    assert!(
+        abs_diff_eq!(mean, want, epsilon = 1e-6 * want),
+        "validation {mean} vs scoring {want}"
+    );
+}

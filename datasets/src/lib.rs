@@ -3,8 +3,8 @@
 //! Sources ([`source::SourceKind`]): MNIST/Fashion-MNIST IDX files (gz or raw), CIFAR-10 binary
 //! batches, downsampled-ImageNet `.npz` batches, a folder of image files, HDF5 (feature
 //! `hdf5`), and the embedded default dataset (10,000 real MNIST digits shipped in the crate, see
-//! `data/mnist10k/SOURCE.md`). [`loader`] turns a set into batches, [`transform`] adds noise,
-//! flips and label drop.
+//! `data/mnist10k/SOURCE.md`). [`loader`] turns a set into batches, [`transform`] maps 8-bit values to
+//! [−1, 1] (the one rounding every path uses) and adds noise, flips and label drop.
 
 pub mod cifar;
 pub mod embedded;

@@ -1,9 +1,10 @@
 //! tarflow-flows: TarFlow (transformer autoregressive normalizing flow) on candle.
 //!
-//! The model, in the order it is built: [`config`] → [`patch`] → [`layers`] → [`block`] →
-//! [`model`]; [`params`] names and initialises the weights, [`checkpoint`] stores them (with
-//! [`quant`] and [`gguf`] for reduced-precision files), [`device`] keeps the device rules.
-//! [`kernels`] is the optional CPU engine the blocks call on the CPU in f32.
+//! The model, in the order it is built: [`config`] → [`patch`] → [`layers`] → [`affine`] (the
+//! flow's per-token map) → [`block`] → [`model`]; [`engine`] says which engine runs a block,
+//! [`params`] names and initialises the weights, [`checkpoint`] stores them (with [`quant`] and
+//! [`gguf`] for reduced-precision files), [`device`] keeps the device rules. [`kernels`] is the
+//! CPU engine under the model: a leaf the blocks call on the CPU in f32.
 
 pub mod affine;
 pub mod block;

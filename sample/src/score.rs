@@ -47,11 +47,8 @@ pub fn combine_draws(nll: &[f64], bound: Bound) -> f64 {
     }
 }
 
-/// Bits per dimension above which a score is recomputed in f64 even when finite: an 8-bit
-/// image costs at most 8 bits/dim under a uniform model, so past 32 the input is far enough
-/// from the data that f32's intermediate values (scaled by e^{−α} block after block) may have
-/// lost the digits the result depends on.
-pub const WIDEN_ABOVE_BPD: f64 = 32.0;
+use tarflow_flows::model::needs_widening;
+pub use tarflow_flows::model::WIDEN_ABOVE_BPD;
 
 /// Options of [`score_images`].
 #[derive(Debug, Clone, Copy)]
@@ -284,10 +281,7 @@ fn score_inner<P: AsRef<[u8]>>(
         let mut r = score_batch(model, &k, &us, labels.as_deref())?;
         let redo: Vec<usize> = (0..b)
             .filter(|&i| {
-                r.nll[i]
-                    .iter()
-                    .any(|v| !v.is_finite() || bpd(*v) > WIDEN_ABOVE_BPD)
-                    || r.bad_block[i].is_some()
+                r.nll[i].iter().any(|v| needs_widening(bpd(*v))) || r.bad_block[i].is_some()
             })
             .collect();
         let mut widened = vec![false; b];

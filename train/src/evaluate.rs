@@ -4,13 +4,15 @@ use crate::config::{NoiseKind, TrainConfig};
 use crate::error::{Result, TrainError};
 use std::path::Path;
 use tarflow_datasets::loader::Loader;
+use tarflow_flows::model::needs_widening;
 use tarflow_flows::rng::seeded;
 use tarflow_flows::{BpdConvention, Cond, ReverseOptions, TarFlow};
 
 /// Mean bits/dim of the first `batches` batches of `val` (all when 0), with the images' own
 /// labels for a conditional model, and how many images were left out; `None` when the loader
-/// holds no full batch. A batch with a non-finite score is recomputed in f64 (f32 overflows for
-/// images far from what the model has learnt); images still not finite are left out and counted.
+/// holds no full batch. An image whose f32 score is not finite or implausibly high
+/// ([`needs_widening`], scoring's rule) is recomputed in f64 (f32 overflows for images far from
+/// what the model has learnt); images still not finite are left out and counted.
 pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(f64, usize)>> {
     let s = val_bpd_sums(model, val, batches, (0, 1))?;
     Ok(s.mean())
@@ -66,12 +68,28 @@ pub fn val_bpd_sums(
     for i in (rank..n).step_by(size.max(1)) {
         let b = val.make_batch(&order, 0, i);
         let mut v = bpd_of(model, &b.images, b.shape, &b.labels)?;
-        if v.iter().any(|x| !x.is_finite()) {
+        let redo: Vec<usize> = (0..v.len()).filter(|&i| needs_widening(v[i])).collect();
+        if !redo.is_empty() {
             if wide.is_none() {
                 wide = Some(model.widened()?);
             }
             if let Some(Some(w)) = &wide {
-                v = bpd_of(w, &b.images, b.shape, &b.labels)?;
+                // The images to recompute, as a batch of their own.
+                let per = b.images.len() / v.len().max(1);
+                let images: Vec<f32> = redo
+                    .iter()
+                    .flat_map(|&i| b.images[i * per..(i + 1) * per].iter().copied())
+                    .collect();
+                let labels: Vec<i64> = redo
+                    .iter()
+                    .filter_map(|&i| b.labels.get(i))
+                    .copied()
+                    .collect();
+                let [_, c, h, wd] = b.shape;
+                let again = bpd_of(w, &images, [redo.len(), c, h, wd], &labels)?;
+                for (&i, x) in redo.iter().zip(again) {
+                    v[i] = x;
+                }
             }
         }
         for x in v {

@@ -16,6 +16,18 @@ pub fn loss_to_bpd(loss: f64) -> f64 {
     nats_to_bpd(loss + 0.5 * LN_2PI + LN_128, 1)
 }
 
+/// Bits per dimension above which a score is recomputed in f64 even when finite: an 8-bit
+/// image costs at most 8 bits/dim under a uniform model, so past 32 the input is far enough
+/// from the data that f32's intermediate values (scaled by e^{−α} block after block) may have
+/// lost the digits the result depends on.
+pub const WIDEN_ABOVE_BPD: f64 = 32.0;
+
+/// Whether a score of `bpd` bits/dim is recomputed in f64 ([`TarFlow::widened`]): it is not
+/// finite, or past [`WIDEN_ABOVE_BPD`]. Scoring and validation both decide by it, per image.
+pub fn needs_widening(bpd: f64) -> bool {
+    !bpd.is_finite() || bpd > WIDEN_ABOVE_BPD
+}
+
 impl TarFlow {
     /// `−log N(z; 0, I)` per image (N) in nats, plus `n·ln 128` when `discrete`.
     fn prior_nll(&self, out: &FlowOutput, discrete: bool) -> Result<Tensor> {
