@@ -152,14 +152,14 @@ pub fn random_checkpoint(cfg: &tarflow::ModelConfig, seed: u64) -> tarflow::Chec
 pub fn param_grads(
     cfg: &tarflow::ModelConfig,
     vars: &candle_nn::VarMap,
-    grads: &candle_core::backprop::GradStore,
+    grads: &impl tarflow::train::grads::GradSource,
 ) -> HashMap<String, Tensor> {
     let data = vars.data().lock().unwrap();
     let by_var: HashMap<String, Tensor> = data
         .iter()
         .map(|(name, var)| {
             let g = grads
-                .get(var.as_tensor())
+                .grad(name, var)
                 .unwrap_or_else(|| panic!("no gradient for {name}"));
             (name.clone(), g.clone())
         })

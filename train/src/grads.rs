@@ -12,16 +12,75 @@
 
 use crate::error::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use tarflow_flows::kernels;
 use tarflow_flows::{Cond, TarFlow};
 
+/// Where an optimizer step reads each variable's gradient: candle's [`GradStore`] (keyed by
+/// the variable) or [`Grads`] (by name).
+pub trait GradSource {
+    /// The gradient of `var`, named `name`, where one reached it.
+    fn grad(&self, name: &str, var: &Var) -> Option<&Tensor>;
+}
+
+impl GradSource for GradStore {
+    fn grad(&self, _: &str, var: &Var) -> Option<&Tensor> {
+        self.get(var.as_tensor())
+    }
+}
+
+/// The gradients of a step by parameter name, from candle's backward or the CPU engine's
+/// tape-free pass alike (whose named values become tensors without a copy).
+#[derive(Debug, Default)]
+pub struct Grads(HashMap<String, Tensor>);
+
+impl GradSource for Grads {
+    fn grad(&self, name: &str, _: &Var) -> Option<&Tensor> {
+        self.0.get(name)
+    }
+}
+
+impl Grads {
+    /// The gradient named `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.0.get(name)
+    }
+
+    /// Sets the gradient named `name`.
+    pub fn insert(&mut self, name: &str, g: Tensor) {
+        self.0.insert(name.to_string(), g);
+    }
+
+    /// `vars`' gradients out of a candle backward pass.
+    fn from_store(vars: &[(String, Var)], mut store: GradStore) -> Self {
+        Grads(
+            vars.iter()
+                .filter_map(|(n, v)| Some((n.clone(), store.remove(v.as_tensor())?)))
+                .collect(),
+        )
+    }
+
+    /// The tape-free pass's named values as tensors shaped like `vars`.
+    fn from_named(vars: &[(String, Var)], grads: Vec<(String, Vec<f32>)>) -> Result<Self> {
+        let by_name: HashMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let mut out = HashMap::with_capacity(grads.len());
+        for (name, g) in grads {
+            let var = by_name.get(name.as_str()).ok_or_else(|| {
+                crate::error::TrainError::config("model", format!("no trainable variable `{name}`"))
+            })?;
+            let t = Tensor::from_vec(g, var.shape(), var.device())?;
+            out.insert(name, t);
+        }
+        Ok(Grads(out))
+    }
+}
+
 /// What one micro-batch gave.
 pub enum Pass {
     /// The mean loss over the batch, and the gradients of that loss divided by `divisor`.
-    Grads(f64, GradStore),
+    Grads(f64, Grads),
     /// A part's loss was not finite (its value); no gradient was taken.
     NonFinite(f64),
 }
@@ -69,10 +128,8 @@ pub fn loss_and_grads(
             return Ok(Done::NonFinite(v));
         }
         // One division by the number of terms of the whole step (exact for powers of two).
-        Ok(Done::Store(
-            v,
-            (loss / (divisor * parts) as f64)?.backward()?,
-        ))
+        let store = (loss / (divisor * parts) as f64)?.backward()?;
+        Ok(Done::Store(v, Grads::from_store(vars, store)))
     };
     let done: Vec<_> = if parts == 1 {
         vec![part(0)?]
@@ -102,7 +159,7 @@ pub fn loss_and_grads(
         }
     }
     if let Some(g) = named {
-        acc = Some(add_into(vars, acc, store(vars, g)?)?);
+        acc = Some(add_into(vars, acc, Grads::from_named(vars, g)?)?);
     }
     let grads =
         acc.ok_or_else(|| crate::error::TrainError::config("train.cpu_streams", "no pass ran"))?;
@@ -114,7 +171,7 @@ enum Done {
     /// The loss and the tape-free pass's gradients by parameter name.
     Named(f64, Vec<(String, Vec<f32>)>),
     /// The loss and candle's gradients.
-    Store(f64, GradStore),
+    Store(f64, Grads),
     /// A loss that was not finite.
     NonFinite(f64),
 }
@@ -137,36 +194,19 @@ fn add_named(
     Ok(a)
 }
 
-/// The gradients of the CPU training pass, by parameter name, as a store keyed by `vars`.
-fn store(vars: &[(String, Var)], grads: Vec<(String, Vec<f32>)>) -> Result<GradStore> {
-    let by_name: HashMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    // candle makes a store only through a backward pass: that of a constant holds just itself.
-    let one = Tensor::zeros((), DType::F32, &Device::Cpu)?;
-    let mut s = one.backward()?;
-    s.remove(&one);
-    for (name, g) in grads {
-        let var = by_name.get(name.as_str()).ok_or_else(|| {
-            crate::error::TrainError::config("model", format!("no trainable variable `{name}`"))
-        })?;
-        let t = Tensor::from_vec(g, var.shape(), var.device())?;
-        s.insert(var.as_tensor(), t);
-    }
-    Ok(s)
-}
-
 /// `acc + g` for each variable (`g` alone when `acc` is empty): the one place gradients of
 /// several passes are summed, in the order given.
-pub fn add_into(vars: &[(String, Var)], acc: Option<GradStore>, g: GradStore) -> Result<GradStore> {
+pub fn add_into(vars: &[(String, Var)], acc: Option<Grads>, g: Grads) -> Result<Grads> {
     let Some(mut a) = acc else {
         return Ok(g);
     };
-    for (_, var) in vars {
-        if let Some(gv) = g.get(var.as_tensor()) {
-            let s = match a.get(var.as_tensor()) {
+    for (name, _) in vars {
+        if let Some(gv) = g.get(name) {
+            let s = match a.get(name) {
                 Some(av) => (av + gv)?,
                 None => gv.clone(),
             };
-            a.insert(var.as_tensor(), s);
+            a.insert(name, s);
         }
     }
     Ok(a)

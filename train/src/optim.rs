@@ -1,7 +1,8 @@
 //! AdamW (PyTorch semantics, decoupled weight decay) whose moments can be saved and restored,
 //! which candle_nn's AdamW does not allow (ARCHITECTURE.md).
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use crate::grads::GradSource;
+use candle_core::{DType, Result, Tensor, Var};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -147,18 +148,18 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`; variables without a gradient are left alone.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &impl GradSource, lr: f64) -> Result<()> {
         self.step_scaled(grads, lr, 1.0)
     }
 
     /// [`Self::step`] with every gradient multiplied by `scale` (clipping) on the way in.
-    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, scale: f64) -> Result<()> {
+    pub fn step_scaled(&mut self, grads: &impl GradSource, lr: f64, scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (name, var) in &self.vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
+            let Some(g) = grads.grad(name, var) else {
                 continue;
             };
             let Some(moments) = self.moments.get_mut(name) else {

@@ -3,7 +3,7 @@
 
 use super::Trainer;
 use crate::error::{Result, TrainError};
-use candle_core::backprop::GradStore;
+use crate::grads::Grads;
 use candle_core::{DType, Tensor};
 use std::time::Instant;
 
@@ -15,7 +15,7 @@ impl Trainer {
         let accum = self.cfg.train.grad_accum;
         let shares = (accum * self.group.size()) as f64;
         let next_step = self.state.step + 1;
-        let mut total: Option<GradStore> = None;
+        let mut total: Option<Grads> = None;
         // Summed over ranks: loss, non-finite input values, non-finite losses, stop requests.
         let mut flags = [0.0f64, 0.0, 0.0, stop as u8 as f64];
         let mut bad_loss = f64::NAN;
@@ -74,8 +74,8 @@ impl Trainer {
             self.allreduce_s += t0.elapsed().as_secs_f64();
         }
         let mut sq = 0.0;
-        for (_, var) in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
+        for (name, _) in &self.vars {
+            if let Some(g) = grads.get(name) {
                 sq += g
                     .to_dtype(DType::F32)?
                     .sqr()?
@@ -113,11 +113,11 @@ impl Trainer {
     /// Sums every rank's gradients (each already divided by the number of micro-batches of the
     /// whole step) in one allreduce over one flat buffer, in the variables' name order: on the
     /// GPUs with NCCL, else through MPI on the host.
-    fn all_reduce(&self, grads: &mut GradStore) -> Result<()> {
+    fn all_reduce(&self, grads: &mut Grads) -> Result<()> {
         let parts = self
             .vars
             .iter()
-            .map(|(_, var)| match grads.get(var.as_tensor()) {
+            .map(|(name, var)| match grads.get(name) {
                 Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
                 None => Tensor::zeros(var.elem_count(), DType::F32, &self.device),
             })
@@ -133,13 +133,13 @@ impl Trainer {
             }
         };
         let mut at = 0;
-        for (_, var) in &self.vars {
+        for (name, var) in &self.vars {
             let n = var.elem_count();
             let g = flat
                 .narrow(0, at, n)?
                 .reshape(var.shape())?
                 .to_dtype(var.dtype())?;
-            grads.insert(var.as_tensor(), g);
+            grads.insert(name, g);
             at += n;
         }
         Ok(())
