@@ -329,14 +329,13 @@ impl MetaBlock {
         };
         let (n, t, d) = x.dims3()?;
         let cls = self.class_cond(cond, x.device())?;
-        // `s`: the input (canonical order), then the output.
-        let mut s = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let flipped = self.flip.is_some();
         let take = crate::kernels::pool::take;
-        let mut xp = take(s.len());
-        permute_rows(&s, &mut xp, t, d, flipped);
+        let len = n * t * d;
+        let mut xp = take(len);
+        crate::kernels::with_values(x, |s| permute_rows(s, &mut xp, t, d, flipped))?;
         let po = heads(&block.step_parts(cls.as_ref())?, &xp, (n, t), 1.0)?; // (N·T, W)
-        let (mut z, mut e, mut alpha) = (take(s.len()), take(s.len()), vec![0f32; s.len()]);
+        let (mut z, mut e, mut alpha) = (take(len), take(len), vec![0f32; len]);
         let mut sums = vec![0f64; n];
         affine_rows(
             &xp,
@@ -346,6 +345,7 @@ impl MetaBlock {
             (&mut z, &mut e, &mut alpha),
             &mut sums,
         );
+        let mut s = vec![0f32; len]; // the output, canonical order
         permute_rows(&z, &mut s, t, d, flipped);
         let dims = (t * d) as f64;
         let logdet: Vec<f32> = sums.iter().map(|s| (-s / dims) as f32).collect();
@@ -396,8 +396,8 @@ impl MetaBlock {
         };
         let proj_out = if let Some(block) = self.dense_for_kernels(&input)? {
             let parts = block.step_parts(cls)?;
-            let x = input.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let out = heads(&parts, &x, (n, t), attn_temp)?;
+            let out =
+                crate::kernels::with_values(&input, |x| heads(&parts, x, (n, t), attn_temp))??;
             let w = out.len() / (n * t).max(1);
             Tensor::from_vec(out, (n, t, w), input.device())?
         } else {

@@ -81,8 +81,7 @@ impl MetaBlock {
         let head = match st {
             Stepper::Cpu(k) => {
                 let rows = x_i.dim(0)?;
-                let x = x_i.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let out = k.step(&x, i)?;
+                let out = crate::kernels::with_values(x_i, |x| k.step(x, i))??;
                 let w = out.len() / rows.max(1);
                 Tensor::from_vec(out, (rows, 1, w), x_i.device())?
             }

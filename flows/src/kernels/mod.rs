@@ -98,6 +98,20 @@ pub fn applies_to(dtype: DType, device: &candle_core::Device) -> bool {
     enabled() && dtype == DType::F32 && device.is_cpu()
 }
 
+/// `f` over the f32 values of `t`, read in place where `t` is a contiguous f32 CPU tensor (a
+/// copy otherwise): a pass over rows need not first copy its input out of the tensor.
+pub fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
 /// The contiguous f32 data of a custom op's argument.
 pub(crate) fn slice<'a>(
     s: &'a CpuStorage,
