@@ -11,7 +11,7 @@ pub fn unit(k: u8) -> f64 {
     k as f64 / 127.5 - 1.0
 }
 
-/// [`unit`] rounded once to f32.
+/// [`unit()`] rounded once to f32.
 pub fn to_unit(k: u8) -> f32 {
     unit(k) as f32
 }

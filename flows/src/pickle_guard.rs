@@ -63,7 +63,7 @@ pub fn check_pth(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Walks a pickle's opcodes up to STOP; refuses any global outside [`ALLOWED`], the extension
+/// Walks a pickle's opcodes up to STOP; refuses any global outside `ALLOWED`, the extension
 /// registry, a STACK_GLOBAL whose names are not literal strings, and malformed streams.
 pub fn check_pickle(p: &[u8]) -> Result<(), String> {
     let mut i = 0usize;

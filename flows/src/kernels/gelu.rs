@@ -2,7 +2,7 @@
 //!
 //! candle's `gelu_erf` calls scalar libm `erff` per element; this is a branch-free rational
 //! approximation of erf (accurate to ~1 ulp on [-4, 4], saturated beyond) that the compiler
-//! vectorises, in clones for the CPU's widest SIMD ([`super::simd_clones`]). The fused layer
+//! vectorises, in clones for the CPU's widest SIMD (`simd_clones!`). The fused layer
 //! ([`super::layer`]) and the trunk use it, and so does the model's MLP where the CPU kernels
 //! apply to a tensor that needs no gradient (f32 on the CPU); everywhere else (GPUs, bf16,
 //! training on the composed ops) the MLP runs candle's op.

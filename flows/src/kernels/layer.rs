@@ -9,7 +9,7 @@
 //! straight into one buffer: per layer the tape holds one node, and the work is the eight
 //! weight products each way plus a few row-wise passes.
 //!
-//! The slice-level [`Layer`] (a forward that returns what it keeps, a backward that consumes it)
+//! The slice-level `Layer` (a forward that returns what it keeps, a backward that consumes it)
 //! is also what the tape-free training pass ([`super::train`]) runs, with no node at all.
 //!
 //! The layer's twelve parameters enter as one packed (·, C) matrix: the weights as rows of C,

@@ -5,7 +5,7 @@
 //! With each transformer layer one fused node, what candle's backward still spent outside the
 //! kernels was bookkeeping: every node's every input gets a zeroed gradient buffer and an add,
 //! a few MiB per layer, plus the block-level ops, each a pass over memory with its own thread
-//! barrier. This runs the layers' kernels ([`super::layer::Layer`]) directly, in the order the
+//! barrier. This runs the layers' kernels (`layer::Layer`) directly, in the order the
 //! tape would. What the head output means (token order, shift, affine map, log-det, loss) is
 //! the caller's: this file knows rows of numbers, not the flow.
 

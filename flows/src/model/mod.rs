@@ -1,7 +1,7 @@
 //! The TarFlow model: patchify, K flow blocks, exact likelihood, the KV-cached inverse
-//! with classifier-free guidance, and score-based denoising. By concern: [`options`] (what the
-//! inverse can be asked), [`forward`] (x → z, the training loss, denoising), [`likelihood`]
-//! (NLL and bits/dim), [`inverse`] (z → x, sequential and Jacobi, guidance).
+//! with classifier-free guidance, and score-based denoising. By concern: `options` (what the
+//! inverse can be asked), `forward` (x → z, the training loss, denoising), `likelihood`
+//! (NLL and bits/dim), `inverse` (z → x, sequential and Jacobi, guidance).
 
 mod forward;
 mod inverse;

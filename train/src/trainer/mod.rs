@@ -6,8 +6,8 @@
 //! uninterrupted one exactly on CPU.
 
 //!
-//! By concern: [`setup`] (a new or resumed run: device, data, model, optimizer, state),
-//! [`step`] (one optimizer step, the gradient allreduce, failure reports), [`outputs`]
+//! By concern: `setup` (a new or resumed run: device, data, model, optimizer, state),
+//! `step` (one optimizer step, the gradient allreduce, failure reports), `outputs`
 //! (validation, sample grids, metrics, checkpoints); this file holds the types and the loop.
 
 mod outputs;
