@@ -20,6 +20,36 @@ pub struct Summary {
     pub max: f64,
 }
 
+/// The summable form of a [`Summary`]: the finite values' sum and count and the values left
+/// out, which shares of a set (ranks of a data-parallel validation) add up.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sums {
+    /// Sum of the finite values.
+    pub sum: f64,
+    /// Finite values.
+    pub count: usize,
+    /// Values left out (not a finite number).
+    pub excluded: usize,
+}
+
+impl Sums {
+    /// Adds `x`, or counts it as left out where it is not finite.
+    pub fn add(&mut self, x: f64) {
+        if x.is_finite() {
+            self.sum += x;
+            self.count += 1;
+        } else {
+            self.excluded += 1;
+        }
+    }
+
+    /// The mean of the finite values and how many were left out; `None` when there were none.
+    pub fn mean(&self) -> Option<(f64, usize)> {
+        (self.count + self.excluded > 0)
+            .then(|| (self.sum / self.count.max(1) as f64, self.excluded))
+    }
+}
+
 impl Summary {
     /// Summarises the finite entries of `v`.
     pub fn of(v: &[f64]) -> Summary {

@@ -7,6 +7,7 @@ use tarflow_datasets::loader::Loader;
 use tarflow_flows::model::needs_widening;
 use tarflow_flows::rng::seeded;
 use tarflow_flows::{BpdConvention, Cond, ReverseOptions, TarFlow};
+use tarflow_sample::stats::Sums;
 
 /// Mean bits/dim of the first `batches` batches of `val` (all when 0), with the images' own
 /// labels for a conditional model, and how many images were left out; `None` when the loader
@@ -18,38 +19,19 @@ pub fn val_bpd(model: &TarFlow, val: &Loader, batches: usize) -> Result<Option<(
     Ok(s.mean())
 }
 
-/// Bits/dim summed over a share of the held-out batches, to be added up across ranks.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ValSums {
-    /// Sum of the finite bits/dim.
-    pub sum: f64,
-    /// Images with a finite score.
-    pub count: usize,
-    /// Images left out as not finite.
-    pub excluded: usize,
-}
-
-impl ValSums {
-    /// The mean and the images left out; `None` when nothing was scored.
-    pub fn mean(&self) -> Option<(f64, usize)> {
-        (self.count + self.excluded > 0)
-            .then(|| (self.sum / self.count.max(1) as f64, self.excluded))
-    }
-}
-
 /// [`val_bpd`]'s sums over the batches `rank, rank + size, …` (data-parallel validation).
 pub fn val_bpd_sums(
     model: &TarFlow,
     val: &Loader,
     batches: usize,
     (rank, size): (usize, usize),
-) -> Result<ValSums> {
+) -> Result<Sums> {
     let order = val.epoch_order(0);
     let n = match batches {
         0 => val.batches_per_epoch(),
         k => k.min(val.batches_per_epoch()),
     };
-    let (mut sum, mut count, mut excluded) = (0.0, 0usize, 0usize);
+    let mut sums = Sums::default();
     let mut wide: Option<Option<TarFlow>> = None;
     let bpd_of =
         |m: &TarFlow, images: &[f32], shape: [usize; 4], labels: &[i64]| -> Result<Vec<f64>> {
@@ -92,20 +74,9 @@ pub fn val_bpd_sums(
                 }
             }
         }
-        for x in v {
-            if x.is_finite() {
-                sum += x;
-                count += 1;
-            } else {
-                excluded += 1;
-            }
-        }
+        v.into_iter().for_each(|x| sums.add(x));
     }
-    Ok(ValSums {
-        sum,
-        count,
-        excluded,
-    })
+    Ok(sums)
 }
 
 /// σ of the denoising step a run's sample grids take: the Gaussian training noise, when

@@ -46,7 +46,7 @@ impl Trainer {
         )?;
         let mut v = [s.sum, s.count as f64, s.excluded as f64];
         g.sum_f64(&mut v)?;
-        Ok(crate::evaluate::ValSums {
+        Ok(tarflow_sample::stats::Sums {
             sum: v[0],
             count: v[1] as usize,
             excluded: v[2] as usize,
