@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use tarflow::flows::config::{Permutation, ScaleHead};
-use tarflow::flows::engine::{self, options, uncovered};
+use tarflow::flows::engine::{self, options, uncovered, Engine};
 use tarflow::flows::kernels::{COVERS, TRAIN_COVERS};
 use tarflow::ModelConfig;
 
@@ -55,9 +55,32 @@ fn an_option_the_engine_does_not_declare_keeps_the_block_composed() {
     let cfg = starflow();
     let all_but_sos: Vec<&str> = COVERS.iter().copied().filter(|&o| o != "sos").collect();
     assert_eq!(uncovered(&cfg, &all_but_sos).as_deref(), Some("sos"));
-    // Off the CPU or below f32 the CPU engine never runs a block, whatever it covers.
-    assert!(!engine::cpu_may_run(&cfg, 0, &Device::Cpu, DType::BF16));
-    assert!(engine::cpu_may_run(&cfg, 0, &Device::Cpu, DType::F32));
+    let dev = Device::Cpu;
+    // An engine without `sos` may not run this block; the real one may, in f32 only.
+    assert!(!engine::cpu_may_run_covering(
+        &cfg,
+        0,
+        &dev,
+        DType::F32,
+        &all_but_sos
+    ));
+    assert!(engine::cpu_may_run_covering(
+        &cfg,
+        0,
+        &dev,
+        DType::F32,
+        COVERS
+    ));
+    assert!(!engine::cpu_may_run(&cfg, 0, &dev, DType::BF16));
+    // A loaded block follows that decision (with the process's switch on).
+    tarflow::flows::kernels::set_enabled(true);
+    let ck = common::random_checkpoint(&cfg, 3);
+    for (dtype, want) in [(DType::F32, Engine::Cpu), (DType::BF16, Engine::Composed)] {
+        let m = ck.model(&dev, dtype).unwrap();
+        assert!(m.blocks().iter().all(|b| b.engine() == want), "{dtype:?}");
+        // The training pass covers none of STARFlow's head options.
+        assert!(m.blocks().iter().all(|b| b.train_uncovered().is_some()));
+    }
 }
 
 #[test]

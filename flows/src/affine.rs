@@ -135,7 +135,6 @@ fn affine_sample(x: &[f32], po: &[f32], d: usize, nvp: bool, z: &mut [f32], e: &
 /// The backward of [`affine_rows`] from `dz` (the loss gradient at z, block order): the
 /// gradient at the head output into `dpo` and the map's own share of the input gradient into
 /// `dx`; `dlogdet` is each α's gradient through the log-det term.
-#[allow(clippy::too_many_arguments)]
 pub fn affine_rows_backward(
     dz: &[f32],
     (z, e): (&[f32], &[f32]),

@@ -61,10 +61,21 @@ pub fn uncovered(cfg: &ModelConfig, covers: &[&str]) -> Option<String> {
 /// option it uses is not covered, says so on stderr (only where the CPU engine would otherwise
 /// have run it).
 pub fn cpu_may_run(cfg: &ModelConfig, index: usize, device: &Device, dtype: DType) -> bool {
+    cpu_may_run_covering(cfg, index, device, dtype, kernels::COVERS)
+}
+
+/// [`cpu_may_run`] for an engine that declares `covers`.
+pub fn cpu_may_run_covering(
+    cfg: &ModelConfig,
+    index: usize,
+    device: &Device,
+    dtype: DType,
+    covers: &[&str],
+) -> bool {
     if !device.is_cpu() || dtype != DType::F32 {
         return false;
     }
-    match uncovered(cfg, kernels::COVERS) {
+    match uncovered(cfg, covers) {
         None => true,
         Some(option) => {
             if kernels::enabled() {
@@ -77,20 +88,13 @@ pub fn cpu_may_run(cfg: &ModelConfig, index: usize, device: &Device, dtype: DTyp
     }
 }
 
-/// Whether the CPU engine's tape-free training pass covers `cfg` (else training runs the
-/// composed ops, with the fused layers where the engine runs the block); says so on stderr
-/// once per process when it does not.
-pub fn train_pass_covers(cfg: &ModelConfig) -> bool {
+/// Says once per process that training takes candle's tape because the CPU engine's
+/// tape-free pass does not cover `option` (the model's fused layers still run).
+pub fn say_training_composed(option: &str) {
     static SAID: std::sync::Once = std::sync::Once::new();
-    match uncovered(cfg, kernels::TRAIN_COVERS) {
-        None => true,
-        Some(option) => {
-            SAID.call_once(|| {
-                eprintln!(
-                    "training: the CPU engine's training pass does not cover the option `{option}`; the loss and gradients come from candle's composed ops and tape (correct, slower)"
-                )
-            });
-            false
-        }
-    }
+    SAID.call_once(|| {
+        eprintln!(
+            "training: the CPU engine's training pass does not cover the option `{option}`; the loss and gradients come from candle's composed ops and tape (correct, slower)"
+        )
+    });
 }

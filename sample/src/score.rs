@@ -117,27 +117,21 @@ struct Batch {
     bad_block: Vec<Option<usize>>,
 }
 
-/// Scores the 8-bit images `k` (N, C, S, S) as f32 values under `model`, one forward pass per
-/// dequantisation draw `u` (None: no dequantisation).
+/// Scores the 8-bit images `kv` (N·C·S·S bytes) under `model`, one forward pass per
+/// dequantisation draw `u` ((N, C, S, S) on the host; None: no dequantisation).
 fn score_batch(
     model: &TarFlow,
-    k: &Tensor,
+    kv: &[u8],
     us: &[Option<Tensor>],
     labels: Option<&[i64]>,
 ) -> Result<Batch> {
     let cfg = model.config();
-    let b = k.dim(0)?;
+    let (c, s) = (cfg.in_channels, cfg.img_size);
+    let b = kv.len() / cfg.dims_per_image().max(1);
     let (nt, nb) = (cfg.num_tokens(), cfg.num_blocks);
     let n_dims = cfg.dims_per_image() as f64;
     let draws = us.len() as f64;
     let cond = Cond::of(cfg.num_classes, labels);
-    // 8-bit values, exact in any float dtype.
-    let kv: Vec<u8> = host_f64(k)?
-        .flatten_all()?
-        .to_vec1::<f64>()?
-        .into_iter()
-        .map(|v| v as u8)
-        .collect();
     let mut r = Batch {
         nll: vec![Vec::with_capacity(us.len()); b],
         tok: vec![vec![0.0; nt]; b],
@@ -153,7 +147,7 @@ fn score_batch(
             }
             None => kv.iter().map(|&k| to_unit(k)).collect(),
         };
-        let x = tarflow_flows::device::upload_vec(x, k.dims(), model.device(), model.dtype())?;
+        let x = tarflow_flows::device::upload_vec(x, (b, c, s, s), model.device(), model.dtype())?;
         let out = model.forward(&x, cond)?;
         let v = host_f64(&model.nll(&out, true)?)?.to_vec1::<f64>()?;
         let t = host_f64(&model.nll_per_token(&out, true)?)?.to_vec2::<f64>()?;
@@ -259,13 +253,11 @@ fn score_inner<P: AsRef<[u8]>>(
     let mut out = Vec::with_capacity(pixels.len());
     for (chunk_i, chunk) in pixels.chunks(opts.batch.max(1)).enumerate() {
         let b = chunk.len();
-        let flat: Vec<f32> = chunk
+        let kv: Vec<u8> = chunk
             .iter()
-            .flat_map(|p| p.as_ref().iter())
-            .map(|&k| k as f32)
+            .flat_map(|p| p.as_ref().iter().copied())
             .collect();
         let cpu = candle_core::Device::Cpu;
-        let k = Tensor::from_vec(flat, (b, c, s, s), &cpu)?;
         // The noise is drawn on the host so that a recomputation sees the same draws.
         let us = (0..draws)
             .map(|_| match opts.dequant {
@@ -278,7 +270,7 @@ fn score_inner<P: AsRef<[u8]>>(
             Some(l) => Some(l[start..start + b].to_vec()),
             None => opts.label.map(|l| vec![l; b]),
         };
-        let mut r = score_batch(model, &k, &us, labels.as_deref())?;
+        let mut r = score_batch(model, &kv, &us, labels.as_deref())?;
         let redo: Vec<usize> = (0..b)
             .filter(|&i| {
                 r.nll[i].iter().any(|v| needs_widening(bpd(*v))) || r.bad_block[i].is_some()
@@ -305,7 +297,12 @@ fn score_inner<P: AsRef<[u8]>>(
                 let labels_w = labels
                     .as_ref()
                     .map(|l| redo.iter().map(|&i| l[i]).collect::<Vec<_>>());
-                let rw = score_batch(w, &pick(&k)?, &us_w, labels_w.as_deref())?;
+                let n = cfg.dims_per_image();
+                let kv_w: Vec<u8> = redo
+                    .iter()
+                    .flat_map(|&i| kv[i * n..(i + 1) * n].iter().copied())
+                    .collect();
+                let rw = score_batch(w, &kv_w, &us_w, labels_w.as_deref())?;
                 for (j, &i) in redo.iter().enumerate() {
                     r.nll[i] = rw.nll[j].clone();
                     r.tok[i] = rw.tok[j].clone();

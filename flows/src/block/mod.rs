@@ -49,6 +49,8 @@ pub struct MetaBlock {
     final_norm: Option<RmsNorm>, // before proj_out (STARFlow)
     /// Whether the CPU engine may run this block ([`engine::cpu_may_run`], decided at load).
     cpu_may_run: bool,
+    /// The first option the engine's training pass does not cover (`kernels::TRAIN_COVERS`).
+    train_uncovered: Option<String>,
     /// The step engine's Wᵀ copies, made on the first CPU inverse (frozen weights only).
     step_weights: OnceLock<Arc<StepWeights>>,
 }
@@ -125,6 +127,7 @@ impl MetaBlock {
                 None
             },
             cpu_may_run: engine::cpu_may_run(cfg, index, dev, vb.dtype()),
+            train_uncovered: engine::uncovered(cfg, crate::kernels::TRAIN_COVERS),
             step_weights: OnceLock::new(),
         })
     }
@@ -143,7 +146,7 @@ impl MetaBlock {
 
     /// The transformer weights the CPU engine's training pass reads, where the engine runs this
     /// block with dense weights and layers trained as packed variables (the model checks the
-    /// options: [`engine::train_pass_covers`]).
+    /// options: [`Self::train_uncovered`]).
     pub(crate) fn trunk_parts(&self) -> Option<TrunkParts<'_>> {
         if self.engine() != Engine::Cpu {
             return None;
@@ -164,6 +167,11 @@ impl MetaBlock {
             proj_out: self.proj_out.parts().ok()?,
             reversed: self.flip.is_some(),
         })
+    }
+
+    /// The first model option the CPU engine's training pass does not cover, if any.
+    pub fn train_uncovered(&self) -> Option<&str> {
+        self.train_uncovered.as_deref()
     }
 
     /// The learned start token (1, D), when the block has one.
@@ -407,8 +415,9 @@ impl MetaBlock {
             if let Some(c) = cls {
                 h = h.broadcast_add(c)?;
             }
+            let engine = self.engine();
             for layer in &self.layers {
-                h = layer.forward(&h, &mask, attn_temp, self.engine())?;
+                h = layer.forward(&h, &mask, attn_temp, engine)?;
             }
             self.head_out(&h)? // (N, T, W)
         };

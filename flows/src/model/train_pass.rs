@@ -62,7 +62,8 @@ impl TarFlow {
         if self.blocks().is_empty() || !self.blocks().iter().all(cpu) {
             return None;
         }
-        if !crate::engine::train_pass_covers(self.config()) {
+        if let Some(option) = self.blocks().iter().find_map(MetaBlock::train_uncovered) {
+            crate::engine::say_training_composed(option);
             return None;
         }
         self.blocks()
