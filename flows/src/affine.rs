@@ -10,12 +10,18 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// Turns raw `proj_out` outputs (N, T, W) into (α, μ), α = ln σ; α ≡ 0 for volume-preserving
-/// blocks (`nvp` off, W = D). STARFlow's head soft-clips `o ← 4·tanh(o/4)` and takes
-/// `σ = softplus(a + 0.5413)`.
-pub fn head(o: &Tensor, d: usize, nvp: bool, scale: ScaleHead) -> Result<(Tensor, Tensor)> {
-    let o = match scale {
-        ScaleHead::Exp => o.clone(),
-        ScaleHead::Softplus => ((o / 4.0)?.tanh()? * 4.0)?,
+/// blocks (`nvp` off, W = D). With `clip` > 0 the outputs are first soft-clipped,
+/// `o ← clip·tanh(o/clip)`; STARFlow's head takes `σ = softplus(a + 0.5413)`.
+pub fn head(
+    o: &Tensor,
+    d: usize,
+    nvp: bool,
+    scale: ScaleHead,
+    clip: f64,
+) -> Result<(Tensor, Tensor)> {
+    let o = match clip > 0.0 {
+        true => ((o / clip)?.tanh()? * clip)?,
+        false => o.clone(),
     };
     if !nvp {
         return Ok((o.zeros_like()?, o));

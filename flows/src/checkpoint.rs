@@ -207,6 +207,22 @@ impl Checkpoint {
         Self::from_tensors(config, tensors, path)
     }
 
+    /// Imports an ml-starflow state_dict built by `Model(**kwargs)` ([`crate::import::starflow_config`]).
+    pub fn import_starflow(
+        path: impl AsRef<Path>,
+        kwargs: &serde_json::Value,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let config = crate::import::starflow_config(kwargs, path)?;
+        let raw = crate::import::read_state_dict(path, device)?;
+        let tensors = raw
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Self::from_tensors(config, tensors, path)
+    }
+
     /// Writes the checkpoint atomically: weights, buffers and the config in the metadata.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();

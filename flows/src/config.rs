@@ -25,6 +25,9 @@ pub enum Permutation {
     Starflow,
     /// Every block in raster order (an ablation).
     None,
+    /// ml-starflow's `seq_order = "L2R"`: block k reversed when k is even, the deep block
+    /// included (equal to `starflow` when `num_blocks` is even). Its `"R2L"` is `alternate`.
+    L2r,
 }
 
 /// How the head's first half becomes the log-scale α.
@@ -34,7 +37,8 @@ pub enum ScaleHead {
     /// TarFlow: α is the raw output, `z = (x − μ)·exp(−α)`.
     #[default]
     Exp,
-    /// STARFlow: `o ← 4·tanh(o/4)`, `σ = softplus(a + 0.5413)`, `z = (x − μ)/σ` (α = ln σ).
+    /// STARFlow: `σ = softplus(a + 0.5413)`, `z = (x − μ)/σ` (α = ln σ); the head output is
+    /// soft-clipped at 4 unless `soft_clip` says otherwise.
     Softplus,
 }
 
@@ -88,9 +92,29 @@ pub struct ModelConfig {
     /// (key `blocks.{k}.final_norm.weight`, w = 0 at init).
     #[serde(default, skip_serializing_if = "is_default")]
     pub final_norm: bool,
-    /// Class conditioning only in the deep (last) block; shallow blocks are unconditional.
+    /// Class or text conditioning only in the deep (last) block; shallow blocks are
+    /// unconditional (ml-starflow `cond_top_only`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub cond_deep_only: bool,
+    /// Rotary position embeddings on queries and keys in place of the learned `pos_embed`
+    /// (ml-starflow `rope`): 2-D (row, column), plus a text axis when `txt_size > 0`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rope: bool,
+    /// Rotate dimension d with d + head_dim/2 (Hugging Face's pairing) instead of 2i with
+    /// 2i + 1 (ml-starflow `hf_style_rope`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub hf_style_rope: bool,
+    /// Text-prefix tokens per row (ml-starflow `txt_size`); 0: no text.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub txt_size: usize,
+    /// Width of the text embeddings, projected to `channels` by `blocks.{k}.proj_txt`
+    /// (ml-starflow `txt_dim`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub txt_dim: usize,
+    /// `o ← c·tanh(o/c)` on `proj_out`'s output (ml-starflow `soft_clip`); unset: 4 with the
+    /// softplus head, off with exp. 0 turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_clip: Option<f64>,
 }
 
 impl ModelConfig {
@@ -121,6 +145,11 @@ impl ModelConfig {
             sos: false,
             final_norm: false,
             cond_deep_only: false,
+            rope: false,
+            hf_style_rope: false,
+            txt_size: 0,
+            txt_dim: 0,
+            soft_clip: None,
         }
     }
 
@@ -179,6 +208,40 @@ impl ModelConfig {
         {
             return bad(format!("layers has an entry {l}; expected ≤ 1024"));
         }
+        if let Some(c) = self.soft_clip {
+            if !(c.is_finite() && c >= 0.0) {
+                return bad(format!(
+                    "soft_clip = {c}; expected a finite value ≥ 0 (0: off)"
+                ));
+            }
+        }
+        if (self.txt_size > 0) != (self.txt_dim > 0) {
+            return bad(format!(
+                "txt_size ({}) and txt_dim ({}) must both be 0 (no text) or both ≥ 1",
+                self.txt_size, self.txt_dim
+            ));
+        }
+        if self.txt_size > 4096 || self.txt_dim > 1 << 16 {
+            return bad(format!(
+                "txt_size = {}, txt_dim = {} are beyond any real model; expected ≤ 4096 and ≤ 65536",
+                self.txt_size, self.txt_dim
+            ));
+        }
+        if self.rope && !self.head_dim.is_multiple_of(4) {
+            return bad(format!(
+                "rope needs head_dim ({}) to be a multiple of 4 (two image axes of rotary pairs)",
+                self.head_dim
+            ));
+        }
+        if self.rope && self.txt_size > 0 && self.head_dim < 20 {
+            return bad(format!(
+                "rope with text needs head_dim ({}) ≥ 20: 16 of its dimensions rotate by text position",
+                self.head_dim
+            ));
+        }
+        if self.hf_style_rope && !self.rope {
+            return bad("hf_style_rope needs rope = true".into());
+        }
         match &self.layers {
             Some(l) if l.len() != self.num_blocks => bad(format!(
                 "layers has {} entries but num_blocks is {}",
@@ -236,6 +299,21 @@ impl ModelConfig {
             Permutation::Alternate => k % 2 == 1,
             Permutation::Starflow => k + 1 < self.num_blocks && k.is_multiple_of(2),
             Permutation::None => false,
+            Permutation::L2r => k.is_multiple_of(2),
+        }
+    }
+
+    /// Whether block k reads the text prefix.
+    pub fn block_text(&self, k: usize) -> bool {
+        self.txt_dim > 0 && (!self.cond_deep_only || k + 1 == self.num_blocks)
+    }
+
+    /// The soft clip constant of the head output (0: none).
+    pub fn soft_clip(&self) -> f64 {
+        match (self.soft_clip, self.scale) {
+            (Some(c), _) => c,
+            (None, ScaleHead::Softplus) => 4.0,
+            (None, ScaleHead::Exp) => 0.0,
         }
     }
 

@@ -1,6 +1,7 @@
-//! ml-tarflow's raw state_dicts: a `.pth` (PyTorch zip pickle, checked by the pickle guard and
-//! read as data, never executed) or `.safetensors` file, and the model config inferred from its
-//! shapes. [`crate::checkpoint::Checkpoint::import`] builds a checkpoint from them.
+//! ml-tarflow's and ml-starflow's raw state_dicts: a `.pth` (PyTorch zip pickle, checked by the
+//! pickle guard and read as data, never executed) or `.safetensors` file, and the model config:
+//! inferred from the shapes (ml-tarflow) or read from `Model(**kwargs)` (ml-starflow).
+//! [`crate::checkpoint::Checkpoint::import`] builds a checkpoint from them.
 
 use crate::config::ModelConfig;
 use crate::error::{FlowError, Result};
@@ -163,5 +164,195 @@ pub fn infer_config(
     if !uniform {
         cfg.layers = Some(layers);
     }
+    Ok(cfg)
+}
+
+/// The model config of ml-starflow's `Model(**kwargs)`, from the keyword arguments as a JSON
+/// object. Every argument is read or refused: an option this crate does not build yet, or one
+/// it does not know, is an error naming it, never a silently different model.
+pub fn starflow_config(kwargs: &serde_json::Value, source: &Path) -> Result<ModelConfig> {
+    use serde_json::Value;
+    let err = |m: String| FlowError::checkpoint(source, m);
+    let Value::Object(kw) = kwargs else {
+        return Err(err(
+            "model kwargs must be a JSON object of Model(...)'s keyword arguments".into(),
+        ));
+    };
+    let uint = |k: &str| -> Result<Option<usize>> {
+        match kw.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                err(format!(
+                    "kwarg `{k}` = {v}: expected a non-negative integer"
+                ))
+            }),
+        }
+    };
+    let need = |k: &str| -> Result<usize> {
+        uint(k)?.ok_or_else(|| err(format!("kwarg `{k}` is missing (Model(...) requires it)")))
+    };
+    let flag = |k: &str| -> Result<bool> {
+        match kw.get(k) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            // Checkpointing frequencies are ints used as switches upstream.
+            Some(v) if v.as_u64().is_some() => Ok(v.as_u64() != Some(0)),
+            Some(v) => Err(err(format!("kwarg `{k}` = {v}: expected true or false"))),
+        }
+    };
+    let (img, patch) = (need("img_size")?, need("patch_size")?);
+    let (channels, num_blocks) = (need("channels")?, need("num_blocks")?);
+    let layers: Vec<usize> = match kw.get("layers_per_block") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().map(|n| n as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| err("kwarg `layers_per_block`: expected a list of integers".into()))?,
+        Some(v) if v.as_u64().is_some() => vec![v.as_u64().unwrap_or(0) as usize],
+        _ => {
+            return Err(err(
+                "kwarg `layers_per_block` is missing or not a list".into()
+            ))
+        }
+    };
+    let layers = match layers.len() {
+        1 => vec![layers[0]; num_blocks],
+        n if n == num_blocks => layers,
+        n => {
+            return Err(err(format!(
+                "kwarg `layers_per_block` has {n} entries for num_blocks = {num_blocks}"
+            )))
+        }
+    };
+    let head_dim = uint("head_dim")?.unwrap_or(64);
+    let mut cfg = ModelConfig::new(
+        need("in_channels")?,
+        img,
+        patch,
+        channels,
+        num_blocks,
+        layers[0],
+        0,
+    );
+    cfg.head_dim = head_dim;
+    if layers.windows(2).any(|w| w[0] != w[1]) {
+        cfg.layers = Some(layers);
+    }
+    cfg.rope = flag("rope")?;
+    cfg.hf_style_rope = flag("hf_style_rope")?;
+    cfg.sos = flag("sos")?;
+    cfg.final_norm = flag("use_final_norm")?;
+    cfg.cond_deep_only = flag("cond_top_only")?;
+    cfg.txt_size = uint("txt_size")?.unwrap_or(0);
+    cfg.txt_dim = uint("txt_dim")?.unwrap_or(0);
+    cfg.scale = match flag("use_softplus")? {
+        true => crate::config::ScaleHead::Softplus,
+        false => crate::config::ScaleHead::Exp,
+    };
+    // Upstream clips only where soft_clip > 0; ours defaults to 4 with softplus.
+    let clip = match kw.get("soft_clip") {
+        None | Some(Value::Null) => 0.0,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| err(format!("kwarg `soft_clip` = {v}: expected a number")))?,
+    };
+    cfg.soft_clip = match clip == cfg.soft_clip() {
+        true => None,
+        false => Some(clip),
+    };
+    cfg.permutation = match kw.get("seq_order").and_then(Value::as_str).unwrap_or("R2L") {
+        "R2L" => crate::config::Permutation::Alternate,
+        "L2R" => crate::config::Permutation::L2r,
+        o => {
+            return Err(err(format!(
+                "kwarg `seq_order` = {o:?}: expected \"L2R\" or \"R2L\""
+            )))
+        }
+    };
+    let grid = img / patch.max(1);
+    let same = |k: &str, want: usize| -> Result<()> {
+        match uint(k)? {
+            Some(v) if v != want => Err(err(format!(
+                "kwarg `{k}` = {v} is not built yet (only {want}, its default here)"
+            ))),
+            _ => Ok(()),
+        }
+    };
+    same("pt_seq_len", grid)?;
+    same("num_heads", channels / head_dim.max(1))?;
+    let heads = uint("num_heads")?.unwrap_or(channels / head_dim.max(1));
+    same("num_kv_heads", heads)?;
+    same("top_block_channels", channels)?;
+    same("temporal_causal", 0)?;
+    for k in [
+        "use_swiglu",
+        "use_qk_norm",
+        "use_post_norm",
+        "learnable_self_denoiser",
+        "conditional_denoiser",
+        "use_mm_attn",
+        "shallow_block_local",
+    ] {
+        if flag(k)? {
+            return Err(err(format!("kwarg `{k}` = true is not built yet")));
+        }
+    }
+    if kw.get("use_bias").is_some_and(|v| v == &Value::Bool(false)) {
+        return Err(err("kwarg `use_bias` = false is not built yet".into()));
+    }
+    match kw.get("norm_type").and_then(Value::as_str) {
+        None | Some("layer_norm") => {}
+        Some(o) => return Err(err(format!("kwarg `norm_type` = {o:?} is not built yet"))),
+    }
+    for k in ["use_pretrained_lm", "denoiser_window", "local_attn_window"] {
+        if kw.get(k).is_some_and(|v| !v.is_null()) {
+            return Err(err(format!("kwarg `{k}` is not built yet")));
+        }
+    }
+    const KNOWN: [&str; 36] = [
+        "in_channels",
+        "img_size",
+        "patch_size",
+        "channels",
+        "num_blocks",
+        "layers_per_block",
+        "head_dim",
+        "num_heads",
+        "num_kv_heads",
+        "rope",
+        "pt_seq_len",
+        "sos",
+        "txt_size",
+        "txt_dim",
+        "cond_top_only",
+        "use_softplus",
+        "use_swiglu",
+        "use_bias",
+        "use_qk_norm",
+        "use_post_norm",
+        "use_final_norm",
+        "hf_style_rope",
+        "norm_type",
+        "use_checkpoint",
+        "use_checkpoint_mlp",
+        "use_pretrained_lm",
+        "use_mm_attn",
+        "soft_clip",
+        "seq_order",
+        "learnable_self_denoiser",
+        "conditional_denoiser",
+        "temporal_causal",
+        "top_block_channels",
+        "shallow_block_local",
+        "denoiser_window",
+        "local_attn_window",
+    ];
+    if let Some(k) = kw.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(err(format!(
+            "unknown kwarg `{k}`: not an argument of ml-starflow's Model(...) (known: {})",
+            KNOWN.join(", ")
+        )));
+    }
+    cfg.validate().map_err(|e| err(e.to_string()))?;
     Ok(cfg)
 }

@@ -1,4 +1,4 @@
-//! Transformer building blocks: Linear, LayerNorm, causal attention with a KV cache, MLP.
+//! Transformer building blocks: Linear, LayerNorm, causal attention (rotary positions optional) with a KV cache, MLP.
 //!
 //! Each op picks candle's fused kernels when no gradient is being tracked, and plain
 //! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward; see ARCHITECTURE.md).
@@ -7,8 +7,9 @@ use crate::engine::Engine;
 use crate::error::Result;
 use crate::kernels::LayerParts;
 use crate::quant::QuantWeights;
+use crate::rope::Rope;
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 
@@ -285,24 +286,60 @@ impl Attention {
         self.proj.forward(&y)
     }
 
-    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞.
-    pub fn forward(&self, x: &Tensor, mask: &Tensor, temp: f64) -> Result<Tensor> {
+    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞; queries and
+    /// keys rotated by `rope` from position 0.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        temp: f64,
+        rope: Option<&Rope>,
+    ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x)?;
+        let (q, k) = match rope {
+            Some(r) => (r.apply(&q, 0)?, r.apply(&k, 0)?),
+            None => (q, k),
+        };
         self.attend(&q, &k, &v, Some(mask), temp, None)
     }
 
-    /// One new token (N, 1, C) attending to the cached ones and itself; `row_scale` (N, 1, 1, 1)
+    /// New positions (N, S, C) attending causally to the cached ones and each other (S = 1:
+    /// a sampling step; more: a prefix filling the caches); `row_scale` (N, 1, 1, 1)
     /// multiplies each row's scores (1 / its attention temperature).
     pub fn step(
         &self,
         x: &Tensor,
         cache: &mut KvCache,
         row_scale: Option<&Tensor>,
+        rope: Option<&Rope>,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x)?;
+        let from = cache.current_seq_len();
+        let (q, k) = match rope {
+            Some(r) => (r.apply(&q, from)?, r.apply(&k, from)?),
+            None => (q, k),
+        };
         let (k, v) = cache.append(&k, &v)?;
-        self.attend(&q, &k, &v, None, 1.0, row_scale)
+        let s = x.dim(1)?;
+        let mask = match s > 1 {
+            true => Some(prefix_mask(s, from, q.dtype(), q.device())?),
+            false => None,
+        };
+        self.attend(&q, &k, &v, mask.as_ref(), 1.0, row_scale)
     }
+}
+
+/// The (S, from + S) mask of S new positions after `from` cached ones: 0 where a query may
+/// look, −∞ past itself.
+fn prefix_mask(s: usize, from: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let k = from + s;
+    let m: Vec<f32> = (0..s * k)
+        .map(|i| match i % k <= from + i / k {
+            true => 0.0,
+            false => f32::NEG_INFINITY,
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (s, k), device)?.to_dtype(dtype)?)
 }
 
 /// Pre-norm MLP `mlp.{norm, main.0, main.2}` with the exact (erf) GELU.
@@ -397,29 +434,32 @@ impl AttentionBlock {
     }
 
     /// Causal pass over (N, T, C) on the block's `engine`; `attn_temp` divides the attention
-    /// scores.
+    /// scores, `rope` rotates queries and keys.
     pub fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
         attn_temp: f64,
         engine: Engine,
+        rope: Option<&Rope>,
     ) -> Result<Tensor> {
-        if engine == Engine::Cpu && crate::kernels::applies(x) && !self.is_quantised() {
+        let fused = engine == Engine::Cpu && rope.is_none();
+        if fused && crate::kernels::applies(x) && !self.is_quantised() {
             return Ok(crate::kernels::layer::layer(x, &self.parts()?, attn_temp)?);
         }
-        let x = (x + self.attention.forward(x, mask, attn_temp)?)?;
+        let x = (x + self.attention.forward(x, mask, attn_temp, rope)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
     }
 
-    /// One-token pass with a KV cache (sampling); `row_scale` as [`Attention::step`].
+    /// A pass over new positions with a KV cache (sampling); as [`Attention::step`].
     pub fn step(
         &self,
         x: &Tensor,
         cache: &mut KvCache,
         row_scale: Option<&Tensor>,
+        rope: Option<&Rope>,
     ) -> Result<Tensor> {
-        let x = (x + self.attention.step(x, cache, row_scale)?)?;
+        let x = (x + self.attention.step(x, cache, row_scale, rope)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
     }
 }

@@ -1,6 +1,6 @@
 //! tarflow-flows: TarFlow (transformer autoregressive normalizing flow) on candle.
 //!
-//! The model, in the order it is built: [`config`] → [`patch`] → [`layers`] → [`affine`] (the
+//! The model, in the order it is built: [`config`] → [`patch`] → [`rope`] → [`layers`] → [`affine`] (the
 //! flow's per-token map) → [`block`] → [`model`]; [`engine`] says which engine runs a block,
 //! [`params`] names and initialises the weights, [`checkpoint`] stores them (with [`quant`] and
 //! [`gguf`] for reduced-precision files), [`device`] keeps the device rules. [`kernels`] is the
@@ -25,6 +25,7 @@ pub mod patch;
 pub mod pickle_guard;
 pub mod quant;
 pub mod rng;
+pub mod rope;
 pub mod rundir;
 
 pub use block::Cond;

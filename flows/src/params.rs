@@ -30,9 +30,13 @@ pub struct ParamSpec {
     pub init: Init,
 }
 
-/// Whether `name` is a regenerated buffer (`var`, `blocks.{k}.attn_mask`).
+/// Whether `name` is a regenerated buffer (`var`, `blocks.{k}.attn_mask`, ml-starflow's
+/// deprecated all-zero rotary buffers `feat_rope.freqs_{cos,sin}`).
 pub fn is_buffer(name: &str) -> bool {
-    name == "var" || name.ends_with(".attn_mask")
+    name == "var"
+        || name.ends_with(".attn_mask")
+        || name.starts_with("feat_rope.")
+        || name.starts_with("feat_rope_gen.")
 }
 
 /// Every learned parameter of `cfg`, in construction order.
@@ -46,7 +50,9 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let lin = |fan_in: usize| Init::Uniform(1.0 / (fan_in as f64).sqrt());
     for k in 0..cfg.num_blocks {
         let b = format!("blocks.{k}");
-        p(format!("{b}.pos_embed"), vec![t, c], Init::Normal(0.01));
+        if !cfg.rope {
+            p(format!("{b}.pos_embed"), vec![t, c], Init::Normal(0.01));
+        }
         if cfg.block_conditional(k) {
             p(
                 format!("{b}.class_embed"),
@@ -56,6 +62,11 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         }
         p(format!("{b}.proj_in.weight"), vec![c, d], lin(d));
         p(format!("{b}.proj_in.bias"), vec![c], lin(d));
+        if cfg.block_text(k) {
+            let td = cfg.txt_dim;
+            p(format!("{b}.proj_txt.weight"), vec![c, td], lin(td));
+            p(format!("{b}.proj_txt.bias"), vec![c], lin(td));
+        }
         for l in 0..cfg.block_layers(k) {
             let a = format!("{b}.attn_blocks.{l}");
             for norm in ["attention.norm", "mlp.norm"] {

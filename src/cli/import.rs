@@ -1,22 +1,38 @@
-//! `tarflow import FILE --img-size S --patch-size P [--in-channels C] -o OUT`.
+//! `tarflow import FILE --img-size S --patch-size P [--in-channels C] -o OUT` (ml-tarflow) and
+//! `tarflow import FILE --from ml-starflow --model-kwargs KW.json -o OUT`.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use std::path::PathBuf;
 use tarflow_flows::Checkpoint;
 
+/// Where a state_dict comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    /// apple/ml-tarflow: the config is inferred from the shapes plus --img-size, --patch-size.
+    MlTarflow,
+    /// apple/ml-starflow: the config is `Model(**kwargs)`'s, given by --model-kwargs.
+    MlStarflow,
+}
+
 /// Arguments of `tarflow import`.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// ml-tarflow state_dict: a PyTorch `.pth` (read as data, never executed) or `.safetensors`.
+    /// The state_dict: a PyTorch `.pth` (read as data, never executed) or `.safetensors`.
     file: PathBuf,
-    /// Image side in pixels (not recoverable from the weights).
+    /// The code that saved it.
+    #[arg(long = "from", value_enum, default_value = "ml-tarflow")]
+    from: Source,
+    /// ml-starflow: `Model(**kwargs)`'s keyword arguments as a JSON object (a file).
     #[arg(long)]
-    img_size: usize,
-    /// Patch side in pixels (not recoverable from the weights).
+    model_kwargs: Option<PathBuf>,
+    /// ml-tarflow: image side in pixels (not recoverable from the weights).
     #[arg(long)]
-    patch_size: usize,
+    img_size: Option<usize>,
+    /// ml-tarflow: patch side in pixels (not recoverable from the weights).
+    #[arg(long)]
+    patch_size: Option<usize>,
     /// Image channels; inferred as patch_dim / patch_size² when omitted.
     #[arg(long)]
     in_channels: Option<usize>,
@@ -27,18 +43,31 @@ pub struct ImportArgs {
 
 /// Converts the state_dict and prints what was inferred.
 pub fn run(a: ImportArgs) -> Result<()> {
-    let ckpt = Checkpoint::import(
-        &a.file,
-        a.img_size,
-        a.patch_size,
-        a.in_channels,
-        &Device::Cpu,
-    )
+    let ckpt = match a.from {
+        Source::MlTarflow => {
+            let (Some(img), Some(patch)) = (a.img_size, a.patch_size) else {
+                bail!("an ml-tarflow state_dict needs --img-size and --patch-size (the weights do not say them)");
+            };
+            Checkpoint::import(&a.file, img, patch, a.in_channels, &Device::Cpu)
+        }
+        Source::MlStarflow => {
+            let Some(kw) = &a.model_kwargs else {
+                bail!("an ml-starflow state_dict needs --model-kwargs KW.json: the keyword arguments its Model(...) was built with");
+            };
+            let text = std::fs::read_to_string(kw)
+                .with_context(|| format!("reading --model-kwargs {}", kw.display()))?;
+            let kwargs: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("--model-kwargs {}: not JSON", kw.display()))?;
+            // A config.json that wraps them under "model_kwargs" is read too.
+            let kwargs = kwargs.get("model_kwargs").cloned().unwrap_or(kwargs);
+            Checkpoint::import_starflow(&a.file, &kwargs, &Device::Cpu)
+        }
+    }
     .with_context(|| format!("importing {}", a.file.display()))?;
     ckpt.save(&a.output)?;
     let c = &ckpt.config;
     println!(
-        "wrote {}: {}×{}×{} images, patch {}, width {}, {} blocks, {} classes, {:.2} M parameters",
+        "wrote {}: {}×{}×{} images, patch {}, width {}, {} blocks, {} classes, {} text tokens, {:.2} M parameters",
         a.output.display(),
         c.in_channels,
         c.img_size,
@@ -47,6 +76,7 @@ pub fn run(a: ImportArgs) -> Result<()> {
         c.channels,
         c.num_blocks,
         c.num_classes,
+        c.txt_size,
         ckpt.num_params() as f64 / 1e6
     );
     Ok(())

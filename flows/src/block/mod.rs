@@ -10,6 +10,7 @@ use crate::kernels::step::{heads, StepWeights};
 use crate::kernels::train::TrunkParts;
 use crate::layers::{AttentionBlock, Linear, RmsNorm};
 use crate::quant::QuantWeights;
+use crate::rope::Rope;
 mod step;
 
 pub use step::Stepper;
@@ -36,15 +37,20 @@ pub struct BlockOutput {
 #[derive(Debug, Clone)]
 pub struct MetaBlock {
     proj_in: Linear,
-    pos_embed: Tensor,           // (T, C), canonical order
+    pos_embed: Option<Tensor>, // (T, C), canonical order; none with rotary positions
     class_embed: Option<Tensor>, // (classes, C)
+    proj_txt: Option<Linear>,  // txt_dim → C, where the block reads the text prefix
+    rope: Option<Rope>,        // rotary tables for the L + T positions
     layers: Vec<AttentionBlock>,
     proj_out: Linear,
     flip: Option<Tensor>, // reversed token indices for odd blocks
-    mask: Tensor,         // (T, T): 0 on and below the diagonal, −∞ above
+    mask: Tensor,         // (L + T, L + T): 0 on and below the diagonal, −∞ above
+    tokens: usize,        // T
+    text_len: usize,      // L, the text rows before the tokens (0 without text)
     patch_dim: usize,
     nvp: bool,
     scale: ScaleHead,
+    clip: f64,
     sos: Option<Tensor>,         // (1, D) learned start token (STARFlow)
     final_norm: Option<RmsNorm>, // before proj_out (STARFlow)
     /// Whether the CPU engine may run this block ([`engine::cpu_may_run`], decided at load).
@@ -95,9 +101,15 @@ impl MetaBlock {
         } else {
             None
         };
-        let mask: Vec<f32> = (0..t * t)
+        let text_len = if cfg.block_text(index) {
+            cfg.txt_size
+        } else {
+            0
+        };
+        let s = text_len + t;
+        let mask: Vec<f32> = (0..s * s)
             .map(|i| {
-                if i % t <= i / t {
+                if i % s <= i / s {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -107,15 +119,29 @@ impl MetaBlock {
         let out_dim = if cfg.nvp { 2 * d } else { d };
         Ok(Self {
             proj_in: Linear::load(d, c, vb.pp("proj_in"), quant)?,
-            pos_embed: vb.get((t, c), "pos_embed")?,
+            pos_embed: match cfg.rope {
+                true => None,
+                false => Some(vb.get((t, c), "pos_embed")?),
+            },
             class_embed,
+            proj_txt: match text_len > 0 {
+                true => Some(Linear::load(cfg.txt_dim, c, vb.pp("proj_txt"), quant)?),
+                false => None,
+            },
+            rope: match cfg.rope {
+                true => Some(Rope::new(cfg, text_len, dev, vb.dtype())?),
+                false => None,
+            },
             layers,
             proj_out: Linear::load(c, out_dim, vb.pp("proj_out"), quant)?,
             flip,
-            mask: Tensor::from_vec(mask, (t, t), dev)?.to_dtype(vb.dtype())?,
+            mask: Tensor::from_vec(mask, (s, s), dev)?.to_dtype(vb.dtype())?,
+            tokens: t,
+            text_len,
             patch_dim: d,
             nvp: cfg.nvp,
             scale: cfg.scale,
+            clip: cfg.soft_clip(),
             sos: if cfg.sos {
                 Some(vb.get((1, 1, d), "sos_embed")?.reshape((1, d))?)
             } else {
@@ -161,7 +187,7 @@ impl MetaBlock {
             .collect::<Option<Vec<_>>>()?;
         Some(TrunkParts {
             proj_in: self.proj_in.parts().ok()?,
-            pos: &self.pos_embed,
+            pos: self.pos_embed.as_ref()?,
             class_embed: self.class_embed.as_ref(),
             layers,
             proj_out: self.proj_out.parts().ok()?,
@@ -223,7 +249,7 @@ impl MetaBlock {
 
     /// Whether the weights are trainable variables (a model being trained).
     pub fn is_trainable(&self) -> bool {
-        self.pos_embed.is_variable()
+        self.proj_out.parts().is_ok_and(|(w, _)| w.is_variable())
     }
 
     /// Whether this block reverses the token order.
@@ -239,7 +265,7 @@ impl MetaBlock {
         let classes = table.dim(0)?;
         let mean = table.mean_keepdim(0)?; // (1, C)
         match cond {
-            Cond::Null => Ok(Some(mean.unsqueeze(0)?)),
+            Cond::Null | Cond::Text(_) => Ok(Some(mean.unsqueeze(0)?)),
             Cond::Labels(y) => {
                 let mut idx = Vec::with_capacity(y.len());
                 for (i, &l) in y.iter().enumerate() {
@@ -281,9 +307,30 @@ impl MetaBlock {
         Ok(Some(Tensor::cat(&[&c, &u], 0)?))
     }
 
+    /// The projected text prefix (rows, L, C) where this block reads text: `cond`'s prompts
+    /// for the N rows, then (with guidance) the unconditional prompt for N more.
+    pub fn text_rows(&self, cond: Cond, guided: bool, n: usize) -> Result<Option<Tensor>> {
+        let Some(proj) = &self.proj_txt else {
+            return Ok(None);
+        };
+        let Cond::Text(text) = cond else {
+            return Err(FlowError::Input(format!(
+                "the model reads a text prefix of {} embeddings per image: give them (--text FILE.safetensors with `y`)",
+                self.text_len
+            )));
+        };
+        let dt = self.mask.dtype();
+        let y = text.prompts(n)?.to_dtype(dt)?;
+        let y = match guided {
+            true => Tensor::cat(&[&y, &text.nulls(n)?.to_dtype(dt)?], 0)?,
+            false => y,
+        };
+        Ok(Some(proj.forward(&y)?))
+    }
+
     /// (α, μ) of raw `proj_out` outputs ([`crate::affine::head`]).
     fn split(&self, o: &Tensor) -> Result<(Tensor, Tensor)> {
-        head(o, self.patch_dim, self.nvp, self.scale)
+        head(o, self.patch_dim, self.nvp, self.scale, self.clip)
     }
 
     /// x → z for this block: `z = (x − μ)·exp(−α)` token-wise, parameters from earlier tokens.
@@ -293,7 +340,8 @@ impl MetaBlock {
         }
         let x = self.permute(x, 1)?;
         let cls = self.class_cond(cond, x.device())?;
-        let (alpha, mu, proj_out) = self.maps(&x, cls.as_ref(), 1.0)?;
+        let txt = self.text_rows(cond, false, x.dim(0)?)?;
+        let (alpha, mu, proj_out) = self.maps(&x, cls.as_ref(), txt.as_ref(), 1.0)?;
         let z = affine(&x, &mu, &alpha)?;
         // The log-det is a mean of α over T·D terms: in f32 whatever the model's dtype.
         let logdet = at_least_f32(&alpha)?
@@ -329,7 +377,7 @@ impl MetaBlock {
     /// exp head without a start token): the token order, the trunk and the affine map run with
     /// no candle op between them, where the composed ops took a pass and a buffer each.
     fn forward_kernels(&self, x: &Tensor, cond: Cond) -> Result<Option<BlockOutput>> {
-        if self.sos.is_some() || self.scale != ScaleHead::Exp {
+        if self.sos.is_some() || self.scale != ScaleHead::Exp || self.clip > 0.0 {
             return Ok(None);
         }
         let Some(block) = self.dense_for_kernels(x)? else {
@@ -369,14 +417,16 @@ impl MetaBlock {
 
     /// The (α, μ) of every token given all tokens `x` (N, T, D) in this block's own order, in
     /// one causal pass: token t's map depends only on tokens before it. Used by the forward
-    /// pass and the parallel (Jacobi) inverse; `attn_temp` divides the attention scores.
+    /// pass and the parallel (Jacobi) inverse; `txt` is the projected text prefix
+    /// ([`Self::text_rows`]), `attn_temp` divides the attention scores.
     pub fn params(
         &self,
         x: &Tensor,
         cls: Option<&Tensor>,
+        txt: Option<&Tensor>,
         attn_temp: f64,
     ) -> Result<(Tensor, Tensor)> {
-        let (alpha, mu, _) = self.maps(x, cls, attn_temp)?;
+        let (alpha, mu, _) = self.maps(x, cls, txt, attn_temp)?;
         Ok((alpha, mu))
     }
 
@@ -385,6 +435,7 @@ impl MetaBlock {
         &self,
         x: &Tensor,
         cls: Option<&Tensor>,
+        txt: Option<&Tensor>,
         attn_temp: f64,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, t, _) = x.dims3()?;
@@ -409,17 +460,28 @@ impl MetaBlock {
             let w = out.len() / (n * t).max(1);
             Tensor::from_vec(out, (n, t, w), input.device())?
         } else {
-            let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-            let pe = self.permute(&self.pos_embed, 0)?.narrow(0, 0, t)?;
-            let mut h = self.proj_in.forward(&input)?.broadcast_add(&pe)?; // (N, T, C)
+            let mut h = self.proj_in.forward(&input)?; // (N, T, C)
+            if let Some(pe) = &self.pos_embed {
+                h = h.broadcast_add(&self.permute(pe, 0)?.narrow(0, 0, t)?)?;
+            }
             if let Some(c) = cls {
                 h = h.broadcast_add(c)?;
             }
+            // The text rows go first; every layer updates them, only the tokens are read out.
+            let l = match txt {
+                Some(y) => {
+                    h = Tensor::cat(&[y, &h], 1)?; // (N, L + T, C)
+                    y.dim(1)?
+                }
+                None => 0,
+            };
+            let s = l + t;
+            let mask = self.mask.narrow(0, 0, s)?.narrow(1, 0, s)?;
             let engine = self.engine();
             for layer in &self.layers {
-                h = layer.forward(&h, &mask, attn_temp, engine)?;
+                h = layer.forward(&h, &mask, attn_temp, engine, self.rope.as_ref())?;
             }
-            self.head_out(&h)? // (N, T, W)
+            self.head_out(&h.narrow(1, l, t)?)? // (N, T, W)
         };
         let (alpha, mu) = self.split(&proj_out)?;
         let (alpha, mu) = if self.sos.is_some() {

@@ -13,11 +13,19 @@ use std::sync::Arc;
 impl MetaBlock {
     /// The state of one sequential inverse over `rows` rows whose attention scores are divided
     /// by `temps[r]`: the trunk's CPU step kernel where the kernels apply, else candle's KV
-    /// caches (the GPU path and the reference).
-    pub fn stepper(&self, rows: usize, temps: &[f64], cls: Option<&Tensor>) -> Result<Stepper> {
-        let t = self.pos_embed.dim(0)?;
-        let device = self.pos_embed.device();
-        if self.engine() == Engine::Cpu && !self.is_quantised() {
+    /// caches (the GPU path and the reference), filled first with the text prefix `txt`
+    /// (rows, L, C; [`MetaBlock::text_rows`]) where the block reads one.
+    pub fn stepper(
+        &self,
+        rows: usize,
+        temps: &[f64],
+        cls: Option<&Tensor>,
+        txt: Option<&Tensor>,
+    ) -> Result<Stepper> {
+        let t = self.tokens;
+        let device = self.mask.device();
+        let plain = txt.is_none() && self.rope.is_none();
+        if plain && self.engine() == Engine::Cpu && !self.is_quantised() {
             let parts = self.step_parts(cls)?;
             return Ok(Stepper::Cpu(Box::new(StepKernel::new(parts, rows, temps)?)));
         }
@@ -27,18 +35,31 @@ impl MetaBlock {
             let inv: Vec<f32> = temps.iter().map(|&v| (1.0 / v) as f32).collect();
             Some(Tensor::from_vec(inv, (rows, 1, 1, 1), device)?)
         };
-        Ok(Stepper::Kv {
-            caches: self.layers.iter().map(|_| KvCache::new(2, t)).collect(),
-            scale,
-        })
+        let mut caches: Vec<KvCache> = self
+            .layers
+            .iter()
+            .map(|_| KvCache::new(2, self.text_len + t))
+            .collect();
+        if let Some(y) = txt {
+            let mut h = y.clone();
+            for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+                h = layer.step(&h, cache, scale.as_ref(), self.rope.as_ref())?;
+            }
+        }
+        Ok(Stepper::Kv { caches, scale })
     }
 
     /// What the CPU step engine reads around `trunk`: the weights in its layout, the embeddings,
     /// the final norm, and the class embedding of each row.
     pub(super) fn step_parts<'a>(&'a self, cls: Option<&'a Tensor>) -> Result<StepParts<'a>> {
+        let pos = self.pos_embed.as_ref().ok_or_else(|| {
+            crate::error::FlowError::Config(
+                "the CPU step engine has no rotary positions; the block runs composed".into(),
+            )
+        })?;
         Ok(StepParts {
             weights: self.step_weights()?,
-            pos: &self.pos_embed,
+            pos,
             flipped: self.flip.is_some(),
             cls,
             final_norm: self.final_norm.as_ref().map(RmsNorm::weight),
@@ -86,20 +107,20 @@ impl MetaBlock {
                 Tensor::from_vec(out, (rows, 1, w), x_i.device())?
             }
             Stepper::Kv { caches, scale } => {
-                let t = self.pos_embed.dim(0)?;
-                let pos = match &self.flip {
-                    Some(_) => t - 1 - i,
-                    None => i,
-                };
-                let mut h = self
-                    .proj_in
-                    .forward(x_i)?
-                    .broadcast_add(&self.pos_embed.narrow(0, pos, 1)?)?;
+                let mut h = self.proj_in.forward(x_i)?;
+                if let Some(pe) = &self.pos_embed {
+                    let t = self.tokens;
+                    let pos = match &self.flip {
+                        Some(_) => t - 1 - i,
+                        None => i,
+                    };
+                    h = h.broadcast_add(&pe.narrow(0, pos, 1)?)?;
+                }
                 if let Some(c) = cls {
                     h = h.broadcast_add(c)?;
                 }
                 for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-                    h = layer.step(&h, cache, scale.as_ref())?;
+                    h = layer.step(&h, cache, scale.as_ref(), self.rope.as_ref())?;
                 }
                 self.head_out(&h)?
             }

@@ -182,10 +182,11 @@ impl TarFlow {
         let guided = opts.guidance > 0.0;
         let rows = if guided { 2 * n } else { n };
         let cls = block.class_rows(cond, guided, n, &self.device)?;
+        let txt = block.text_rows(cond, guided, n)?;
         let temps: Vec<f64> = (0..rows)
             .map(|r| if r < n { 1.0 } else { opts.attn_temp })
             .collect();
-        let mut st = block.stepper(rows, &temps, cls.as_ref())?;
+        let mut st = block.stepper(rows, &temps, cls.as_ref(), txt.as_ref())?;
         // With a start token, position i reads token i−1 (the start token at 0) and yields
         // token i's map; otherwise position i reads token i and yields token i+1's.
         let sos = block.sos();
@@ -270,6 +271,15 @@ impl TarFlow {
         } else {
             None
         };
+        // The prompts' prefix, and (with guidance) the unconditional prompt's.
+        let txt = block.text_rows(cond, false, n)?;
+        let txt_u = match (guided, &txt) {
+            (true, Some(_)) => block
+                .text_rows(cond, true, n)?
+                .map(|both| both.narrow(0, n, n))
+                .transpose()?,
+            _ => None,
+        };
         // Per-token guidance weights, matching the sequential sampler's annealing.
         let sos = block.sos().is_some();
         let g: Vec<f32> = (0..t)
@@ -291,9 +301,10 @@ impl TarFlow {
             for _ in 0..j.max_iters.max(1) {
                 iterations += 1;
                 let prefix = x.narrow(1, 0, b0)?;
-                let (mut a, mut m) = block.params(&prefix, cls.as_ref(), 1.0)?;
+                let (mut a, mut m) = block.params(&prefix, cls.as_ref(), txt.as_ref(), 1.0)?;
                 if guided {
-                    let (au, mu) = block.params(&prefix, cls_u.as_ref(), opts.attn_temp)?;
+                    let (au, mu) =
+                        block.params(&prefix, cls_u.as_ref(), txt_u.as_ref(), opts.attn_temp)?;
                     let gw = Tensor::from_slice(&g[..b0], (1, b0, 1), &self.device)?;
                     (a, m) = guide((&a, &m), (&au, &mu), opts, &gw)?;
                 }

@@ -211,6 +211,29 @@ impl TarFlow {
     }
 
     pub(crate) fn check_labels(&self, cond: Cond, n: usize) -> Result<()> {
+        if let Cond::Text(t) = cond {
+            let (l, d) = (self.cfg.txt_size, self.cfg.txt_dim);
+            if d == 0 {
+                return Err(FlowError::Input(
+                    "text embeddings given to a model that reads no text (txt_dim = 0)".into(),
+                ));
+            }
+            let dims = t.y.dims();
+            if dims.len() != 3 || dims[0] < t.from + n || dims[1..] != [l, d] {
+                return Err(FlowError::Input(format!(
+                    "text embeddings `y` of shape {dims:?}, expected ({n}, {l}, {d}): one row of {l} embeddings of width {d} per image"
+                )));
+            }
+            if let Some(u) = t.null {
+                let ud = u.dims();
+                if ud.len() != 3 || !(ud[0] == 1 || ud[0] == dims[0]) || ud[1..] != [l, d] {
+                    return Err(FlowError::Input(format!(
+                        "unconditional text `y_null` of shape {ud:?}, expected (1 or {}, {l}, {d})",
+                        dims[0]
+                    )));
+                }
+            }
+        }
         if let Cond::Labels(y) = cond {
             if y.len() != n {
                 return Err(FlowError::Input(format!(

@@ -45,7 +45,7 @@ struct Block<'a> {
 fn row_classes(cond: Cond, n: usize) -> Vec<Option<usize>> {
     match cond {
         Cond::Labels(l) => l.iter().map(|&v| (v >= 0).then_some(v as usize)).collect(),
-        Cond::Null => vec![None; n],
+        Cond::Null | Cond::Text(_) => vec![None; n],
     }
 }
 

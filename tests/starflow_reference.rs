@@ -1,0 +1,189 @@
+//! ml-starflow's released model at toy size (`tests/fixtures/starflow-release`: Apple's own
+//! `transformer_flow.Model` with the switches of `starflow_3B_t2i_256x256.yaml` — patch 1 over
+//! a 4-channel latent, 3-D RoPE with a text axis, start token, softplus head, final RMSNorm,
+//! soft clip 4, a 4-token text prefix in the deep block only, L2R order), imported through
+//! `--model-kwargs` and checked value by value on the composed ops and the CPU engine: z, every
+//! block's output and log-dets, the loss, and the inverse plain, guided and round trip.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, fixture, load};
+use tarflow::flows::cond::Text;
+use tarflow::flows::patch::{patchify, unpatchify};
+use tarflow::flows::GuidanceRule;
+use tarflow::{Checkpoint, Cond, ReverseOptions, TarFlow};
+
+/// The imported release model and its reference config.
+fn release() -> (Checkpoint, serde_json::Value) {
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("starflow-release/config.json")).unwrap(),
+    )
+    .unwrap();
+    let ck = Checkpoint::import_starflow(
+        fixture("starflow-release/model.safetensors"),
+        &cfg["model_kwargs"],
+        &Device::Cpu,
+    )
+    .unwrap();
+    (ck, cfg)
+}
+
+fn model(ck: &Checkpoint) -> TarFlow {
+    ck.model(&Device::Cpu, DType::F32).unwrap()
+}
+
+#[test]
+fn release_kwargs_map_to_our_options() {
+    let (ck, _) = release();
+    let c = &ck.config;
+    assert!(c.rope && c.sos && c.final_norm && c.cond_deep_only);
+    assert_eq!((c.txt_size, c.txt_dim), (4, 16));
+    assert_eq!(c.soft_clip(), 4.0);
+    assert_eq!(c.permutation, tarflow::flows::config::Permutation::L2r);
+    // L2R reverses blocks 0 and 2 (the deep one) of three.
+    assert_eq!(
+        (0..3).map(|k| c.block_flipped(k)).collect::<Vec<_>>(),
+        [true, false, true]
+    );
+}
+
+fn forward_matches(composed: bool) {
+    tarflow::flows::kernels::set_enabled(!composed);
+    let (ck, _) = release();
+    let m = model(&ck);
+    let inp = load("starflow-release/inputs.safetensors");
+    let exp = load("starflow-release/expected.safetensors");
+    let y = &inp["y"];
+    let out = m
+        .forward(&inp["x"], Cond::Text(Text::new(y, None)))
+        .unwrap();
+    let tag = if composed { "composed" } else { "cpu" };
+    let (c, p) = (ck.config.in_channels, ck.config.patch_size);
+    assert_close(
+        &format!("{tag} z"),
+        &unpatchify(&out.z, c, p).unwrap(),
+        &exp["z"],
+        1e-4,
+        1e-4,
+    );
+    let x0 = patchify(&inp["x"], p).unwrap();
+    assert_close(
+        "outputs.0",
+        &x0,
+        &exp["outputs.0"].flatten(1, 2).unwrap(),
+        0.0,
+        0.0,
+    );
+    for (k, b) in out.blocks.iter().enumerate() {
+        let want = exp[&format!("outputs.{}", k + 1)].flatten(1, 2).unwrap();
+        assert_close(
+            &format!("{tag} outputs.{}", k + 1),
+            &b.out,
+            &want,
+            1e-4,
+            1e-4,
+        );
+        let ld = exp[&format!("logdets.{k}")].clone();
+        assert_close(
+            &format!("{tag} logdets.{k}"),
+            &b.alpha.neg().unwrap(),
+            &ld,
+            1e-4,
+            1e-4,
+        );
+    }
+    let loss = TarFlow::loss(&out).unwrap().reshape(1).unwrap();
+    assert_close(&format!("{tag} loss"), &loss, &exp["loss"], 1e-5, 1e-5);
+}
+
+#[test]
+fn release_forward_matches_upstream_on_the_composed_ops() {
+    forward_matches(true);
+}
+
+#[test]
+fn release_forward_matches_upstream_on_the_cpu_engine() {
+    forward_matches(false);
+}
+
+fn reverse_matches(composed: bool) {
+    tarflow::flows::kernels::set_enabled(!composed);
+    let (ck, cfg) = release();
+    let m = model(&ck);
+    let inp = load("starflow-release/inputs.safetensors");
+    let exp = load("starflow-release/expected.safetensors");
+    let p = ck.config.patch_size;
+    let y = &inp["y"];
+    let cond = Cond::Text(Text::new(y, Some(&inp["y_null"])));
+    let tag = if composed { "composed" } else { "cpu" };
+    let seq = |img: &Tensor| patchify(img, p).unwrap();
+    let plain = m
+        .reverse(&seq(&inp["z_in"]), cond, &ReverseOptions::default())
+        .unwrap();
+    assert_close(
+        &format!("{tag} reverse.plain"),
+        &plain,
+        &exp["reverse.plain"],
+        1e-4,
+        1e-4,
+    );
+    let round = m
+        .reverse(&seq(&exp["z"]), cond, &ReverseOptions::default())
+        .unwrap();
+    assert_close(
+        &format!("{tag} reverse.roundtrip"),
+        &round,
+        &exp["reverse.roundtrip"],
+        1e-4,
+        1e-4,
+    );
+    assert_close(
+        &format!("{tag} round trip = x"),
+        &round,
+        &inp["x"],
+        1e-4,
+        1e-4,
+    );
+    let guided = ReverseOptions {
+        guidance: cfg["guidance"].as_f64().unwrap(),
+        rule: GuidanceRule::Gaussian,
+        ..ReverseOptions::default()
+    };
+    let g = m.reverse(&seq(&inp["z_in"]), cond, &guided).unwrap();
+    assert_close(
+        &format!("{tag} reverse.guided"),
+        &g,
+        &exp["reverse.guided"],
+        1e-4,
+        1e-4,
+    );
+}
+
+#[test]
+fn release_reverse_matches_upstream_on_the_composed_ops() {
+    reverse_matches(true);
+}
+
+#[test]
+fn release_reverse_matches_upstream_on_the_cpu_engine() {
+    reverse_matches(false);
+}
+
+#[test]
+fn text_of_the_wrong_shape_is_an_error_naming_it() {
+    let (ck, _) = release();
+    let m = model(&ck);
+    let inp = load("starflow-release/inputs.safetensors");
+    let bad = Tensor::zeros((3, 5, 16), DType::F32, &Device::Cpu).unwrap();
+    let e = m
+        .forward(&inp["x"], Cond::Text(Text::new(&bad, None)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("text embeddings `y` of shape [3, 5, 16], expected (3, 4, 16)"),
+        "{e}"
+    );
+    let e = m.forward(&inp["x"], Cond::Null).unwrap_err().to_string();
+    assert!(e.contains("--text"), "{e}");
+}
