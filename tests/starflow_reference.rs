@@ -1,32 +1,38 @@
-//! ml-starflow's released model at toy size (`tests/fixtures/starflow-release`: Apple's own
-//! `transformer_flow.Model` with the switches of `starflow_3B_t2i_256x256.yaml` — patch 1 over
-//! a 4-channel latent, 3-D RoPE with a text axis, start token, softplus head, final RMSNorm,
-//! soft clip 4, a 4-token text prefix in the deep block only, L2R order), imported through
-//! `--model-kwargs` and checked value by value on the composed ops and the CPU engine: z, every
+//! Apple's own `transformer_flow.Model` of ml-starflow at toy size, imported through its
+//! `Model(**kwargs)` and checked value by value on the composed ops and the CPU engine: z, every
 //! block's output and log-dets, the loss, and the inverse plain, guided and round trip.
+//! `starflow-release` has the switches of `starflow_3B_t2i_256x256.yaml` (patch 1 over a
+//! 4-channel latent, 3-D RoPE with a text axis, start token, softplus head, final RMSNorm, soft
+//! clip 4, a 4-token text prefix in the deep block only, L2R order); `starflow-options` the
+//! Gemma-style layers (SwiGLU, RMSNorm blocks, QK-norm, post-norm, grouped-query heads, no
+//! biases, Hugging Face's RoPE pairing), text in every block, R2L, patch 2 and the learnable
+//! self-denoiser.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixture, load};
 use tarflow::flows::cond::Text;
-use tarflow::flows::patch::{patchify, unpatchify};
 use tarflow::flows::GuidanceRule;
 use tarflow::{Checkpoint, Cond, ReverseOptions, TarFlow};
 
-/// The imported release model and its reference config.
-fn release() -> (Checkpoint, serde_json::Value) {
+/// The imported model of reference folder `dir` and its config.
+fn reference(dir: &str) -> (Checkpoint, serde_json::Value) {
     let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("starflow-release/config.json")).unwrap(),
+        &std::fs::read_to_string(fixture(&format!("{dir}/config.json"))).unwrap(),
     )
     .unwrap();
     let ck = Checkpoint::import_starflow(
-        fixture("starflow-release/model.safetensors"),
+        fixture(&format!("{dir}/model.safetensors")),
         &cfg["model_kwargs"],
         &Device::Cpu,
     )
     .unwrap();
     (ck, cfg)
+}
+
+fn release() -> (Checkpoint, serde_json::Value) {
+    reference("starflow-release")
 }
 
 fn model(ck: &Checkpoint) -> TarFlow {
@@ -48,26 +54,25 @@ fn release_kwargs_map_to_our_options() {
     );
 }
 
-fn forward_matches(composed: bool) {
+fn forward_matches(dir: &str, composed: bool) {
     tarflow::flows::kernels::set_enabled(!composed);
-    let (ck, _) = release();
+    let (ck, _) = reference(dir);
     let m = model(&ck);
-    let inp = load("starflow-release/inputs.safetensors");
-    let exp = load("starflow-release/expected.safetensors");
+    let inp = load(&format!("{dir}/inputs.safetensors"));
+    let exp = load(&format!("{dir}/expected.safetensors"));
     let y = &inp["y"];
     let out = m
         .forward(&inp["x"], Cond::Text(Text::new(y, None)))
         .unwrap();
-    let tag = if composed { "composed" } else { "cpu" };
-    let (c, p) = (ck.config.in_channels, ck.config.patch_size);
+    let tag = format!("{dir} {}", if composed { "composed" } else { "cpu" });
     assert_close(
         &format!("{tag} z"),
-        &unpatchify(&out.z, c, p).unwrap(),
+        &m.to_image(&out.z).unwrap(),
         &exp["z"],
         1e-4,
         1e-4,
     );
-    let x0 = patchify(&inp["x"], p).unwrap();
+    let x0 = m.to_tokens(&inp["x"]).unwrap();
     assert_close(
         "outputs.0",
         &x0,
@@ -99,25 +104,34 @@ fn forward_matches(composed: bool) {
 
 #[test]
 fn release_forward_matches_upstream_on_the_composed_ops() {
-    forward_matches(true);
+    forward_matches("starflow-release", true);
 }
 
 #[test]
 fn release_forward_matches_upstream_on_the_cpu_engine() {
-    forward_matches(false);
+    forward_matches("starflow-release", false);
 }
 
-fn reverse_matches(composed: bool) {
+#[test]
+fn options_forward_matches_upstream_on_the_composed_ops() {
+    forward_matches("starflow-options", true);
+}
+
+#[test]
+fn options_forward_matches_upstream_on_the_cpu_engine() {
+    forward_matches("starflow-options", false);
+}
+
+fn reverse_matches(dir: &str, composed: bool) {
     tarflow::flows::kernels::set_enabled(!composed);
-    let (ck, cfg) = release();
+    let (ck, cfg) = reference(dir);
     let m = model(&ck);
-    let inp = load("starflow-release/inputs.safetensors");
-    let exp = load("starflow-release/expected.safetensors");
-    let p = ck.config.patch_size;
+    let inp = load(&format!("{dir}/inputs.safetensors"));
+    let exp = load(&format!("{dir}/expected.safetensors"));
     let y = &inp["y"];
     let cond = Cond::Text(Text::new(y, Some(&inp["y_null"])));
-    let tag = if composed { "composed" } else { "cpu" };
-    let seq = |img: &Tensor| patchify(img, p).unwrap();
+    let tag = format!("{dir} {}", if composed { "composed" } else { "cpu" });
+    let seq = |img: &Tensor| m.to_tokens(img).unwrap();
     let plain = m
         .reverse(&seq(&inp["z_in"]), cond, &ReverseOptions::default())
         .unwrap();
@@ -162,12 +176,37 @@ fn reverse_matches(composed: bool) {
 
 #[test]
 fn release_reverse_matches_upstream_on_the_composed_ops() {
-    reverse_matches(true);
+    reverse_matches("starflow-release", true);
 }
 
 #[test]
 fn release_reverse_matches_upstream_on_the_cpu_engine() {
-    reverse_matches(false);
+    reverse_matches("starflow-release", false);
+}
+
+#[test]
+fn options_reverse_matches_upstream_on_the_composed_ops() {
+    reverse_matches("starflow-options", true);
+}
+
+#[test]
+fn options_reverse_matches_upstream_on_the_cpu_engine() {
+    reverse_matches("starflow-options", false);
+}
+
+#[test]
+fn options_self_denoiser_matches_upstream() {
+    let (ck, _) = reference("starflow-options");
+    assert_eq!(ck.config.denoiser_layers, 8);
+    let m = model(&ck);
+    let inp = load("starflow-options/inputs.safetensors");
+    let exp = load("starflow-options/expected.safetensors");
+    let d = m.denoiser_output(&inp["x"]).unwrap();
+    assert_close("options denoiser", &d, &exp["denoiser"], 1e-4, 1e-4);
+    // One learned step at the training noise: x − 0.3·pred.
+    let step = m.learned_denoise(&inp["x"], 0.3, 0.0).unwrap();
+    let want = (&inp["x"] - (&exp["denoiser"] * 0.3).unwrap()).unwrap();
+    assert_close("options learned step", &step, &want, 1e-4, 1e-4);
 }
 
 #[test]

@@ -42,6 +42,17 @@ pub enum ScaleHead {
     Softplus,
 }
 
+/// The norm before each attention and MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormKind {
+    /// LayerNorm with scale and shift (ml-tarflow).
+    #[default]
+    LayerNorm,
+    /// RMSNorm `x·rsqrt(mean(x²) + 1e-6)·(1 + w)` (ml-starflow `norm_type = "rms_norm"`).
+    RmsNorm,
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
@@ -115,6 +126,37 @@ pub struct ModelConfig {
     /// softplus head, off with exp. 0 turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soft_clip: Option<f64>,
+    /// The norm before each attention and MLP (ml-starflow `norm_type`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub norm: NormKind,
+    /// The MLP as `down(GELU_tanh(gate(x)) · up(x))` (ml-starflow `use_swiglu`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub swiglu: bool,
+    /// RMSNorm of each query and key head before the rotation (ml-starflow `use_qk_norm`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub qk_norm: bool,
+    /// RMSNorm of the attention's and the MLP's outputs before the residual add
+    /// (ml-starflow `use_post_norm`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub post_norm: bool,
+    /// Query heads (ml-starflow `num_heads`); unset: `channels / head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_heads: Option<usize>,
+    /// Key and value heads, each shared by `num_heads / num_kv_heads` query heads
+    /// (grouped-query attention, ml-starflow `num_kv_heads`); unset: one per query head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_kv_heads: Option<usize>,
+    /// Linear layers of the transformer without biases (ml-starflow `use_bias = False`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub no_bias: bool,
+    /// A patch's features as (row, col, channel), ml-starflow's layout, instead of ml-tarflow's
+    /// (channel, row, col). Only the order of a token's dimensions changes.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub patch_channels_last: bool,
+    /// Layers of the learnable self-denoiser (`learnable_self_denoiser.*`, a non-causal
+    /// transformer predicting the scaled score; ml-starflow builds 8); 0: none.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub denoiser_layers: usize,
 }
 
 impl ModelConfig {
@@ -150,6 +192,15 @@ impl ModelConfig {
             txt_size: 0,
             txt_dim: 0,
             soft_clip: None,
+            norm: NormKind::LayerNorm,
+            swiglu: false,
+            qk_norm: false,
+            post_norm: false,
+            num_heads: None,
+            num_kv_heads: None,
+            no_bias: false,
+            patch_channels_last: false,
+            denoiser_layers: 0,
         }
     }
 
@@ -194,6 +245,7 @@ impl ModelConfig {
             ("layers_per_block", self.layers_per_block, 1024),
             ("mlp_ratio", self.mlp_ratio, 64),
             ("num_classes", self.num_classes, 1 << 20),
+            ("denoiser_layers", self.denoiser_layers, 1024),
         ] {
             if v > max {
                 return bad(format!(
@@ -233,10 +285,16 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if self.rope && self.txt_size > 0 && self.head_dim < 20 {
+        if self.rope && self.txt_size > 0 && self.head_dim < 16 {
             return bad(format!(
-                "rope with text needs head_dim ({}) ≥ 20: 16 of its dimensions rotate by text position",
+                "rope with text needs head_dim ({}) ≥ 16: 16 of its dimensions rotate by text position",
                 self.head_dim
+            ));
+        }
+        let (h, kv) = (self.num_heads(), self.num_kv_heads());
+        if h == 0 || h > 4096 || kv == 0 || !h.is_multiple_of(kv) {
+            return bad(format!(
+                "num_heads ({h}) must be a positive multiple of num_kv_heads ({kv}), at most 4096"
             ));
         }
         if self.hf_style_rope && !self.rope {
@@ -283,9 +341,24 @@ impl ModelConfig {
         self.in_channels * self.patch_size * self.patch_size
     }
 
-    /// Attention heads per layer.
+    /// Attention (query) heads per layer.
     pub fn num_heads(&self) -> usize {
-        self.channels / self.head_dim
+        self.num_heads
+            .unwrap_or(self.channels / self.head_dim.max(1))
+    }
+
+    /// Key and value heads per layer.
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads.unwrap_or(self.num_heads())
+    }
+
+    /// Whether every transformer layer is ml-tarflow's (LayerNorm, GELU MLP, biases, one key
+    /// head per query head): the layout the CPU engine and the packed training variables have.
+    pub fn plain_layers(&self) -> bool {
+        self.norm == NormKind::LayerNorm
+            && !(self.swiglu || self.qk_norm || self.post_norm || self.no_bias)
+            && self.num_heads() * self.head_dim == self.channels
+            && self.num_kv_heads() == self.num_heads()
     }
 
     /// Number of scalar dimensions of one image, n = C·S².

@@ -235,6 +235,8 @@ pub fn starflow_config(kwargs: &serde_json::Value, source: &Path) -> Result<Mode
         0,
     );
     cfg.head_dim = head_dim;
+    // ml-starflow lays a patch out as (row, col, channel); with p = 1 the orders agree.
+    cfg.patch_channels_last = patch > 1;
     if layers.windows(2).any(|w| w[0] != w[1]) {
         cfg.layers = Some(layers);
     }
@@ -279,30 +281,30 @@ pub fn starflow_config(kwargs: &serde_json::Value, source: &Path) -> Result<Mode
         }
     };
     same("pt_seq_len", grid)?;
-    same("num_heads", channels / head_dim.max(1))?;
-    let heads = uint("num_heads")?.unwrap_or(channels / head_dim.max(1));
-    same("num_kv_heads", heads)?;
     same("top_block_channels", channels)?;
     same("temporal_causal", 0)?;
-    for k in [
-        "use_swiglu",
-        "use_qk_norm",
-        "use_post_norm",
-        "learnable_self_denoiser",
-        "conditional_denoiser",
-        "use_mm_attn",
-        "shallow_block_local",
-    ] {
+    cfg.num_heads = uint("num_heads")?;
+    cfg.num_kv_heads = uint("num_kv_heads")?;
+    cfg.swiglu = flag("use_swiglu")?;
+    cfg.qk_norm = flag("use_qk_norm")?;
+    cfg.post_norm = flag("use_post_norm")?;
+    cfg.no_bias = kw.get("use_bias").is_some_and(|v| v == &Value::Bool(false));
+    cfg.norm = match kw.get("norm_type").and_then(Value::as_str) {
+        None | Some("layer_norm") => crate::config::NormKind::LayerNorm,
+        Some("rms_norm") => crate::config::NormKind::RmsNorm,
+        Some(o) => {
+            return Err(err(format!(
+                "kwarg `norm_type` = {o:?}: expected \"layer_norm\" or \"rms_norm\""
+            )))
+        }
+    };
+    if flag("learnable_self_denoiser")? {
+        cfg.denoiser_layers = 8;
+    }
+    for k in ["conditional_denoiser", "use_mm_attn", "shallow_block_local"] {
         if flag(k)? {
             return Err(err(format!("kwarg `{k}` = true is not built yet")));
         }
-    }
-    if kw.get("use_bias").is_some_and(|v| v == &Value::Bool(false)) {
-        return Err(err("kwarg `use_bias` = false is not built yet".into()));
-    }
-    match kw.get("norm_type").and_then(Value::as_str) {
-        None | Some("layer_norm") => {}
-        Some(o) => return Err(err(format!("kwarg `norm_type` = {o:?} is not built yet"))),
     }
     for k in ["use_pretrained_lm", "denoiser_window", "local_attn_window"] {
         if kw.get(k).is_some_and(|v| !v.is_null()) {

@@ -11,6 +11,7 @@ pub mod block;
 pub mod checkpoint;
 pub mod cond;
 pub mod config;
+pub mod denoiser;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -36,8 +36,12 @@ pub struct Packing {
 }
 
 impl Packing {
-    /// Every transformer layer of `cfg`.
+    /// Every transformer layer of `cfg`; none where its layers are not ml-tarflow's (the
+    /// packed layout is the fused layer's: [`ModelConfig::plain_layers`]).
     pub fn all(cfg: &ModelConfig) -> Result<Self> {
+        if !cfg.plain_layers() {
+            return Ok(Self::default());
+        }
         let shapes: HashMap<String, Vec<usize>> = param_specs(cfg)
             .into_iter()
             .map(|s| (s.name, s.shape))

@@ -1,6 +1,6 @@
 //! The parameter list of a model: ml-tarflow's state_dict key names, shapes and initialisation.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, NormKind};
 use crate::error::Result;
 use crate::rng::{randn, seeded, uniform};
 use candle_core::{Device, Tensor};
@@ -42,7 +42,6 @@ pub fn is_buffer(name: &str) -> bool {
 /// Every learned parameter of `cfg`, in construction order.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let (t, c, d) = (cfg.num_tokens(), cfg.channels, cfg.patch_dim());
-    let hidden = c * cfg.mlp_ratio;
     let out = if cfg.nvp { 2 * d } else { d };
     let mut v = Vec::new();
     let mut p =
@@ -68,23 +67,7 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             p(format!("{b}.proj_txt.bias"), vec![c], lin(td));
         }
         for l in 0..cfg.block_layers(k) {
-            let a = format!("{b}.attn_blocks.{l}");
-            for norm in ["attention.norm", "mlp.norm"] {
-                p(format!("{a}.{norm}.weight"), vec![c], Init::Ones);
-                p(format!("{a}.{norm}.bias"), vec![c], Init::Zeros);
-            }
-            p(format!("{a}.attention.qkv.weight"), vec![3 * c, c], lin(c));
-            p(format!("{a}.attention.qkv.bias"), vec![3 * c], lin(c));
-            p(format!("{a}.attention.proj.weight"), vec![c, c], lin(c));
-            p(format!("{a}.attention.proj.bias"), vec![c], lin(c));
-            p(format!("{a}.mlp.main.0.weight"), vec![hidden, c], lin(c));
-            p(format!("{a}.mlp.main.0.bias"), vec![hidden], lin(c));
-            p(
-                format!("{a}.mlp.main.2.weight"),
-                vec![c, hidden],
-                lin(hidden),
-            );
-            p(format!("{a}.mlp.main.2.bias"), vec![c], lin(hidden));
+            layer_specs(cfg, &format!("{b}.attn_blocks.{l}"), &mut p);
         }
         if cfg.sos {
             p(format!("{b}.sos_embed"), vec![1, 1, d], Init::Normal(1.0));
@@ -96,7 +79,66 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         p(format!("{b}.proj_out.weight"), vec![out, c], Init::Zeros);
         p(format!("{b}.proj_out.bias"), vec![out], lin(c));
     }
+    if cfg.denoiser_layers > 0 {
+        let b = "learnable_self_denoiser";
+        p(format!("{b}.proj_in.weight"), vec![c, d], lin(d));
+        p(format!("{b}.proj_in.bias"), vec![c], lin(d));
+        for l in 0..cfg.denoiser_layers {
+            layer_specs(cfg, &format!("{b}.attn_blocks.{l}"), &mut p);
+        }
+        if cfg.final_norm {
+            p(format!("{b}.final_norm.weight"), vec![c], Init::Zeros);
+        }
+        p(format!("{b}.proj_out.weight"), vec![d, c], Init::Zeros);
+        p(format!("{b}.proj_out.bias"), vec![d], lin(c));
+    }
     v
+}
+
+/// The parameters of one transformer layer under `a`, as `cfg`'s layer options make it.
+fn layer_specs(cfg: &ModelConfig, a: &str, p: &mut impl FnMut(String, Vec<usize>, Init)) {
+    let (c, hd) = (cfg.channels, cfg.head_dim);
+    let hidden = c * cfg.mlp_ratio;
+    let (q, kv) = (cfg.num_heads() * hd, cfg.num_kv_heads() * hd);
+    let lin = |fan_in: usize| Init::Uniform(1.0 / (fan_in as f64).sqrt());
+    let mut rms = Vec::new();
+    let norm = |name: &str, p: &mut dyn FnMut(String, Vec<usize>, Init)| match cfg.norm {
+        NormKind::LayerNorm => {
+            p(format!("{a}.{name}.weight"), vec![c], Init::Ones);
+            p(format!("{a}.{name}.bias"), vec![c], Init::Zeros);
+        }
+        // The scale is 1 + w.
+        NormKind::RmsNorm => p(format!("{a}.{name}.weight"), vec![c], Init::Zeros),
+    };
+    norm("attention.norm", p);
+    norm("mlp.norm", p);
+    let mut linear = |name: &str, out: usize, inp: usize| {
+        p(format!("{a}.{name}.weight"), vec![out, inp], lin(inp));
+        if !cfg.no_bias {
+            p(format!("{a}.{name}.bias"), vec![out], lin(inp));
+        }
+    };
+    linear("attention.qkv", q + 2 * kv, c);
+    linear("attention.proj", c, q);
+    if cfg.swiglu {
+        linear("mlp.gate_proj", hidden, c);
+        linear("mlp.up_proj", hidden, c);
+        linear("mlp.down_proj", c, hidden);
+    } else {
+        linear("mlp.main.0", hidden, c);
+        linear("mlp.main.2", c, hidden);
+    }
+    if cfg.qk_norm {
+        rms.push(("attention.query_norm", hd));
+        rms.push(("attention.key_norm", hd));
+    }
+    if cfg.post_norm {
+        rms.push(("attention.post_norm", c));
+        rms.push(("mlp.post_norm", c));
+    }
+    for (name, dim) in rms {
+        p(format!("{a}.{name}.weight"), vec![dim], Init::Zeros);
+    }
 }
 
 /// The regenerated buffers with their values: `var` (T, D) ones and causal `attn_mask`s.

@@ -84,15 +84,7 @@ impl MetaBlock {
             None
         };
         let layers = (0..cfg.block_layers(index))
-            .map(|l| {
-                AttentionBlock::new(
-                    c,
-                    cfg.head_dim,
-                    cfg.mlp_ratio,
-                    vb.pp("attn_blocks").pp(l),
-                    quant,
-                )
-            })
+            .map(|l| AttentionBlock::new(cfg, vb.pp("attn_blocks").pp(l), quant))
             .collect::<Result<Vec<_>>>()?;
         let dev = vb.device();
         let flip = if cfg.block_flipped(index) {

@@ -46,11 +46,20 @@ pub const COVERS: &[&str] = &[
     "scale",
     "sos",
     "final_norm",
+    "soft_clip",
+    "patch_channels_last",
+    "denoiser_layers",
 ];
 
 /// The options the tape-free training pass ([`train`] and the model's pass around it) covers:
 /// TarFlow's block. With others a model trains through candle's tape, on the fused layers.
-pub const TRAIN_COVERS: &[&str] = &["num_classes", "nvp", "permutation", "cond_deep_only"];
+pub const TRAIN_COVERS: &[&str] = &[
+    "num_classes",
+    "nvp",
+    "permutation",
+    "cond_deep_only",
+    "patch_channels_last",
+];
 
 /// 0: not yet read from the environment; 1: on; 2: off.
 static STATE: AtomicU8 = AtomicU8::new(0);

@@ -3,7 +3,6 @@
 use super::{FlowOutput, TarFlow};
 use crate::block::Cond;
 use crate::error::{FlowError, Result};
-use crate::patch::patchify;
 use candle_core::{DType, Tensor, Var};
 
 impl TarFlow {
@@ -31,7 +30,7 @@ impl TarFlow {
 
     /// [`Self::forward`] in one pass.
     fn forward_whole(&self, x: &Tensor, cond: Cond) -> Result<FlowOutput> {
-        let mut s = patchify(&x.to_dtype(self.dtype)?, self.cfg.patch_size)?; // (N, T, D)
+        let mut s = self.to_tokens(&x.to_dtype(self.dtype)?)?; // (N, T, D)
         let mut blocks = Vec::with_capacity(self.blocks.len());
         let mut logdets: Option<Tensor> = None;
         for block in &self.blocks {
@@ -95,5 +94,29 @@ impl TarFlow {
         // The loss is a mean over N·n dims; rescale to the per-sample NLL's gradient.
         let scale = lambda * sigma * sigma * x.elem_count() as f64;
         Ok((x.to_dtype(self.dtype)? - (g * scale)?)?)
+    }
+
+    /// The learnable self-denoiser's prediction (N, C, S, S) for images `x`, ≈ σ·∇ₓ NLL(x)
+    /// at the training noise σ; an error where the model has none.
+    pub fn denoiser_output(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_images(x)?;
+        let d = self.denoiser.as_ref().ok_or_else(|| {
+            FlowError::Config(
+                "the model has no learnable self-denoiser (denoiser_layers = 0): use the score denoiser".into(),
+            )
+        })?;
+        self.to_image(&d.forward(&self.to_tokens(&x.to_dtype(self.dtype)?)?)?)
+    }
+
+    /// One learned denoising step from noise level `sigma` to `sigma_next`:
+    /// `x − 0.3·pred·(σ − σ')/σ`, as ml-starflow samples.
+    pub fn learned_denoise(&self, x: &Tensor, sigma: f64, sigma_next: f64) -> Result<Tensor> {
+        if !(sigma.is_finite() && sigma > 0.0) {
+            return Err(FlowError::Input(format!(
+                "the denoiser's noise level must be > 0, got {sigma}"
+            )));
+        }
+        let w = crate::denoiser::NOISE_CONST * (sigma - sigma_next) / sigma;
+        Ok((x.to_dtype(self.dtype)? - (self.denoiser_output(x)? * w)?)?)
     }
 }

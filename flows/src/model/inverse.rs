@@ -9,7 +9,6 @@ use crate::affine::unaffine;
 use crate::block::{Cond, MetaBlock};
 use crate::device::host_f64;
 use crate::error::{FlowError, Result};
-use crate::patch::unpatchify;
 use crate::rng::{randn, FlowRng};
 use candle_core::Tensor;
 
@@ -109,10 +108,9 @@ impl TarFlow {
         all: bool,
     ) -> Result<Vec<Tensor>> {
         let mut s = self.prior_scaled(z, cond)?;
-        let (c, p) = (self.cfg.in_channels, self.cfg.patch_size);
         let mut seq = Vec::new();
         if all {
-            seq.push(unpatchify(&s, c, p)?);
+            seq.push(self.to_image(&s)?);
         }
         let nb = self.blocks.len();
         for (k, block) in self.blocks.iter().enumerate().rev() {
@@ -126,11 +124,11 @@ impl TarFlow {
             };
             s = self.reverse_block(block, &s, cond, &o)?;
             if all {
-                seq.push(unpatchify(&s, c, p)?);
+                seq.push(self.to_image(&s)?);
             }
         }
         if !all {
-            seq.push(unpatchify(&s, c, p)?);
+            seq.push(self.to_image(&s)?);
         }
         Ok(seq)
     }
@@ -246,8 +244,7 @@ impl TarFlow {
             s = block.permute(&x, 1)?;
             report.push(BlockSolve { block: k, ..r });
         }
-        let (c, p) = (self.cfg.in_channels, self.cfg.patch_size);
-        Ok((unpatchify(&s, c, p)?, report))
+        Ok((self.to_image(&s)?, report))
     }
 
     /// Solves one block for its input given its output `zb` (block order).

@@ -71,6 +71,8 @@ pub enum BpdConvention {
 pub struct TarFlow {
     cfg: ModelConfig,
     blocks: Vec<MetaBlock>,
+    /// The learnable self-denoiser, where the model has one.
+    denoiser: Option<crate::denoiser::Denoiser>,
     var: Tensor, // (T, D) prior variance, ones for affine models
     device: Device,
     dtype: DType,
@@ -85,6 +87,17 @@ const LN_2PI: f64 = 1.837_877_066_409_345_3;
 const LN_128: f64 = 4.852_030_263_919_617;
 
 impl TarFlow {
+    /// Images (N, C, S, S) → tokens (N, T, D) in the model's patch layout.
+    pub fn to_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        crate::patch::patchify_as(x, self.cfg.patch_size, self.cfg.patch_channels_last)
+    }
+
+    /// Tokens (N, T, D) → images (N, C, S, S), the inverse of [`Self::to_tokens`].
+    pub fn to_image(&self, s: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        crate::patch::unpatchify_as(s, c.in_channels, c.patch_size, c.patch_channels_last)
+    }
+
     /// Builds the model from `vb`, which must hold every key of [`crate::params::param_specs`].
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         Self::build(cfg, vb, None)
@@ -99,6 +112,13 @@ impl TarFlow {
         let blocks = (0..cfg.num_blocks)
             .map(|k| MetaBlock::load(cfg, k, vb.pp("blocks").pp(k), quant.as_deref()))
             .collect::<Result<Vec<_>>>()?;
+        let denoiser = match cfg.denoiser_layers > 0 {
+            true => Some(crate::denoiser::Denoiser::new(
+                cfg,
+                vb.pp("learnable_self_denoiser"),
+            )?),
+            false => None,
+        };
         let shape = (cfg.num_tokens(), cfg.patch_dim());
         let var = if vb.contains_tensor("var") {
             vb.get(shape, "var")?
@@ -108,6 +128,7 @@ impl TarFlow {
         Ok(Self {
             cfg: cfg.clone(),
             blocks,
+            denoiser,
             var,
             device: vb.device().clone(),
             dtype: vb.dtype(),

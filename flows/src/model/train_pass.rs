@@ -11,7 +11,6 @@ use crate::engine::Engine;
 use crate::error::Result;
 use crate::kernels::pool::{self, Buf};
 use crate::kernels::train::{Kept, Trunk, TrunkGrads, TrunkParts};
-use crate::patch::patchify;
 use candle_core::Tensor;
 
 /// What one training pass gave.
@@ -88,7 +87,7 @@ impl TarFlow {
         self.check_images(x)?;
         let n = x.dim(0)?;
         self.check_labels(cond, n)?;
-        let s0 = patchify(&x.to_dtype(self.dtype())?, self.config().patch_size)?; // (N, T, D)
+        let s0 = self.to_tokens(&x.to_dtype(self.dtype())?)?; // (N, T, D)
         let (_, t, d) = s0.dims3()?;
         let blocks = parts
             .iter()
