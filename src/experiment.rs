@@ -324,6 +324,7 @@ pub fn run(
                         .then(|| (r.train_noise_std.unwrap_or(0.0), 1.0)),
                     max_redraws: 10,
                     jacobi: None,
+                    ..SampleOptions::default()
                 };
                 let rep = measure(&model, &opts, real, classifier)?;
                 log(format!(

@@ -2,6 +2,7 @@
 //! and exact replay from a saved noise tensor.
 
 use crate::error::{Result, SampleError};
+use crate::text::TextInput;
 use candle_core::{DType, Tensor};
 use rand::Rng;
 use std::path::Path;
@@ -40,6 +41,10 @@ pub struct SampleOptions {
     pub max_redraws: usize,
     /// The parallel GS-Jacobi solver instead of the sequential KV-cached one.
     pub jacobi: Option<JacobiOptions>,
+    /// Text embeddings of a text-conditioned model (cycled over the images).
+    pub text: Option<TextInput>,
+    /// One step of the model's learnable self-denoiser after the inverse.
+    pub learned_denoise: bool,
 }
 
 impl Default for SampleOptions {
@@ -54,6 +59,8 @@ impl Default for SampleOptions {
             denoise: None,
             max_redraws: 10,
             jacobi: None,
+            text: None,
+            learned_denoise: false,
         }
     }
 }
@@ -73,7 +80,8 @@ pub struct Samples {
     pub non_finite: usize,
 }
 
-/// Reads tensor `z` (N, T, D) from a safetensors file and checks it against the model.
+/// Reads tensor `z`, (N, T, D) tokens or (N, C, S, S) in image layout, from a safetensors
+/// file and checks it against the model.
 pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
     // Read on the host and cast there: the file may hold f64 (Metal has none).
     let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
@@ -84,15 +92,14 @@ pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
     })?;
     let cfg = model.config();
     let (t, d) = (cfg.num_tokens(), cfg.patch_dim());
+    let (c, s) = (cfg.in_channels, cfg.img_size);
+    let up = |z: &Tensor| tarflow_flows::device::upload(z, model.device(), model.dtype());
     match z.dims() {
-        [_, tt, dd] if (*tt, *dd) == (t, d) => Ok(tarflow_flows::device::upload(
-            z,
-            model.device(),
-            model.dtype(),
-        )?),
+        [_, tt, dd] if (*tt, *dd) == (t, d) => Ok(up(z)?),
+        [_, cc, h, w] if (*cc, *h, *w) == (c, s, s) => Ok(model.to_tokens(&up(z)?)?),
         other => Err(SampleError::file(
             path,
-            format!("`z` has shape {other:?}, expected (N, {t}, {d}) for this model (tokens, patch dim)"),
+            format!("`z` has shape {other:?}, expected (N, {t}, {d}) tokens or (N, {c}, {s}, {s}) for this model"),
         )),
     }
 }
@@ -147,11 +154,12 @@ pub fn generate(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Samples> {
     let cfg = model.config();
-    if opts.reverse.guidance != 0.0 && cfg.num_classes == 0 {
+    if opts.reverse.guidance != 0.0 && cfg.num_classes == 0 && cfg.txt_dim == 0 {
         return Err(SampleError::Option(
-            "--guidance needs a class-conditional model; this one has num_classes = 0".into(),
+            "--guidance needs a class- or text-conditional model; this one has num_classes = 0 and no text".into(),
         ));
     }
+    crate::text::require(model, opts.text.as_ref())?;
     if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
         return Err(SampleError::Option(format!(
             "--temperature {} must be ≥ 0",
@@ -161,6 +169,7 @@ pub fn generate(
     let n = noise.map_or(opts.num, |z| z.dims()[0]);
     let batch = opts.batch.max(1);
     let labels = labels_for(model, opts, n)?;
+    let text = opts.text.as_ref().map(|t| t.rows(n)).transpose()?;
     let shape = (cfg.num_tokens(), cfg.patch_dim());
     let mut rng = seeded(opts.seed);
     let mut out = Vec::new();
@@ -171,7 +180,10 @@ pub fn generate(
     while done < n {
         let b = batch.min(n - done);
         let lab = &labels[done..done + b];
-        let cond = Cond::of(model.config().num_classes, Some(lab));
+        let cond = match &text {
+            Some(t) => t.cond(done),
+            None => Cond::of(model.config().num_classes, Some(lab)),
+        };
         let mut tries = 0;
         let x = loop {
             let z = match noise {
@@ -212,6 +224,11 @@ pub fn generate(
                 // and counted.
                 if let (Some((sigma, lambda)), 0) = (opts.denoise, bad) {
                     x = model.denoise(&x, cond, sigma, lambda)?;
+                    bad = count_non_finite(&x)?;
+                }
+                if opts.learned_denoise && bad == 0 {
+                    // The step's size does not depend on σ when it ends at 0.
+                    x = model.learned_denoise(&x, 1.0, 0.0)?;
                     bad = count_non_finite(&x)?;
                 }
                 non_finite += bad;

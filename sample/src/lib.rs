@@ -2,7 +2,7 @@
 //! ([`default_model`] when none are named),
 //! [`generate`] draws samples, [`score`] gives exact likelihoods of image files ([`inputs`]
 //! reads them, skipping the unreadable), [`heatmap`]
-//! draws where the bits go, [`grid`] tiles images into a PNG, [`display`] shows pictures inline
+//! draws where the bits go, [`text`] reads text embeddings, [`grid`] tiles images into a PNG, [`display`] shows pictures inline
 //! in notebooks.
 
 pub mod classes;
@@ -20,5 +20,7 @@ pub mod quantize;
 pub mod resolve;
 pub mod score;
 pub mod stats;
+pub mod tensors;
+pub mod text;
 
 pub use error::{Result, SampleError};

@@ -7,12 +7,14 @@
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 use tarflow_datasets::loader::Loader;
 use tarflow_datasets::transform::{Noise, Transform};
 use tarflow_flows::rng::{seeded, uniform};
 use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions, TarFlow};
+use tarflow_sample::text::TextInput;
 use tarflow_train::optim::{AdamW, AdamWConfig};
 
 /// One measure.
@@ -65,6 +67,10 @@ pub struct BenchArgs {
     /// Print one JSON object per config.
     #[arg(long)]
     json: bool,
+    /// Text embeddings of a text-conditioned model (`y` (N, L, D) in a safetensors file,
+    /// cycled over the batch); without it such a model gets N(0, 1) embeddings.
+    #[arg(long)]
+    text: Option<std::path::PathBuf>,
     /// `--checkpoint` measures a trained (or quantised) model instead of a freshly initialised
     /// one of each --config.
     #[command(flatten)]
@@ -135,8 +141,33 @@ fn images(cfg: &ModelConfig, n: usize, device: &Device) -> Result<(Tensor, Vec<i
     Ok((x, labels))
 }
 
-fn cond<'a>(cfg: &ModelConfig, labels: &'a [i64]) -> Cond<'a> {
-    Cond::of(cfg.num_classes, Some(labels))
+fn cond<'a>(cfg: &ModelConfig, labels: &'a [i64], text: Option<&'a TextInput>) -> Cond<'a> {
+    match text {
+        Some(t) => t.cond(0),
+        None => Cond::of(cfg.num_classes, Some(labels)),
+    }
+}
+
+/// The text rows of a batch of `n` for a model that reads text: --text's, or random ones.
+fn text_for(
+    model: &TarFlow,
+    n: usize,
+    path: Option<&std::path::Path>,
+) -> Result<Option<TextInput>> {
+    if model.config().txt_dim == 0 {
+        if let Some(p) = path {
+            bail!(
+                "--text {}: this model reads no text (txt_dim = 0)",
+                p.display()
+            );
+        }
+        return Ok(None);
+    }
+    let t = match path {
+        Some(p) => TextInput::read(p, model)?,
+        None => TextInput::random(model, n, 0)?,
+    };
+    Ok(Some(t.rows(n)?))
 }
 
 fn time_train(
@@ -146,6 +177,9 @@ fn time_train(
     device: &Device,
     dtype: DType,
 ) -> Result<f64> {
+    if cfg.txt_dim > 0 {
+        bail!("bench train: training a text-conditioned model is not built yet (bench score and sample measure it)");
+    }
     let (x, labels) = images(cfg, batch, device)?;
     let (model, varmap) = Checkpoint::init(cfg, 0, device)?.trainable_model(device, dtype)?;
     let vars: Vec<(String, Var)> = varmap
@@ -168,25 +202,39 @@ fn time_train(
     })
 }
 
-fn time_score(model: &TarFlow, batch: usize, iters: usize) -> Result<f64> {
+fn time_score(model: &TarFlow, batch: usize, iters: usize, text: Option<&Path>) -> Result<f64> {
     let cfg = model.config();
     let (x, labels) = images(cfg, batch, model.device())?;
+    let text = text_for(model, batch, text)?;
     median_time(iters, || {
-        let out = model.forward(&x, cond(cfg, &labels))?;
+        let out = model.forward(&x, cond(cfg, &labels, text.as_ref()))?;
         model.nll(&out, true)?.to_vec1::<f32>()?;
         Ok(())
     })
 }
 
-fn time_sample(model: &TarFlow, n: usize, guidance: f64, iters: usize) -> Result<f64> {
+fn time_sample(
+    model: &TarFlow,
+    n: usize,
+    guidance: f64,
+    iters: usize,
+    text: Option<&Path>,
+) -> Result<f64> {
     let cfg = model.config();
     let (_, labels) = images(cfg, n, model.device())?;
+    let text = text_for(model, n, text)?;
     let opts = ReverseOptions {
         guidance,
         ..Default::default()
     };
     median_time(iters, || {
-        let x = model.sample(n, cond(cfg, &labels), 1.0, &mut seeded(1), &opts)?;
+        let x = model.sample(
+            n,
+            cond(cfg, &labels, text.as_ref()),
+            1.0,
+            &mut seeded(1),
+            &opts,
+        )?;
         x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(())
     })
@@ -243,10 +291,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             // The reference benchmark: train batch 32 for small, 64 for tiny.
             let train_batch = a.batch.unwrap_or(if name == "tiny" { 64 } else { 32 });
             let train_s = time_train(&cfg, train_batch, a.iters, &device, dtype)?;
-            let score_s = time_score(&model, 64, a.iters)?;
-            let s16 = time_sample(&model, 16, 0.0, a.iters)?;
-            let s16g = if cfg.num_classes > 0 {
-                Some(time_sample(&model, 16, 2.0, a.iters)?)
+            let score_s = time_score(&model, 64, a.iters, a.text.as_deref())?;
+            let s16 = time_sample(&model, 16, 0.0, a.iters, a.text.as_deref())?;
+            let s16g = if cfg.num_classes > 0 || cfg.txt_dim > 0 {
+                Some(time_sample(&model, 16, 2.0, a.iters, a.text.as_deref())?)
             } else {
                 None
             };
@@ -273,7 +321,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let (batch, secs) = match what {
             What::Score => {
                 let b = a.batch.unwrap_or(64);
-                (b, time_score(&model, b, a.iters)?)
+                (b, time_score(&model, b, a.iters, a.text.as_deref())?)
             }
             What::Sample if a.jacobi => {
                 let b = a.batch.unwrap_or(16);
@@ -281,7 +329,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             What::Sample => {
                 let b = a.batch.unwrap_or(16);
-                (b, time_sample(&model, b, a.guidance, a.iters)?)
+                (
+                    b,
+                    time_sample(&model, b, a.guidance, a.iters, a.text.as_deref())?,
+                )
             }
             What::Train => {
                 let b = a.batch.unwrap_or(32);
@@ -329,7 +380,8 @@ fn jacobi_vs_sequential(model: &TarFlow, n: usize, a: &BenchArgs, name: &str) ->
         chunk: a.chunk,
         ..Default::default()
     };
-    let c = cond(cfg, &labels);
+    let text = text_for(model, n, a.text.as_deref())?;
+    let c = cond(cfg, &labels, text.as_ref());
     let seq = model.reverse(&z, c, &opts)?;
     let t_seq = median_time(a.iters, || {
         model.reverse(&z, c, &opts)?;

@@ -100,6 +100,7 @@ pub fn run(a: FdArgs) -> Result<()> {
         },
         max_redraws: 10,
         jacobi: None,
+        ..SampleOptions::default()
     };
     let reference = Reference::of(&classifier, &real)?;
     let rep = measure(&model, &opts, &reference, &classifier)?;

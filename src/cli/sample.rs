@@ -97,9 +97,19 @@ pub struct SampleArgs {
     /// Also write every image as its own PNG into this folder.
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// Replay this noise: tensor `z` (N, T, D) in a safetensors file (--num is then N).
+    /// Replay this noise: tensor `z`, (N, T, D) tokens or (N, C, S, S), in a safetensors file
+    /// (--num is then N).
     #[arg(long)]
     noise: Option<PathBuf>,
+    /// Text embeddings of a text-conditioned model: tensor `y` (N, L, D) in a safetensors file,
+    /// cycled over the images, and optionally `y_null` (the unconditional prompt guidance
+    /// contrasts them with; default zeros).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// One step of the model's learnable self-denoiser after sampling (ml-starflow's
+    /// `x − 0.3·pred`).
+    #[arg(long, conflicts_with = "denoise")]
+    learned_denoise: bool,
     /// Also write the raw float samples (NCHW, before clamping) and labels to a safetensors file.
     #[arg(long)]
     out_tensor: Option<PathBuf>,
@@ -153,8 +163,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
             rule: a.guidance_rule,
             guide_blocks: a.guide_blocks,
         },
-        denoise,
+        denoise: denoise.filter(|_| !a.learned_denoise),
         max_redraws: 10,
+        text: a
+            .text
+            .as_ref()
+            .map(|p| tarflow_sample::text::TextInput::read(p, &model))
+            .transpose()?,
+        learned_denoise: a.learned_denoise,
         jacobi: match a.solver {
             Solver::Sequential => None,
             Solver::Jacobi => {
@@ -189,6 +205,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} images ETA {eta}",
     )?);
+    if !matches!(cfg.in_channels, 1 | 3) && a.out_tensor.is_none() {
+        bail!(
+            "this model's samples have {} channels (latents, not pictures): give --out-tensor FILE.safetensors for them",
+            cfg.in_channels
+        );
+    }
     let s = generate(&model, &opts, noise.as_ref(), &mut |done, _| {
         bar.set_position(done as u64)
     })?;
@@ -222,8 +244,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
         cols
     );
     let (c, sz) = (cfg.in_channels, cfg.img_size);
-    tarflow_sample::grid::save(&images, c, sz, sz, cols, &a.out)?;
-    if let Some(dir) = &a.out_dir {
+    // A latent model's samples (C ∉ {1, 3}) are no picture: they go to --out-tensor only.
+    let pictures = matches!(c, 1 | 3);
+    if pictures {
+        tarflow_sample::grid::save(&images, c, sz, sz, cols, &a.out)?;
+    }
+    if let Some(dir) = &a.out_dir.as_ref().filter(|_| pictures) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
         for (i, im) in images.iter().enumerate() {
             let p = dir.join(format!("sample-{i:05}.png"));
@@ -239,12 +265,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
             b.block, b.iterations, b.chunks, b.toughness, b.last_change
         );
     }
+    let dest = match (pictures, &a.out_tensor) {
+        (false, Some(t)) => t,
+        _ => &a.out,
+    };
     println!(
         "{} samples from {}{} → {}{}",
         images.len(),
         r.path.display(),
         if r.ema { " (EMA)" } else { "" },
-        a.out.display(),
+        dest.display(),
         if s.redrawn > 0 {
             format!("; {} batch(es) redrawn after NaN/Inf", s.redrawn)
         } else {
