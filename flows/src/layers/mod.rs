@@ -1,6 +1,6 @@
-//! Transformer building blocks, in the order a layer uses them: [`linear`], [`norm`],
-//! [`attention`] (causal, rotary positions and grouped-query heads optional, a KV cache) and
-//! [`mlp`], then the layer itself ([`AttentionBlock`]).
+//! Transformer building blocks, in the order a layer uses them: [`Linear`], the norms
+//! ([`Norm`]), [`Attention`] (causal, rotary positions and grouped-query heads optional, a KV
+//! cache) and the [`Mlp`], then the layer itself ([`AttentionBlock`]).
 //!
 //! Each op picks candle's fused kernels when no gradient is being tracked, and plain
 //! differentiable ops otherwise (candle's fused LayerNorm/softmax have no backward; see
