@@ -35,6 +35,15 @@ fn release() -> (Checkpoint, serde_json::Value) {
     reference("starflow-release")
 }
 
+/// The process-wide engine switch set for one test, held until the test ends (the tests of
+/// this binary run in parallel threads and would otherwise flip it under each other).
+fn engine_switch(composed: bool) -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tarflow::flows::kernels::set_enabled(!composed);
+    guard
+}
+
 fn model(ck: &Checkpoint) -> TarFlow {
     ck.model(&Device::Cpu, DType::F32).unwrap()
 }
@@ -54,10 +63,24 @@ fn release_kwargs_map_to_our_options() {
     );
 }
 
+/// Which engine runs each block of `m`: the CPU engine covers the release's options (RoPE,
+/// the text prefix), not yet the Gemma-style layers.
+fn engines_as_expected(dir: &str, m: &TarFlow, composed: bool) {
+    use tarflow::flows::engine::Engine;
+    let want = match (composed, dir) {
+        (false, "starflow-release") => Engine::Cpu,
+        _ => Engine::Composed,
+    };
+    for (k, b) in m.blocks().iter().enumerate() {
+        assert_eq!(b.engine(), want, "{dir} block {k}");
+    }
+}
+
 fn forward_matches(dir: &str, composed: bool) {
-    tarflow::flows::kernels::set_enabled(!composed);
+    let _switch = engine_switch(composed);
     let (ck, _) = reference(dir);
     let m = model(&ck);
+    engines_as_expected(dir, &m, composed);
     let inp = load(&format!("{dir}/inputs.safetensors"));
     let exp = load(&format!("{dir}/expected.safetensors"));
     let y = &inp["y"];
@@ -123,9 +146,10 @@ fn options_forward_matches_upstream_on_the_cpu_engine() {
 }
 
 fn reverse_matches(dir: &str, composed: bool) {
-    tarflow::flows::kernels::set_enabled(!composed);
+    let _switch = engine_switch(composed);
     let (ck, cfg) = reference(dir);
     let m = model(&ck);
+    engines_as_expected(dir, &m, composed);
     let inp = load(&format!("{dir}/inputs.safetensors"));
     let exp = load(&format!("{dir}/expected.safetensors"));
     let y = &inp["y"];
@@ -230,7 +254,7 @@ fn text_of_the_wrong_shape_is_an_error_naming_it() {
 /// The gradient of upstream's loss for every parameter, through our training model (on the CPU
 /// each plain transformer layer is one packed variable, cut back per parameter here).
 fn gradients_match(dir: &str, composed: bool) {
-    tarflow::flows::kernels::set_enabled(!composed);
+    let _switch = engine_switch(composed);
     let (mut ck, _) = reference(dir);
     // The self-denoiser has its own objective: the flow's loss does not reach it.
     ck.config.denoiser_layers = 0;

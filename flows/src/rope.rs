@@ -88,6 +88,25 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// The tables on the host, for the CPU engine.
+    pub fn rotation(&self) -> Result<crate::kernels::rope::Rotation> {
+        let host = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(crate::device::to_host(t)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let half = self.cos.dim(1)?;
+        Ok(crate::kernels::rope::Rotation::new(
+            host(&self.cos)?,
+            host(&self.sin)?,
+            half,
+            self.halves,
+        ))
+    }
+}
+
 /// Hugging Face's rotation `x·cos + rotate_half(x)·sin` from differentiable ops.
 fn halves_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let hd = x.dim(D::Minus1)?;

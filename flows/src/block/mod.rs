@@ -369,7 +369,8 @@ impl MetaBlock {
     /// exp head without a start token): the token order, the trunk and the affine map run with
     /// no candle op between them, where the composed ops took a pass and a buffer each.
     fn forward_kernels(&self, x: &Tensor, cond: Cond) -> Result<Option<BlockOutput>> {
-        if self.sos.is_some() || self.scale != ScaleHead::Exp || self.clip > 0.0 {
+        let plain_head = self.sos.is_none() && self.scale == ScaleHead::Exp && self.clip == 0.0;
+        if !plain_head || self.text_len > 0 {
             return Ok(None);
         }
         let Some(block) = self.dense_for_kernels(x)? else {
@@ -382,7 +383,7 @@ impl MetaBlock {
         let len = n * t * d;
         let mut xp = take(len);
         crate::kernels::with_values(x, |s| permute_rows(s, &mut xp, t, d, flipped))?;
-        let po = heads(&block.step_parts(cls.as_ref())?, &xp, (n, t), 1.0)?; // (N·T, W)
+        let po = heads(&block.step_parts(cls.as_ref(), None)?, &xp, (n, t), 1.0)?; // (N·T, W)
         let (mut z, mut e, mut alpha) = (take(len), take(len), vec![0f32; len]);
         let mut sums = vec![0f64; n];
         affine_rows(
@@ -446,7 +447,7 @@ impl MetaBlock {
             None => x.clone(),
         };
         let proj_out = if let Some(block) = self.dense_for_kernels(&input)? {
-            let parts = block.step_parts(cls)?;
+            let parts = block.step_parts(cls, txt)?;
             let out =
                 crate::kernels::with_values(&input, |x| heads(&parts, x, (n, t), attn_temp))??;
             let w = out.len() / (n * t).max(1);

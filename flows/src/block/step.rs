@@ -6,6 +6,7 @@ use crate::engine::Engine;
 use crate::error::Result;
 use crate::kernels::step::{StepKernel, StepParts, StepWeights};
 use crate::layers::{AttentionBlock, RmsNorm};
+use crate::rope::Rope;
 use candle_core::Tensor;
 use candle_nn::kv_cache::KvCache;
 use std::sync::Arc;
@@ -24,10 +25,11 @@ impl MetaBlock {
     ) -> Result<Stepper> {
         let t = self.tokens;
         let device = self.mask.device();
-        let plain = txt.is_none() && self.rope.is_none();
-        if plain && self.engine() == Engine::Cpu && !self.is_quantised() {
-            let parts = self.step_parts(cls)?;
-            return Ok(Stepper::Cpu(Box::new(StepKernel::new(parts, rows, temps)?)));
+        if self.engine() == Engine::Cpu && !self.is_quantised() {
+            let parts = self.step_parts(cls, txt)?;
+            return Ok(Stepper::Cpu(Box::new(StepKernel::new(
+                parts, rows, t, temps,
+            )?)));
         }
         let scale = if temps.iter().all(|&v| v == 1.0) {
             None
@@ -50,16 +52,16 @@ impl MetaBlock {
     }
 
     /// What the CPU step engine reads around `trunk`: the weights in its layout, the embeddings,
-    /// the final norm, and the class embedding of each row.
-    pub(super) fn step_parts<'a>(&'a self, cls: Option<&'a Tensor>) -> Result<StepParts<'a>> {
-        let pos = self.pos_embed.as_ref().ok_or_else(|| {
-            crate::error::FlowError::Config(
-                "the CPU step engine has no rotary positions; the block runs composed".into(),
-            )
-        })?;
+    /// the final norm, the class embedding of each row and the projected text rows.
+    pub(super) fn step_parts<'a>(
+        &'a self,
+        cls: Option<&'a Tensor>,
+        txt: Option<&'a Tensor>,
+    ) -> Result<StepParts<'a>> {
         Ok(StepParts {
             weights: self.step_weights()?,
-            pos,
+            pos: self.pos_embed.as_ref(),
+            text: txt,
             flipped: self.flip.is_some(),
             cls,
             final_norm: self.final_norm.as_ref().map(RmsNorm::weight),
@@ -81,6 +83,7 @@ impl MetaBlock {
             &layers,
             self.proj_in.parts()?,
             self.proj_out.parts()?,
+            self.rope.as_ref().map(Rope::rotation).transpose()?,
         )?);
         if !self.is_trainable() {
             let _ = self.step_weights.set(w.clone());

@@ -26,6 +26,7 @@ pub mod layer;
 pub(crate) mod layer_norm;
 pub mod linear;
 pub(crate) mod pool;
+pub mod rope;
 pub mod step;
 pub mod train;
 pub mod trunk;
@@ -49,6 +50,10 @@ pub const COVERS: &[&str] = &[
     "soft_clip",
     "patch_channels_last",
     "denoiser_layers",
+    "rope",
+    "hf_style_rope",
+    "txt_size",
+    "txt_dim",
 ];
 
 /// The options the tape-free training pass ([`train`] and the model's pass around it) covers:

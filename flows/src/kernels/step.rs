@@ -4,6 +4,7 @@
 //! the head output means (α, μ, guidance, the affine update) is the caller's (`MetaBlock` and
 //! the model's inverse), exactly as for candle's KV-cache step.
 
+use super::rope::Rotation;
 use super::trunk::{DenseT, Trunk, TrunkStep};
 use super::LayerParts;
 use crate::error::Result;
@@ -13,8 +14,10 @@ use candle_core::Tensor;
 pub struct StepParts<'a> {
     /// The block's weights in the engine's layout.
     pub weights: std::sync::Arc<StepWeights>,
-    /// Position embeddings (T, C) in canonical order.
-    pub pos: &'a Tensor,
+    /// Position embeddings (T, C) in canonical order, unless positions are rotary.
+    pub pos: Option<&'a Tensor>,
+    /// The projected text rows before the tokens (rows, L, C), where the block reads text.
+    pub text: Option<&'a Tensor>,
     /// Whether the block reads the tokens reversed.
     pub flipped: bool,
     /// Class embedding per row (rows, 1, C).
@@ -29,19 +32,23 @@ pub struct StepWeights {
     trunk: Trunk,
     proj_in: DenseT,
     proj_out: DenseT,
+    rot: Option<Rotation>,
 }
 
 impl StepWeights {
-    /// Lays out a block's transformer `layers` and its projections.
+    /// Lays out a block's transformer `layers` and its projections, with the rotary tables of
+    /// its positions where it has them.
     pub fn new(
         layers: &[LayerParts],
         proj_in: (&Tensor, &Tensor),
         proj_out: (&Tensor, &Tensor),
+        rot: Option<Rotation>,
     ) -> Result<Self> {
         Ok(Self {
             trunk: Trunk::new(layers)?,
             proj_in: DenseT::new(proj_in)?,
             proj_out: DenseT::new(proj_out)?,
+            rot,
         })
     }
 }
@@ -58,7 +65,10 @@ impl std::fmt::Debug for StepWeights {
 pub struct StepKernel {
     trunk: TrunkStep,
     weights: std::sync::Arc<StepWeights>,
+    /// Empty with rotary positions.
     pos: Vec<f32>,
+    /// Text rows in the caches before the tokens.
+    text_len: usize,
     flipped: bool,
     cls: Option<Vec<f32>>,
     rms: Option<Vec<f32>>,
@@ -69,13 +79,32 @@ pub struct StepKernel {
 }
 
 impl StepKernel {
-    /// The engine for `rows` rows; row r's attention scores are divided by `temps[r]`.
-    pub fn new(p: StepParts, rows: usize, temps: &[f64]) -> Result<Self> {
-        let (t, c) = p.pos.dims2()?;
+    /// The engine for `rows` rows of `t` tokens; row r's attention scores are divided by
+    /// `temps[r]`. The text rows, where there are some, fill the caches first.
+    pub fn new(p: StepParts, rows: usize, t: usize, temps: &[f64]) -> Result<Self> {
+        let c = p.weights.proj_out.k();
+        let text_len = match p.text {
+            Some(y) => y.dim(1)?,
+            None => 0,
+        };
+        let mut trunk = p.weights.trunk.stepper(rows, text_len + t, temps);
+        if let Some(y) = p.text {
+            let y = y.to_dtype(candle_core::DType::F32)?;
+            for j in 0..text_len {
+                let mut hj = y.narrow(1, j, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                p.weights
+                    .trunk
+                    .step(&mut trunk, &mut hj, j, p.weights.rot.as_ref())?;
+            }
+        }
         Ok(Self {
-            trunk: p.weights.trunk.stepper(rows, t, temps),
+            trunk,
+            pos: match p.pos {
+                Some(pe) => pe.flatten_all()?.to_vec1()?,
+                None => Vec::new(),
+            },
             weights: p.weights,
-            pos: p.pos.flatten_all()?.to_vec1()?,
+            text_len,
             flipped: p.flipped,
             cls: p.cls.map(|c| c.flatten_all()?.to_vec1()).transpose()?,
             rms: p.final_norm.map(|w| (w + 1.0)?.to_vec1()).transpose()?,
@@ -99,11 +128,13 @@ impl StepKernel {
         }
         w.proj_in.apply(x, rows, &mut self.h, false);
         let p = if self.flipped { self.t - 1 - i } else { i };
-        let pos = &self.pos[p * c..(p + 1) * c];
+        let pos = self.pos.get(p * c..(p + 1) * c).unwrap_or(&[]);
         for (r, hr) in self.h.chunks_exact_mut(c).enumerate() {
             add_embeddings(hr, pos, self.cls.as_deref(), r);
         }
-        w.trunk.step(&mut self.trunk, &mut self.h, i)?;
+        let at = self.text_len + i;
+        w.trunk
+            .step(&mut self.trunk, &mut self.h, at, w.rot.as_ref())?;
         if let Some(g) = &self.rms {
             rms_norm(&mut self.h, g);
         }
@@ -113,8 +144,8 @@ impl StepKernel {
     }
 }
 
-/// Adds a position embedding and the class embedding of row `r` (one shared row when `cls`
-/// holds a single one) to the hidden vector `h`.
+/// Adds a position embedding (none where `pos` is empty: rotary positions) and the class
+/// embedding of row `r` (one shared row when `cls` holds a single one) to the hidden vector `h`.
 fn add_embeddings(h: &mut [f32], pos: &[f32], cls: Option<&[f32]>, r: usize) {
     h.iter_mut().zip(pos).for_each(|(a, e)| *a += e);
     if let Some(cls) = cls {
@@ -140,11 +171,14 @@ fn rms_norm(h: &mut [f32], g: &[f32]) {
 /// pass: what the step engine answers position by position, for the forward pass.
 pub fn heads(p: &StepParts, x: &[f32], (n, t): (usize, usize), temp: f64) -> Result<Vec<f32>> {
     use rayon::prelude::*;
-    let c = p.pos.dim(1)?;
     let w = &p.weights;
+    let c = w.proj_out.k();
     let mut h = super::pool::take(n * t * c);
     w.proj_in.apply(x, n * t, &mut h, true);
-    let pos = p.pos.flatten_all()?.to_vec1::<f32>()?;
+    let pos = match p.pos {
+        Some(pe) => pe.flatten_all()?.to_vec1::<f32>()?,
+        None => Vec::new(),
+    };
     let cls = p
         .cls
         .map(|c| c.flatten_all()?.to_vec1::<f32>())
@@ -152,11 +186,47 @@ pub fn heads(p: &StepParts, x: &[f32], (n, t): (usize, usize), temp: f64) -> Res
     let total = pos.len() / c;
     h.par_chunks_mut(t * c).enumerate().for_each(|(r, hr)| {
         for (i, hi) in hr.chunks_exact_mut(c).enumerate() {
-            let q = if p.flipped { total - 1 - i } else { i };
-            add_embeddings(hi, &pos[q * c..(q + 1) * c], cls.as_deref(), r);
+            let q = if p.flipped {
+                total.saturating_sub(1 + i)
+            } else {
+                i
+            };
+            add_embeddings(
+                hi,
+                pos.get(q * c..(q + 1) * c).unwrap_or(&[]),
+                cls.as_deref(),
+                r,
+            );
         }
     });
-    w.trunk.forward(&mut h, n, t, temp);
+    let mut h = match p.text {
+        // Each sample's text rows, then its tokens: one sequence of L + T.
+        Some(y) => {
+            let l = y.dim(1)?;
+            let y = y
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut joined = super::pool::take(n * (l + t) * c);
+            joined
+                .par_chunks_mut((l + t) * c)
+                .zip(h.par_chunks(t * c))
+                .zip(y.par_chunks(l * c))
+                .for_each(|((s, hs), ys)| {
+                    s[..l * c].copy_from_slice(ys);
+                    s[l * c..].copy_from_slice(hs);
+                });
+            w.trunk.forward(&mut joined, n, l + t, temp, w.rot.as_ref());
+            h.par_chunks_mut(t * c)
+                .zip(joined.par_chunks((l + t) * c))
+                .for_each(|(hs, s)| hs.copy_from_slice(&s[l * c..]));
+            h
+        }
+        None => {
+            w.trunk.forward(&mut h, n, t, temp, w.rot.as_ref());
+            h
+        }
+    };
     if let Some(g) = p.final_norm {
         rms_norm(&mut h, &(g + 1.0)?.to_vec1::<f32>()?);
     }

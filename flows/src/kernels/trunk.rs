@@ -8,6 +8,7 @@
 
 use super::attention::Attn;
 use super::gemm_strided;
+use super::rope::Rotation;
 use super::LayerParts;
 use crate::error::{FlowError, Result};
 use candle_core::{DType, Tensor};
@@ -212,8 +213,8 @@ impl Trunk {
     }
 
     /// Every layer over `h` (N·T rows of C, block order) in place, causally; `temp` divides the
-    /// attention scores.
-    pub fn forward(&self, h: &mut [f32], n: usize, t: usize, temp: f64) {
+    /// attention scores; `rot` rotates queries and keys by their position in the sequence.
+    pub fn forward(&self, h: &mut [f32], n: usize, t: usize, temp: f64, rot: Option<&Rotation>) {
         let (c, hd, heads) = (self.c, self.hd, self.heads);
         let rows = n * t;
         let mut tmp = super::pool::take(rows * (c + 1));
@@ -226,6 +227,11 @@ impl Trunk {
         for layer in &self.layers {
             layer.ln1.apply(h, &mut tmp);
             layer.qkv.apply(&tmp, rows, &mut qkv, true);
+            if let Some(r) = rot {
+                qkv.par_chunks_mut(t * 3 * c).for_each(|s| {
+                    r.rotate_qk(s, 3 * c, (heads, c), |row| row, false);
+                });
+            }
             let attn = Attn {
                 heads,
                 hd,
@@ -262,8 +268,15 @@ impl Trunk {
         }
     }
 
-    /// Feeds position `i` of every row: `h` (rows × C) in, the trunk's output in place.
-    pub fn step(&self, st: &mut TrunkStep, h: &mut [f32], i: usize) -> Result<()> {
+    /// Feeds position `i` of every row: `h` (rows × C) in, the trunk's output in place; `rot`
+    /// rotates its query and key as position `i`.
+    pub fn step(
+        &self,
+        st: &mut TrunkStep,
+        h: &mut [f32],
+        i: usize,
+        rot: Option<&Rotation>,
+    ) -> Result<()> {
         let (c, hd, heads, rows, t) = (self.c, self.hd, self.heads, st.rows, st.t);
         if i >= t || h.len() != rows * c {
             return Err(FlowError::Input(format!(
@@ -275,6 +288,9 @@ impl Trunk {
         for (l, layer) in self.layers.iter().enumerate() {
             layer.ln1.apply(h, &mut st.tmp);
             layer.qkv.apply(&st.tmp, rows, &mut st.qkv, par);
+            if let Some(r) = rot {
+                r.rotate_qk(&mut st.qkv, 3 * c, (heads, c), |_| i, false);
+            }
             // Rows are independent: each task owns its rows' caches, scores and output.
             let per = heads * t * hd;
             let scales = &st.scales;
