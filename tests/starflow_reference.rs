@@ -441,3 +441,47 @@ fn import_sample_and_score_from_the_cli_reproduce_upstream() {
     approx::assert_abs_diff_eq!(mean_nats, want, epsilon = 1e-3);
     assert_eq!(rows[0]["block_logdet_nats"].as_array().unwrap().len(), 3);
 }
+
+/// Kwargs that do not fit the weights are refused with the argument to check, never imported
+/// as a different model (head_dim changes no weight's shape: the rotary buffer still says it).
+#[test]
+fn kwargs_that_do_not_fit_the_weights_name_the_argument() {
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("starflow-release/config.json")).unwrap(),
+    )
+    .unwrap();
+    let model = fixture("starflow-release/model.safetensors");
+    for (key, value, says) in [
+        ("sos", serde_json::json!(false), "check `sos`"),
+        (
+            "use_final_norm",
+            serde_json::json!(false),
+            "check `use_final_norm`",
+        ),
+        ("rope", serde_json::json!(false), "check `rope"),
+        ("head_dim", serde_json::json!(16), "check head_dim"),
+        (
+            "cond_top_only",
+            serde_json::json!(false),
+            "check `txt_dim, txt_size and cond_top_only",
+        ),
+        ("use_swiglu", serde_json::json!(true), "check `use_swiglu`"),
+        (
+            "learnable_self_denoiser",
+            serde_json::json!(true),
+            "check `learnable_self_denoiser`",
+        ),
+        (
+            "no_such_kwarg",
+            serde_json::json!(1),
+            "unknown kwarg `no_such_kwarg`",
+        ),
+    ] {
+        let mut kw = cfg["model_kwargs"].clone();
+        kw[key] = value;
+        let e = Checkpoint::import_starflow(&model, &kw, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{key}: {e}");
+    }
+}

@@ -216,6 +216,7 @@ impl Checkpoint {
         let path = path.as_ref();
         let config = crate::import::starflow_config(kwargs, path)?;
         let raw = crate::import::read_state_dict(path, device)?;
+        crate::import::check_starflow_keys(&config, &raw, path)?;
         let tensors = raw
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
