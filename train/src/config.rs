@@ -386,6 +386,13 @@ impl TrainConfig {
         if !(d.noise_std.is_finite() && d.noise_std >= 0.0) {
             return bad("data.noise_std", format!("{} must be ≥ 0", d.noise_std));
         }
+        if self.model.denoiser_layers > 0 && !(d.noise == NoiseKind::Gaussian && d.noise_std > 0.0)
+        {
+            return bad(
+                "model.denoiser_layers",
+                "the self-denoiser learns to remove the training noise: it needs data.noise = \"gaussian\" with data.noise_std > 0".to_string(),
+            );
+        }
         if !(0.0..=1.0).contains(&d.label_drop) {
             return bad(
                 "data.label_drop",

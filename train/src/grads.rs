@@ -211,3 +211,43 @@ pub fn add_into(vars: &[(String, Var)], acc: Option<Grads>, g: Grads) -> Result<
     }
     Ok(a)
 }
+
+/// The prefix of the learnable self-denoiser's parameters.
+pub const DENOISER: &str = "learnable_self_denoiser.";
+
+/// The self-denoiser's objective on a micro-batch, as ml-starflow's train.py: the target is the
+/// flow's score scaled by the training noise, `σ·numel·∂loss/∂x` (the loss being the batch's
+/// mean, with its latent-norm term), and the denoiser's prediction is fitted to it by mean
+/// squared error. Returns that error and its gradients (divided by `divisor`) for the
+/// denoiser's parameters only: the flow's own come from [`loss_and_grads`].
+pub fn denoiser_grads(
+    model: &TarFlow,
+    vars: &[(String, Var)],
+    (x, labels): (&Tensor, &[i64]),
+    divisor: usize,
+    sigma: f64,
+    latent_norm: f64,
+) -> Result<(f64, Grads)> {
+    let cond = Cond::of(model.config().num_classes, Some(labels));
+    let xv = Var::from_tensor(&x.detach())?;
+    let out = model.forward(xv.as_tensor(), cond)?;
+    let mut loss = TarFlow::loss(&out)?;
+    if latent_norm > 0.0 {
+        loss = (loss + (TarFlow::latent_norm(&out)? * latent_norm)?)?;
+    }
+    let store = loss.backward()?;
+    let gx = store.get(xv.as_tensor()).ok_or_else(|| {
+        crate::error::TrainError::config("model.denoiser_layers", "no gradient reached the images")
+    })?;
+    let score = (gx.detach() * (sigma * x.elem_count() as f64))?;
+    let pred = model.denoiser_output(&x.detach())?;
+    let mse = (pred - score)?.sqr()?.mean_all()?.to_dtype(DType::F32)?;
+    let v = mse.to_scalar::<f32>()? as f64;
+    let store = (mse / divisor as f64)?.backward()?;
+    let mine: Vec<(String, Var)> = vars
+        .iter()
+        .filter(|(n, _)| n.starts_with(DENOISER))
+        .cloned()
+        .collect();
+    Ok((v, Grads::from_store(&mine, store)))
+}

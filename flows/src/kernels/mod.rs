@@ -64,6 +64,7 @@ pub const TRAIN_COVERS: &[&str] = &[
     "permutation",
     "cond_deep_only",
     "patch_channels_last",
+    "denoiser_layers",
 ];
 
 /// 0: not yet read from the environment; 1: on; 2: off.

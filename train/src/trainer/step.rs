@@ -53,6 +53,17 @@ impl Trainer {
             };
             flags[0] += v;
             total = Some(crate::grads::add_into(&self.vars, total, grads)?);
+            if self.model.config().denoiser_layers > 0 {
+                let (_, g) = crate::grads::denoiser_grads(
+                    &self.model,
+                    &self.vars,
+                    (&x, &b.labels),
+                    accum * self.group.size(),
+                    self.cfg.data.noise_std,
+                    self.cfg.optim.latent_norm,
+                )?;
+                total = Some(crate::grads::add_into(&self.vars, total, g)?);
+            }
         }
         self.group.sum_f64(&mut flags)?;
         if flags[1] > 0.0 {
@@ -73,26 +84,49 @@ impl Trainer {
             self.all_reduce(&mut grads)?;
             self.allreduce_s += t0.elapsed().as_secs_f64();
         }
-        let mut sq = 0.0;
+        // The flow's gradients and the self-denoiser's are clipped each by its own norm, as
+        // ml-starflow's two optimizers do.
+        let (mut sq, mut sq_den) = (0.0, 0.0);
         for (name, _) in &self.vars {
             if let Some(g) = grads.get(name) {
-                sq += g
+                let s = g
                     .to_dtype(DType::F32)?
                     .sqr()?
                     .sum_all()?
                     .to_scalar::<f32>()? as f64;
+                match name.starts_with(crate::grads::DENOISER) {
+                    true => sq_den += s,
+                    false => sq += s,
+                }
             }
         }
-        let norm = sq.sqrt();
-        if !norm.is_finite() {
-            return Err(self.non_finite(next_step, norm));
+        let (norm, norm_den) = (sq.sqrt(), sq_den.sqrt());
+        if !norm.is_finite() || !norm_den.is_finite() {
+            return Err(self.non_finite(next_step, norm + norm_den));
         }
         let clip = self.cfg.optim.grad_clip;
-        let scale = if clip > 0.0 && norm > clip {
-            clip / (norm + 1e-6)
-        } else {
-            1.0
+        let clipped = |n: f64| {
+            if clip > 0.0 && n > clip {
+                clip / (n + 1e-6)
+            } else {
+                1.0
+            }
         };
+        let scale = clipped(norm);
+        if sq_den > 0.0 && clipped(norm_den) != scale {
+            // `step_scaled` scales every gradient by the flow's factor: the denoiser's are
+            // brought to their own first.
+            let r = clipped(norm_den) / scale;
+            for (name, _) in &self.vars {
+                if let Some(g) = grads
+                    .get(name)
+                    .filter(|_| name.starts_with(crate::grads::DENOISER))
+                {
+                    let g = (g * r)?;
+                    grads.insert(name, g);
+                }
+            }
+        }
         let lr = self.sched.at(self.state.step);
         self.opt.step_scaled(&grads, lr, scale)?;
         if let Some(e) = self.ema.as_mut() {
