@@ -58,6 +58,8 @@ pub struct Sampling {
     pub guide_blocks: usize,
     /// One denoising step with the training σ.
     pub denoise: bool,
+    /// One step of the model's learnable self-denoiser (`model.denoiser_layers` > 0).
+    pub learned_denoise: bool,
     /// Noise temperature.
     pub temperature: f64,
 }
@@ -70,6 +72,7 @@ impl Default for Sampling {
             rule: "linear".into(),
             guide_blocks: 0,
             denoise: false,
+            learned_denoise: false,
             temperature: 1.0,
         }
     }
@@ -322,6 +325,7 @@ pub fn run(
                     },
                     denoise: (s.denoise && r.train_noise_std.is_some())
                         .then(|| (r.train_noise_std.unwrap_or(0.0), 1.0)),
+                    learned_denoise: s.learned_denoise,
                     max_redraws: 10,
                     jacobi: None,
                     ..SampleOptions::default()
