@@ -59,13 +59,14 @@ pub fn write_results(
     );
     for r in rows {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.0} | {:.4} | [png]({}) |\n",
+            "| {} | {} | {} | {} | {} | {:.3} | {} | {:.0} | {:.4} | [png]({}) |\n",
             r.variant,
             r.seed,
             r.sampling,
             r.params,
             fmt(r.val_bpd),
             r.fd,
+            r.non_finite,
             r.train_s,
             r.sample_s_per_image,
             r.grid
@@ -149,4 +150,33 @@ pub fn write_results(
     )?;
     draw("loss.png", "training loss", "loss", curves, "step")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{write_results, Row};
+
+    #[test]
+    fn every_row_fills_every_column_of_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = Row {
+            variant: "v".into(),
+            seed: 1,
+            sampling: "plain".into(),
+            params: 10,
+            val_bpd: Some(5.5),
+            fd: 30.0,
+            train_s: 123.4,
+            sample_s_per_image: 0.0021,
+            non_finite: 7,
+            grid: "g.png".into(),
+        };
+        std::fs::create_dir_all(dir.path().join("plots")).unwrap();
+        write_results("intro", &[row], &[], dir.path()).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+        let header = md.lines().find(|l| l.starts_with("| variant")).unwrap();
+        let line = md.lines().find(|l| l.starts_with("| v |")).unwrap();
+        assert_eq!(header.matches(" | ").count(), line.matches(" | ").count(), "{line}");
+        assert!(line.contains("| 30.000 | 7 | 123 | 0.0021 |"), "{line}");
+    }
 }
