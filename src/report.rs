@@ -176,7 +176,11 @@ mod tests {
         let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
         let header = md.lines().find(|l| l.starts_with("| variant")).unwrap();
         let line = md.lines().find(|l| l.starts_with("| v |")).unwrap();
-        assert_eq!(header.matches(" | ").count(), line.matches(" | ").count(), "{line}");
+        assert_eq!(
+            header.matches(" | ").count(),
+            line.matches(" | ").count(),
+            "{line}"
+        );
         assert!(line.contains("| 30.000 | 7 | 123 | 0.0021 |"), "{line}");
     }
 }
