@@ -2,6 +2,7 @@
 //! bits/dim, per-block log-dets and the per-patch decomposition.
 
 use crate::error::{Result, SampleError};
+use crate::text::TextInput;
 use candle_core::Tensor;
 use std::path::PathBuf;
 use tarflow_datasets::transform::{dequantised, to_unit};
@@ -119,19 +120,13 @@ struct Batch {
 
 /// Scores the 8-bit images `kv` (N·C·S·S bytes) under `model`, one forward pass per
 /// dequantisation draw `u` ((N, C, S, S) on the host; None: no dequantisation).
-fn score_batch(
-    model: &TarFlow,
-    kv: &[u8],
-    us: &[Option<Tensor>],
-    labels: Option<&[i64]>,
-) -> Result<Batch> {
+fn score_batch(model: &TarFlow, kv: &[u8], us: &[Option<Tensor>], cond: Cond) -> Result<Batch> {
     let cfg = model.config();
     let (c, s) = (cfg.in_channels, cfg.img_size);
     let b = kv.len() / cfg.dims_per_image().max(1);
     let (nt, nb) = (cfg.num_tokens(), cfg.num_blocks);
     let n_dims = cfg.dims_per_image() as f64;
     let draws = us.len() as f64;
-    let cond = Cond::of(cfg.num_classes, labels);
     let mut r = Batch {
         nll: vec![Vec::with_capacity(us.len()); b],
         tok: vec![vec![0.0; nt]; b],
@@ -187,7 +182,18 @@ pub fn score_images<P: AsRef<[u8]>>(
     pixels: &[P],
     opts: &ScoreOptions,
 ) -> Result<Vec<ImageScore>> {
-    score_inner(model, paths, pixels, None, opts)
+    score_inner(model, paths, pixels, None, None, opts)
+}
+
+/// [`score_images`] for a text-conditioned model: image i with prompt i of `text` (cycled).
+pub fn score_images_with_text<P: AsRef<[u8]>>(
+    model: &TarFlow,
+    paths: &[PathBuf],
+    pixels: &[P],
+    text: &TextInput,
+    opts: &ScoreOptions,
+) -> Result<Vec<ImageScore>> {
+    score_inner(model, paths, pixels, None, Some(text), opts)
 }
 
 /// [`score_images`] with each image's own class (a dataset's labels): the conditional
@@ -218,7 +224,7 @@ pub fn score_images_labelled<P: AsRef<[u8]>>(
             k - 1
         )));
     }
-    score_inner(model, paths, pixels, Some(labels), opts)
+    score_inner(model, paths, pixels, Some(labels), None, opts)
 }
 
 fn score_inner<P: AsRef<[u8]>>(
@@ -226,9 +232,12 @@ fn score_inner<P: AsRef<[u8]>>(
     paths: &[PathBuf],
     pixels: &[P],
     per_image: Option<&[i64]>,
+    text: Option<&TextInput>,
     opts: &ScoreOptions,
 ) -> Result<Vec<ImageScore>> {
     let cfg = model.config();
+    crate::text::require(model, text)?;
+    let text = text.map(|t| t.rows(pixels.len())).transpose()?;
     if let Some(l) = opts.label {
         if cfg.num_classes == 0 {
             return Err(SampleError::Option(
@@ -270,7 +279,11 @@ fn score_inner<P: AsRef<[u8]>>(
             Some(l) => Some(l[start..start + b].to_vec()),
             None => opts.label.map(|l| vec![l; b]),
         };
-        let mut r = score_batch(model, &kv, &us, labels.as_deref())?;
+        let cond = match &text {
+            Some(t) => t.cond(start),
+            None => Cond::of(cfg.num_classes, labels.as_deref()),
+        };
+        let mut r = score_batch(model, &kv, &us, cond)?;
         let redo: Vec<usize> = (0..b)
             .filter(|&i| {
                 r.nll[i].iter().any(|v| needs_widening(bpd(*v))) || r.bad_block[i].is_some()
@@ -302,7 +315,17 @@ fn score_inner<P: AsRef<[u8]>>(
                     .iter()
                     .flat_map(|&i| kv[i * n..(i + 1) * n].iter().copied())
                     .collect();
-                let rw = score_batch(w, &kv_w, &us_w, labels_w.as_deref())?;
+                // The f64 model lives on the host: its prompts are copied there.
+                let rows: Vec<usize> = redo.iter().map(|&i| start + i).collect();
+                let text_w = text
+                    .as_ref()
+                    .map(|t| t.select(&rows)?.to_host())
+                    .transpose()?;
+                let cond_w = match &text_w {
+                    Some(t) => t.cond(0),
+                    None => Cond::of(cfg.num_classes, labels_w.as_deref()),
+                };
+                let rw = score_batch(w, &kv_w, &us_w, cond_w)?;
                 for (j, &i) in redo.iter().enumerate() {
                     r.nll[i] = rw.nll[j].clone();
                     r.tok[i] = rw.tok[j].clone();

@@ -109,6 +109,28 @@ impl TextInput {
         })
     }
 
+    /// The prompts of `rows` (and their unconditional rows), in that order.
+    pub fn select(&self, rows: &[usize]) -> Result<Self> {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            let i = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
+            Ok(t.index_select(&i, 0)?)
+        };
+        Ok(Self {
+            y: pick(&self.y)?,
+            null: self.null.as_ref().map(pick).transpose()?,
+        })
+    }
+
+    /// The same embeddings on the host (for the f64 recomputation, which runs there).
+    pub fn to_host(&self) -> Result<Self> {
+        let host = |t: &Tensor| -> Result<Tensor> { Ok(tarflow_flows::device::to_host(t)?) };
+        Ok(Self {
+            y: host(&self.y)?,
+            null: self.null.as_ref().map(host).transpose()?,
+        })
+    }
+
     /// The conditioning of the pass over rows `from ..` of these embeddings.
     pub fn cond(&self, from: usize) -> Cond<'_> {
         Cond::Text(Text {

@@ -9,7 +9,8 @@ use tarflow_sample::classes::score_marginal;
 use tarflow_sample::heatmap::{render, rows_of};
 use tarflow_sample::inputs::load_files;
 use tarflow_sample::score::{
-    score_images, score_images_labelled, Bound, Dequant, ImageScore, ScoreOptions, Summary,
+    score_images, score_images_labelled, score_images_with_text, Bound, Dequant, ImageScore,
+    ScoreOptions, Summary,
 };
 
 /// Dequantisation of the 8-bit pixels.
@@ -140,8 +141,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if let Some(path) = &a.tensors {
         return score_tensors(&a, path, &model, text.as_ref());
     }
-    if text.is_some() {
-        bail!("--text scores raw tensors (--tensors FILE); image files of a text model are not read yet");
+    if text.is_some() && (a.source.is_some() || a.marginal || a.label.is_some()) {
+        bail!("--text scores image files or --tensors: not with --source, --label or --marginal");
     }
     let (paths, pixels, labels, identity, skipped) = match &a.source {
         Some(kind) => {
@@ -179,10 +180,11 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         label: a.label,
         batch: a.batch,
     };
-    let scores = match &labels {
-        Some(l) => score_images_labelled(&model, &paths, &pixels, l, &opts)?,
-        None if a.marginal => score_marginal(&model, &paths, &pixels, &opts)?,
-        None => score_images(&model, &paths, &pixels, &opts)?,
+    let scores = match (&labels, &text) {
+        (_, Some(t)) => score_images_with_text(&model, &paths, &pixels, t, &opts)?,
+        (Some(l), None) => score_images_labelled(&model, &paths, &pixels, l, &opts)?,
+        (None, None) if a.marginal => score_marginal(&model, &paths, &pixels, &opts)?,
+        (None, None) => score_images(&model, &paths, &pixels, &opts)?,
     };
     for s in &scores {
         if a.json {
