@@ -60,6 +60,14 @@ fn training_trains_the_denoiser_and_leaves_the_flow_as_it_was() {
             "{name} differs with the denoiser"
         );
     }
+    // Its error is logged beside the flow's loss.
+    let run = tarflow::train::run::Run::open(&dir.path().join("with/quickstart")).unwrap();
+    let curve = run.curve("denoiser_loss").unwrap();
+    assert_eq!(curve.len(), 3, "{curve:?}");
+    assert!(
+        curve.iter().all(|(_, v)| v.is_finite() && *v > 0.0),
+        "{curve:?}"
+    );
     // The denoiser's head left its zero init.
     let head = &with.tensors["learnable_self_denoiser.proj_out.weight"];
     let moved = head

@@ -30,6 +30,10 @@ pub struct Record {
     /// Mean seconds per step spent summing gradients across ranks (data-parallel runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allreduce_s: Option<f64>,
+    /// Mean squared error of the learnable self-denoiser against its target over the window
+    /// (models with `denoiser_layers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoiser_loss: Option<f64>,
     /// Wall-clock training seconds so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_s: Option<f64>,

@@ -13,7 +13,7 @@ use tarflow_flows::TarFlow;
 use tarflow_sample::display::Png;
 
 /// The metrics a run logs, by the names [`Run::curve`] takes.
-pub const CURVES: [&str; 8] = [
+pub const CURVES: [&str; 9] = [
     "loss",
     "bpd",
     "val_bpd",
@@ -22,6 +22,7 @@ pub const CURVES: [&str; 8] = [
     "grad_norm",
     "images_per_s",
     "elapsed_s",
+    "denoiser_loss",
 ];
 
 /// A training run directory (`runs/NAME`), finished or still going.
@@ -65,6 +66,7 @@ impl Run {
             "grad_norm" => |r| r.grad_norm,
             "images_per_s" => |r| r.images_per_s,
             "elapsed_s" => |r| r.elapsed_s,
+            "denoiser_loss" => |r| r.denoiser_loss,
             _ => {
                 return Err(TrainError::Run {
                     path: self.dir.clone(),

@@ -132,6 +132,8 @@ pub struct Trainer {
     group: Box<dyn Group>,
     /// Seconds in the gradient allreduce since the last log line.
     allreduce_s: f64,
+    /// The self-denoiser's error summed over the steps of the current log window.
+    denoiser_loss: f64,
     /// The GPUs' communicator (CUDA ranks).
     #[cfg(all(feature = "mpi", feature = "cuda"))]
     nccl: Option<crate::dist::nccl::Nccl>,
@@ -215,6 +217,8 @@ impl Trainer {
                     images_per_s: Some((win_n * t.batch_size as u64) as f64 / win_time.max(1e-9)),
                     allreduce_s: (self.group.size() > 1)
                         .then(|| std::mem::take(&mut self.allreduce_s) / win_n as f64),
+                    denoiser_loss: (self.model.config().denoiser_layers > 0)
+                        .then(|| std::mem::take(&mut self.denoiser_loss) / win_n as f64),
                     elapsed_s: Some(self.state.elapsed_s),
                     ..Default::default()
                 };

@@ -287,6 +287,7 @@ impl Trainer {
                 nccl,
                 group,
                 allreduce_s: 0.0,
+                denoiser_loss: 0.0,
             },
             warnings,
         ))

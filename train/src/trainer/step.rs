@@ -16,8 +16,9 @@ impl Trainer {
         let shares = (accum * self.group.size()) as f64;
         let next_step = self.state.step + 1;
         let mut total: Option<Grads> = None;
-        // Summed over ranks: loss, non-finite input values, non-finite losses, stop requests.
-        let mut flags = [0.0f64, 0.0, 0.0, stop as u8 as f64];
+        // Summed over ranks: loss, non-finite input values, non-finite losses, stop requests,
+        // the self-denoiser's error.
+        let mut flags = [0.0f64, 0.0, 0.0, stop as u8 as f64, 0.0];
         let mut bad_loss = f64::NAN;
         for _ in 0..accum {
             let mut b = self.feed.next()?;
@@ -54,7 +55,7 @@ impl Trainer {
             flags[0] += v;
             total = Some(crate::grads::add_into(&self.vars, total, grads)?);
             if self.model.config().denoiser_layers > 0 {
-                let (_, g) = crate::grads::denoiser_grads(
+                let (dl, g) = crate::grads::denoiser_grads(
                     &self.model,
                     &self.vars,
                     (&x, &b.labels),
@@ -63,6 +64,7 @@ impl Trainer {
                     self.cfg.optim.latent_norm,
                 )?;
                 total = Some(crate::grads::add_into(&self.vars, total, g)?);
+                flags[4] += dl;
             }
         }
         self.group.sum_f64(&mut flags)?;
@@ -135,6 +137,7 @@ impl Trainer {
             let d = e.decay().min((1.0 + t) / (10.0 + t));
             e.update_with(&self.vars, d)?;
         }
+        self.denoiser_loss += flags[4] / shares;
         self.state.step = next_step;
         self.state.images_seen += self.cfg.train.batch_size as u64;
         // The global position (all ranks' micro-batches), the same for any number of ranks.
