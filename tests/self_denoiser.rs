@@ -61,7 +61,7 @@ fn training_trains_the_denoiser_and_leaves_the_flow_as_it_was() {
         );
     }
     // Its error is logged beside the flow's loss.
-    let run = tarflow::train::run::Run::open(&dir.path().join("with/quickstart")).unwrap();
+    let run = tarflow::train::run::Run::open(dir.path().join("with/quickstart")).unwrap();
     let curve = run.curve("denoiser_loss").unwrap();
     assert_eq!(curve.len(), 3, "{curve:?}");
     assert!(
