@@ -91,6 +91,40 @@ fn score_of_image_files_takes_each_images_prompt() {
         got.iter().zip(&other).all(|(a, b)| (a - b).abs() > 1e-3),
         "{got:?} {other:?}"
     );
+    // A folder given as --source reads the images in name order, each with its prompt.
+    let folder = dir.path().join("imgs");
+    std::fs::create_dir_all(&folder).unwrap();
+    for p in &paths {
+        let name = std::path::Path::new(p).file_name().unwrap();
+        std::fs::copy(p, folder.join(name)).unwrap();
+    }
+    let o = tarflow(&[
+        "score",
+        "--checkpoint",
+        ck_path.to_str().unwrap(),
+        "--text",
+        &y1,
+        "--dequant",
+        "none",
+        "--json",
+        "--source",
+        "folder",
+        "--path",
+        folder.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let from_source: Vec<f64> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["nll_nats"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(from_source.len(), 3);
+    for (g, w) in from_source.iter().zip(&got) {
+        approx::assert_abs_diff_eq!(*g, *w, epsilon = 1e-6);
+    }
     // Without --text the model says what it needs.
     let o = tarflow(&[
         "score",

@@ -43,7 +43,7 @@ pub struct ScoreArgs {
     #[arg(long, conflicts_with_all = ["source", "dequant", "draws", "marginal", "heatmap", "resize"])]
     tensors: Option<PathBuf>,
     /// Text embeddings of a text-conditioned model: `y` (N, L, D) in a safetensors file, row i
-    /// for input i (cycled).
+    /// for input i (cycled; a --source in its order).
     #[arg(long)]
     text: Option<PathBuf>,
     /// Score a whole dataset instead of files (with --path), as `data inspect` and training
@@ -141,8 +141,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if let Some(path) = &a.tensors {
         return score_tensors(&a, path, &model, text.as_ref());
     }
-    if text.is_some() && (a.source.is_some() || a.marginal || a.label.is_some()) {
-        bail!("--text scores image files or --tensors: not with --source, --label or --marginal");
+    if text.is_some() && (a.true_labels || a.marginal || a.label.is_some()) {
+        bail!("--text gives each image its prompt: not with --label, --true-labels or --marginal");
     }
     let (paths, pixels, labels, identity, skipped) = match &a.source {
         Some(kind) => {
