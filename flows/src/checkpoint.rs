@@ -57,9 +57,21 @@ impl Checkpoint {
     /// the caller attaches them.
     pub fn from_tensors_with_quant(
         config: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        quant: &HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
+        source: &Path,
+    ) -> Result<Self> {
+        Self::checked(config, tensors, quant, source, None)
+    }
+
+    /// [`Self::from_tensors_with_quant`], with each key that does not fit followed by the
+    /// setting `hint` says decides it (an importer's argument names).
+    fn checked(
+        config: ModelConfig,
         mut tensors: HashMap<String, Tensor>,
         quant: &HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
         source: &Path,
+        hint: Option<Hint>,
     ) -> Result<Self> {
         config
             .validate()
@@ -73,7 +85,7 @@ impl Checkpoint {
         for (k, q) in quant {
             shapes.insert(k.clone(), (q.shape().dims().to_vec(), DType::F32));
         }
-        validate_shapes(&config, &shapes, source)?;
+        validate_shapes(&config, &shapes, source, hint)?;
         let var = match var {
             Some(v) => {
                 let want = [config.num_tokens(), config.patch_dim()];
@@ -216,12 +228,13 @@ impl Checkpoint {
         let path = path.as_ref();
         let config = crate::import::starflow_config(kwargs, path)?;
         let raw = crate::import::read_state_dict(path, device)?;
-        crate::import::check_starflow_keys(&config, &raw, path)?;
+        crate::import::check_rotary_buffer(&config, &raw, path)?;
         let tensors = raw
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Self::from_tensors(config, tensors, path)
+        let hint: Hint = crate::import::starflow_kwarg_of;
+        Self::checked(config, tensors, &HashMap::new(), path, Some(hint))
     }
 
     /// Writes the checkpoint atomically: weights, buffers and the config in the metadata.
@@ -330,15 +343,23 @@ pub fn validate(
         .iter()
         .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.dtype())))
         .collect();
-    validate_shapes(config, &shapes, source)
+    validate_shapes(config, &shapes, source, None)
 }
+
+/// What decides whether a model has a parameter key: a setting to name in an error.
+type Hint = fn(&str) -> &'static str;
 
 /// [`validate`] over (shape, dtype) by key.
 fn validate_shapes(
     config: &ModelConfig,
     tensors: &HashMap<String, (Vec<usize>, DType)>,
     source: &Path,
+    hint: Option<Hint>,
 ) -> Result<()> {
+    let check = |key: &str| match hint {
+        Some(h) => format!(": check `{}`", h(key)),
+        None => String::new(),
+    };
     // Each transformer layer has a dozen tensors: a config claiming more layers than the file
     // has tensors is not this file's, and listing what it expects could exhaust memory.
     let layers: usize = (0..config.num_blocks).map(|k| config.block_layers(k)).sum();
@@ -356,12 +377,17 @@ fn validate_shapes(
     for s in &specs {
         match tensors.get(&s.name) {
             None => problems.push(format!(
-                "missing key `{}` (expected shape {:?})",
-                s.name, s.shape
+                "missing key `{}` (expected shape {:?}){}",
+                s.name,
+                s.shape,
+                check(&s.name)
             )),
             Some((dims, _)) if dims != &s.shape => problems.push(format!(
-                "key `{}` has shape {:?}, expected {:?}",
-                s.name, dims, s.shape
+                "key `{}` has shape {:?}, expected {:?}{}",
+                s.name,
+                dims,
+                s.shape,
+                check(&s.name)
             )),
             Some((_, dtype))
                 if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) =>
@@ -382,7 +408,8 @@ fn validate_shapes(
     extra.sort();
     for k in extra {
         problems.push(format!(
-            "unexpected key `{k}` (not a parameter of this model config)"
+            "unexpected key `{k}` (not a parameter of this model config){}",
+            check(k)
         ));
     }
     if problems.is_empty() {
