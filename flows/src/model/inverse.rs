@@ -268,14 +268,11 @@ impl TarFlow {
         } else {
             None
         };
-        // The prompts' prefix, and (with guidance) the unconditional prompt's.
-        let txt = block.text_rows(cond, false, n)?;
-        let txt_u = match (guided, &txt) {
-            (true, Some(_)) => block
-                .text_rows(cond, true, n)?
-                .map(|both| both.narrow(0, n, n))
-                .transpose()?,
-            _ => None,
+        // The prompts' prefix, and (with guidance) the unconditional prompt's: one projection
+        // of both, cut in two.
+        let (txt, txt_u) = match block.text_rows(cond, guided, n)? {
+            Some(both) if guided => (Some(both.narrow(0, 0, n)?), Some(both.narrow(0, n, n)?)),
+            one => (one, None),
         };
         // Per-token guidance weights, matching the sequential sampler's annealing.
         let sos = block.sos().is_some();
