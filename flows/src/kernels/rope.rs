@@ -1,6 +1,7 @@
 //! Rotary position embeddings on rows of f32: each head of a query or key is rotated pairwise
 //! by the angles of its sequence position, from tables the caller computes (`cos` and `sin`,
-//! positions × hd/2). The pairs are (2i, 2i + 1), or (i, i + hd/2) with `halves`.
+//! positions × hd/2). The pairs are (2i, 2i + 1), or (i, i + hd/2) with `halves`. Rotations
+//! are for gradient-free passes: a model with rotary positions trains on candle's ops.
 
 /// The rotation tables of one block.
 #[derive(Debug, Clone)]
@@ -22,26 +23,19 @@ impl Rotation {
         }
     }
 
-    /// Positions the tables cover.
-    pub fn positions(&self) -> usize {
-        self.cos.len() / self.half.max(1)
-    }
-
-    /// Rotates one head `x` (hd values) as sequence position `pos`; `inverse` rotates back
-    /// (the backward of the rotation is its inverse).
-    pub fn rotate(&self, x: &mut [f32], pos: usize, inverse: bool) {
+    /// Rotates one head `x` (hd values) as sequence position `pos`.
+    pub fn rotate(&self, x: &mut [f32], pos: usize) {
         let h = self.half;
         let (c, s) = (&self.cos[pos * h..][..h], &self.sin[pos * h..][..h]);
-        let sign = if inverse { -1.0 } else { 1.0 };
         for i in 0..h {
             let (a, b) = if self.halves {
                 (i, i + h)
             } else {
                 (2 * i, 2 * i + 1)
             };
-            let (x0, x1, si) = (x[a], x[b], sign * s[i]);
-            x[a] = x0 * c[i] - x1 * si;
-            x[b] = x0 * si + x1 * c[i];
+            let (x0, x1) = (x[a], x[b]);
+            x[a] = x0 * c[i] - x1 * s[i];
+            x[b] = x0 * s[i] + x1 * c[i];
         }
     }
 
@@ -53,14 +47,13 @@ impl Rotation {
         stride: usize,
         (heads, k_at): (usize, usize),
         pos: impl Fn(usize) -> usize,
-        inverse: bool,
     ) {
         let hd = 2 * self.half;
         for (r, row) in qkv.chunks_exact_mut(stride).enumerate() {
             let p = pos(r);
             for h in 0..heads {
-                self.rotate(&mut row[h * hd..(h + 1) * hd], p, inverse);
-                self.rotate(&mut row[k_at + h * hd..k_at + (h + 1) * hd], p, inverse);
+                self.rotate(&mut row[h * hd..(h + 1) * hd], p);
+                self.rotate(&mut row[k_at + h * hd..k_at + (h + 1) * hd], p);
             }
         }
     }
@@ -71,7 +64,7 @@ mod tests {
     use super::Rotation;
 
     #[test]
-    fn rotates_pairs_by_their_angles_and_back() {
+    fn rotates_each_pair_by_its_positions_angle() {
         // hd = 4: two pairs, angles (0.3, 1.1) at position 0 and (0.7, −0.2) at position 1.
         let ang = [0.3f32, 1.1, 0.7, -0.2];
         let cos: Vec<f32> = ang.iter().map(|a| a.cos()).collect();
@@ -80,7 +73,7 @@ mod tests {
         for halves in [false, true] {
             let r = Rotation::new(cos.clone(), sin.clone(), 2, halves);
             let mut y = x;
-            r.rotate(&mut y, 1, false);
+            r.rotate(&mut y, 1);
             let pairs = if halves {
                 [(0, 2), (1, 3)]
             } else {
@@ -88,12 +81,14 @@ mod tests {
             };
             for (i, (a, b)) in pairs.into_iter().enumerate() {
                 let (c, s) = (ang[2 + i].cos(), ang[2 + i].sin());
-                assert!((y[a] - (x[a] * c - x[b] * s)).abs() < 1e-6);
-                assert!((y[b] - (x[a] * s + x[b] * c)).abs() < 1e-6);
-            }
-            r.rotate(&mut y, 1, true);
-            for (u, v) in y.iter().zip(x) {
-                assert!((u - v).abs() < 1e-6, "{halves}: {y:?} is not {x:?}");
+                assert!(
+                    (y[a] - (x[a] * c - x[b] * s)).abs() < 1e-6,
+                    "{halves}: {y:?}"
+                );
+                assert!(
+                    (y[b] - (x[a] * s + x[b] * c)).abs() < 1e-6,
+                    "{halves}: {y:?}"
+                );
             }
         }
     }

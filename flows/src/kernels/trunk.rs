@@ -229,7 +229,7 @@ impl Trunk {
             layer.qkv.apply(&tmp, rows, &mut qkv, true);
             if let Some(r) = rot {
                 qkv.par_chunks_mut(t * 3 * c).for_each(|s| {
-                    r.rotate_qk(s, 3 * c, (heads, c), |row| row, false);
+                    r.rotate_qk(s, 3 * c, (heads, c), |row| row);
                 });
             }
             let attn = Attn {
@@ -289,7 +289,7 @@ impl Trunk {
             layer.ln1.apply(h, &mut st.tmp);
             layer.qkv.apply(&st.tmp, rows, &mut st.qkv, par);
             if let Some(r) = rot {
-                r.rotate_qk(&mut st.qkv, 3 * c, (heads, c), |_| i, false);
+                r.rotate_qk(&mut st.qkv, 3 * c, (heads, c), |_| i);
             }
             // Rows are independent: each task owns its rows' caches, scores and output.
             let per = heads * t * hd;
