@@ -23,14 +23,12 @@ pub struct Denoiser {
     final_norm: Option<RmsNorm>,
     proj_out: Linear,
     rope: Option<Rope>,
-    /// (T, T) zeros: every token sees every other.
-    open: Tensor,
 }
 
 impl Denoiser {
     /// Loads the denoiser of `cfg` under `vb` (`learnable_self_denoiser`).
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let (c, d, t) = (cfg.channels, cfg.patch_dim(), cfg.num_tokens());
+        let (c, d) = (cfg.channels, cfg.patch_dim());
         let layers = (0..cfg.denoiser_layers)
             .map(|l| AttentionBlock::new(cfg, vb.pp("attn_blocks").pp(l), None))
             .collect::<Result<Vec<_>>>()?;
@@ -46,7 +44,6 @@ impl Denoiser {
                 true => Some(Rope::new(cfg, 0, vb.device(), vb.dtype())?),
                 false => None,
             },
-            open: Tensor::zeros((t, t), vb.dtype(), vb.device())?,
         })
     }
 
@@ -54,7 +51,8 @@ impl Denoiser {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.proj_in.forward(x)?; // (N, T, C)
         for layer in &self.layers {
-            h = layer.forward(&h, &self.open, 1.0, Engine::Composed, self.rope.as_ref())?;
+            // No mask: every token sees every other.
+            h = layer.forward(&h, None, 1.0, Engine::Composed, self.rope.as_ref())?;
         }
         if let Some(n) = &self.final_norm {
             h = n.forward(&h)?;

@@ -472,7 +472,7 @@ impl MetaBlock {
             let mask = self.mask.narrow(0, 0, s)?.narrow(1, 0, s)?;
             let engine = self.engine();
             for layer in &self.layers {
-                h = layer.forward(&h, &mask, attn_temp, engine, self.rope.as_ref())?;
+                h = layer.forward(&h, Some(&mask), attn_temp, engine, self.rope.as_ref())?;
             }
             self.head_out(&h.narrow(1, l, t)?)? // (N, T, W)
         };

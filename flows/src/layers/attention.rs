@@ -124,12 +124,12 @@ impl Attention {
         }
     }
 
-    /// Causal attention over the whole sequence; `mask` is (T, T) with 0 / −∞; queries and
-    /// keys rotated by `rope` from position 0.
+    /// Attention over the whole sequence, causal with `mask` ((T, T) with 0 / −∞), every
+    /// position seeing every other without; queries and keys rotated by `rope` from position 0.
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         temp: f64,
         rope: Option<&Rope>,
     ) -> Result<Tensor> {
@@ -138,7 +138,7 @@ impl Attention {
             Some(r) => (r.apply(&q, 0)?, r.apply(&k, 0)?),
             None => (q, k),
         };
-        self.attend(&q, &k, &v, Some(mask), temp, None)
+        self.attend(&q, &k, &v, mask, temp, None)
     }
 
     /// New positions (N, S, C) attending causally to the cached ones and each other (S = 1:

@@ -89,17 +89,18 @@ impl AttentionBlock {
         })
     }
 
-    /// Causal pass over (N, T, C) on the block's `engine`; `attn_temp` divides the attention
+    /// A pass over (N, T, C) on the block's `engine`, causal with `mask` (the fused layer is
+    /// causal), every position seeing every other without; `attn_temp` divides the attention
     /// scores, `rope` rotates queries and keys.
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         attn_temp: f64,
         engine: Engine,
         rope: Option<&Rope>,
     ) -> Result<Tensor> {
-        let fused = engine == Engine::Cpu && rope.is_none();
+        let fused = engine == Engine::Cpu && rope.is_none() && mask.is_some();
         if fused && crate::kernels::applies(x) && !self.is_quantised() {
             return Ok(crate::kernels::layer::layer(x, &self.parts()?, attn_temp)?);
         }
