@@ -279,6 +279,16 @@ fn a_model_too_large_for_memory_is_refused_before_allocating() {
         tarflow::ModelConfig::new(1, 28, 7, 64, 2, 1, 10),
         tarflow::ModelConfig::new(3, 32, 4, 256, 4, 2, 10),
         tarflow::ModelConfig::new(3, 64, 2, 768, 8, 8, 1000),
+        // ml-starflow's options change the layers' and the blocks' weights.
+        tarflow::ModelConfig {
+            swiglu: true,
+            num_kv_heads: Some(1),
+            rope: true,
+            txt_size: 4,
+            txt_dim: 512,
+            denoiser_layers: 8,
+            ..tarflow::ModelConfig::new(4, 32, 1, 256, 4, 2, 0)
+        },
     ] {
         let exact = tarflow::flows::params::count_params(&c) as f64;
         let rel = (c.approx_params() - exact).abs() / exact;

@@ -325,9 +325,20 @@ impl ModelConfig {
         let layers: f64 = (0..self.num_blocks)
             .map(|k| self.block_layers(k) as f64)
             .sum();
-        let per_layer = 4.0 * c * c + 2.0 * self.mlp_ratio as f64 * c * c;
-        let per_block = t * c + c * d + 2.0 * d * c + self.num_classes as f64 * c;
-        layers * per_layer + self.num_blocks as f64 * per_block
+        let hd = self.head_dim as f64;
+        let (q, kv) = (
+            self.num_heads() as f64 * hd,
+            self.num_kv_heads() as f64 * hd,
+        );
+        let mlp_mats = if self.swiglu { 3.0 } else { 2.0 };
+        let per_layer = (q + 2.0 * kv) * c + q * c + mlp_mats * self.mlp_ratio as f64 * c * c;
+        let pos = if self.rope { 0.0 } else { t * c };
+        let per_block = pos + c * d + 2.0 * d * c + self.num_classes as f64 * c;
+        let text = (0..self.num_blocks).filter(|&k| self.block_text(k)).count() as f64
+            * self.txt_dim as f64
+            * c;
+        let denoiser = self.denoiser_layers as f64 * per_layer + 2.0 * c * d;
+        layers * per_layer + self.num_blocks as f64 * per_block + text + denoiser
     }
 
     /// Number of tokens T = (S/p)².
