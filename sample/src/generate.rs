@@ -83,16 +83,12 @@ pub struct Samples {
 /// Reads tensor `z`, (N, T, D) tokens or (N, C, S, S) in image layout, from a safetensors
 /// file and checks it against the model.
 pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
-    // Read on the host and cast there: the file may hold f64 (Metal has none).
-    let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-        .map_err(|e| SampleError::file(path, format!("not a readable safetensors file: {e}")))?;
-    let z = map.get("z").ok_or_else(|| {
-        let keys: Vec<&String> = map.keys().collect();
-        SampleError::file(path, format!("no tensor `z` (found {keys:?})"))
-    })?;
+    let map = crate::tensors::read_file(path)?;
     let cfg = model.config();
     let (t, d) = (cfg.num_tokens(), cfg.patch_dim());
     let (c, s) = (cfg.in_channels, cfg.img_size);
+    let want = format!("(N, {t}, {d}) tokens or (N, {c}, {s}, {s})");
+    let z = crate::tensors::named(&map, "z", path, &want)?;
     let up = |z: &Tensor| tarflow_flows::device::upload(z, model.device(), model.dtype());
     match z.dims() {
         [_, tt, dd] if (*tt, *dd) == (t, d) => Ok(up(z)?),

@@ -5,6 +5,7 @@
 use crate::error::{Result, SampleError};
 use crate::text::TextInput;
 use candle_core::Tensor;
+use std::collections::HashMap;
 use std::path::Path;
 use tarflow_flows::device::host_f64;
 use tarflow_flows::model::nats_to_bpd;
@@ -21,19 +22,37 @@ pub struct TensorScore {
     pub block_logdet_nats: Vec<f64>,
 }
 
-/// Reads tensor `x` from `path` and checks its shape against `model`.
-pub fn read_tensors(path: &Path, model: &TarFlow) -> Result<Tensor> {
-    let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-        .map_err(|e| SampleError::file(path, format!("not a readable safetensors file: {e}")))?;
-    let cfg = model.config();
-    let (c, s) = (cfg.in_channels, cfg.img_size);
-    let x = map.get("x").ok_or_else(|| {
-        let keys: Vec<&String> = map.keys().collect();
+/// The tensors of a safetensors file, read on the host: the file may hold f64, which Metal
+/// lacks, so callers cast before they upload.
+pub(crate) fn read_file(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| SampleError::file(path, format!("not a readable safetensors file: {e}")))
+}
+
+/// Tensor `name` of `map` (read from `path`), or an error naming the tensors the file has and
+/// what was `expected`.
+pub(crate) fn named<'a>(
+    map: &'a HashMap<String, Tensor>,
+    name: &str,
+    path: &Path,
+    expected: &str,
+) -> Result<&'a Tensor> {
+    map.get(name).ok_or_else(|| {
+        let mut keys: Vec<&String> = map.keys().collect();
+        keys.sort();
         SampleError::file(
             path,
-            format!("no tensor `x` (found {keys:?}); expected (N, {c}, {s}, {s})"),
+            format!("no tensor `{name}` (found {keys:?}); expected {expected}"),
         )
-    })?;
+    })
+}
+
+/// Reads tensor `x` from `path` and checks its shape against `model`.
+pub fn read_tensors(path: &Path, model: &TarFlow) -> Result<Tensor> {
+    let map = read_file(path)?;
+    let cfg = model.config();
+    let (c, s) = (cfg.in_channels, cfg.img_size);
+    let x = named(&map, "x", path, &format!("(N, {c}, {s}, {s})"))?;
     match x.dims() {
         [n, cc, h, w] if *n > 0 && (*cc, *h, *w) == (c, s, s) => {}
         other => {

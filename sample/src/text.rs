@@ -21,10 +21,7 @@ pub struct TextInput {
 impl TextInput {
     /// Reads `y` and the optional `y_null` from `path` and checks them against `model`.
     pub fn read(path: &Path, model: &TarFlow) -> Result<Self> {
-        // Read on the host and cast there: the file may hold f64 (Metal has none).
-        let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu).map_err(|e| {
-            SampleError::file(path, format!("not a readable safetensors file: {e}"))
-        })?;
+        let map = crate::tensors::read_file(path)?;
         let cfg = model.config();
         let (l, d) = (cfg.txt_size, cfg.txt_dim);
         if d == 0 {
@@ -33,13 +30,8 @@ impl TextInput {
                 "this model reads no text (txt_dim = 0); leave --text out",
             ));
         }
-        let y = map.get("y").ok_or_else(|| {
-            let keys: Vec<&String> = map.keys().collect();
-            SampleError::file(
-                path,
-                format!("no tensor `y` (found {keys:?}); expected (N, {l}, {d}) text embeddings"),
-            )
-        })?;
+        let want = format!("(N, {l}, {d}) text embeddings");
+        let y = crate::tensors::named(&map, "y", path, &want)?;
         let fits = |t: &Tensor, rows: Option<usize>| match t.dims() {
             [n, ll, dd] => (*ll, *dd) == (l, d) && rows.is_none_or(|r| *n == 1 || *n == r),
             _ => false,
