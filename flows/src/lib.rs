@@ -28,6 +28,7 @@ pub mod quant;
 pub mod rng;
 pub mod rope;
 pub mod rundir;
+pub mod starflow_args;
 
 pub use block::Cond;
 pub use checkpoint::Checkpoint;

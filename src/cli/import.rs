@@ -1,10 +1,11 @@
 //! `tarflow import FILE --img-size S --patch-size P [--in-channels C] -o OUT` (ml-tarflow) and
-//! `tarflow import FILE --from ml-starflow --model-kwargs KW.json -o OUT`.
+//! `tarflow import FILE --from ml-starflow (--model-kwargs KW.json | --starflow-config X.yaml) -o OUT`.
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use std::path::PathBuf;
+use tarflow_flows::starflow_args::{starflow_args, Encoders};
 use tarflow_flows::Checkpoint;
 
 /// Where a state_dict comes from.
@@ -12,7 +13,8 @@ use tarflow_flows::Checkpoint;
 enum Source {
     /// apple/ml-tarflow: the config is inferred from the shapes plus --img-size, --patch-size.
     MlTarflow,
-    /// apple/ml-starflow: the config is `Model(**kwargs)`'s, given by --model-kwargs.
+    /// apple/ml-starflow: the config is `Model(**kwargs)`'s, given by --model-kwargs or
+    /// --starflow-config.
     MlStarflow,
 }
 
@@ -25,8 +27,20 @@ pub struct ImportArgs {
     #[arg(long = "from", value_enum, default_value = "ml-tarflow")]
     from: Source,
     /// ml-starflow: `Model(**kwargs)`'s keyword arguments as a JSON object (a file).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "starflow_config")]
     model_kwargs: Option<PathBuf>,
+    /// ml-starflow: its YAML training config (`arguments:`, as under its configs/), read as its
+    /// train.py reads it.
+    #[arg(long)]
+    starflow_config: Option<PathBuf>,
+    /// --starflow-config: the autoencoder's spatial downsampling, where the config names one
+    /// this crate does not know (SD-VAE's 8 is known).
+    #[arg(long, requires = "starflow_config")]
+    vae_downsample: Option<usize>,
+    /// --starflow-config: the text encoder's hidden size, where the config names one this crate
+    /// does not know (the flan-t5 family is known).
+    #[arg(long, requires = "starflow_config")]
+    txt_dim: Option<usize>,
     /// ml-tarflow: image side in pixels (not recoverable from the weights).
     #[arg(long)]
     img_size: Option<usize>,
@@ -51,15 +65,7 @@ pub fn run(a: ImportArgs) -> Result<()> {
             Checkpoint::import(&a.file, img, patch, a.in_channels, &Device::Cpu)
         }
         Source::MlStarflow => {
-            let Some(kw) = &a.model_kwargs else {
-                bail!("an ml-starflow state_dict needs --model-kwargs KW.json: the keyword arguments its Model(...) was built with");
-            };
-            let text = std::fs::read_to_string(kw)
-                .with_context(|| format!("reading --model-kwargs {}", kw.display()))?;
-            let kwargs: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("--model-kwargs {}: not JSON", kw.display()))?;
-            // A config.json that wraps them under "model_kwargs" is read too.
-            let kwargs = kwargs.get("model_kwargs").cloned().unwrap_or(kwargs);
+            let kwargs = starflow_kwargs(&a)?;
             Checkpoint::import_starflow(&a.file, &kwargs, &Device::Cpu)
         }
     }
@@ -80,4 +86,40 @@ pub fn run(a: ImportArgs) -> Result<()> {
         ckpt.num_params() as f64 / 1e6
     );
     Ok(())
+}
+
+/// `Model(**kwargs)` from --model-kwargs, or from --starflow-config as ml-starflow's train.py
+/// builds it.
+fn starflow_kwargs(a: &ImportArgs) -> Result<serde_json::Value> {
+    if let Some(path) = &a.starflow_config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --starflow-config {}", path.display()))?;
+        let enc = Encoders {
+            vae_downsample: a.vae_downsample,
+            txt_dim: a.txt_dim,
+        };
+        let args = starflow_args(&text, path, enc)?;
+        let over = |what: &str, name: &Option<String>| match name {
+            Some(n) => format!("; {what} {n}"),
+            None => String::new(),
+        };
+        println!(
+            "{}: trained with noise σ = {} (sample with --sigma {} to denoise){}{}",
+            path.display(),
+            args.noise_std,
+            args.noise_std,
+            over("inputs are latents of", &args.vae),
+            over("text embeddings of", &args.text),
+        );
+        return Ok(args.kwargs);
+    }
+    let Some(kw) = &a.model_kwargs else {
+        bail!("an ml-starflow state_dict needs --model-kwargs KW.json (the keyword arguments its Model(...) was built with) or --starflow-config X.yaml (its training config)");
+    };
+    let text = std::fs::read_to_string(kw)
+        .with_context(|| format!("reading --model-kwargs {}", kw.display()))?;
+    let kwargs: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--model-kwargs {}: not JSON", kw.display()))?;
+    // A config.json that wraps them under "model_kwargs" is read too.
+    Ok(kwargs.get("model_kwargs").cloned().unwrap_or(kwargs))
 }
