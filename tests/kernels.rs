@@ -207,7 +207,7 @@ fn the_fused_transformer_layer_matches_composed_ops() {
                     head_dim: hd,
                     packed: None,
                 };
-                kernels::layer::layer(&w[0], &parts, temp).unwrap()
+                kernels::layer::layer(&w[0], &parts, temp, None).unwrap()
             },
             |w| {
                 let qkv = composed_linear(&composed_layer_norm(&w[0], &w[1], &w[2]), &w[3], &w[4]);
@@ -221,31 +221,36 @@ fn the_fused_transformer_layer_matches_composed_ops() {
     }
 }
 
-/// Forward and every parameter gradient with the kernels on and off. The switch is global;
-/// the op tests above call the kernels directly and do not read it.
+/// Forward and every parameter gradient with the kernels on and off, with learned positions
+/// and with rotary ones in both pairings (the fused layer rotates in its forward and rotates
+/// back in its backward). The switch is global; the op tests above call the kernels directly
+/// and do not read it.
 #[test]
 fn a_model_trains_the_same_with_and_without_fused_kernels() {
-    let mut cfg = ModelConfig::new(3, 8, 2, 64, 2, 2, 3);
-    cfg.head_dim = 32;
-    let ck = random_checkpoint(&cfg, 11);
-    let x = random_images(3, 3, 8, 12);
-    let y = [0i64, 2, -1];
-    let run = || {
-        let (m, vm) = ck.trainable_model(&Device::Cpu, DType::F32).unwrap();
-        let out = m.forward(&x, Cond::Labels(&y)).unwrap();
-        let loss = TarFlow::loss(&out).unwrap();
-        let grads = common::param_grads(&cfg, &vm, &loss.backward().unwrap());
-        let mut grads: Vec<(String, Tensor)> = grads.into_iter().collect();
-        grads.sort_by(|a, b| a.0.cmp(&b.0));
-        (out.z, loss, grads)
-    };
-    let ((z1, l1, g1), (z0, l0, g0)) = on_both_paths(run);
-    close("z", &z1, &z0, 1e-5);
-    close("loss", &l1, &l0, 1e-5);
-    assert_eq!(g1.len(), g0.len(), "parameters with a gradient");
-    for ((k, a), (k0, b)) in g1.iter().zip(&g0) {
-        assert_eq!(k, k0);
-        close(k, a, b, 1e-4);
+    for (rope, halves) in [(false, false), (true, false), (true, true)] {
+        let mut cfg = ModelConfig::new(3, 8, 2, 64, 2, 2, 3);
+        cfg.head_dim = 32;
+        (cfg.rope, cfg.hf_style_rope) = (rope, halves);
+        let ck = random_checkpoint(&cfg, 11);
+        let x = random_images(3, 3, 8, 12);
+        let y = [0i64, 2, -1];
+        let run = || {
+            let (m, vm) = ck.trainable_model(&Device::Cpu, DType::F32).unwrap();
+            let out = m.forward(&x, Cond::Labels(&y)).unwrap();
+            let loss = TarFlow::loss(&out).unwrap();
+            let grads = common::param_grads(&cfg, &vm, &loss.backward().unwrap());
+            let mut grads: Vec<(String, Tensor)> = grads.into_iter().collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            (out.z, loss, grads)
+        };
+        let ((z1, l1, g1), (z0, l0, g0)) = on_both_paths(run);
+        close("z", &z1, &z0, 1e-5);
+        close("loss", &l1, &l0, 1e-5);
+        assert_eq!(g1.len(), g0.len(), "parameters with a gradient");
+        for ((k, a), (k0, b)) in g1.iter().zip(&g0) {
+            assert_eq!(k, k0);
+            close(&format!("{k} (rope {rope}, halves {halves})"), a, b, 1e-4);
+        }
     }
 }
 

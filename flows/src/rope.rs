@@ -20,6 +20,9 @@ pub struct Rope {
     sin: Tensor,
     /// Pairs (d, d + hd/2) instead of (2i, 2i + 1).
     halves: bool,
+    /// The host tables of [`Self::rotation`], made once: every training step's fused layers
+    /// read them.
+    host: std::sync::OnceLock<std::sync::Arc<crate::kernels::rope::Rotation>>,
 }
 
 /// `10000^(−e)` in f32, as upstream computes its frequencies.
@@ -65,6 +68,7 @@ impl Rope {
             cos: table(cos)?,
             sin: table(sin)?,
             halves: cfg.hf_style_rope,
+            host: Default::default(),
         })
     }
 
@@ -89,6 +93,15 @@ impl Rope {
 }
 
 impl Rope {
+    /// The tables on the host, for the CPU engine, shared.
+    pub fn shared_rotation(&self) -> Result<std::sync::Arc<crate::kernels::rope::Rotation>> {
+        if let Some(r) = self.host.get() {
+            return Ok(r.clone());
+        }
+        let r = std::sync::Arc::new(self.rotation()?);
+        Ok(self.host.get_or_init(|| r).clone())
+    }
+
     /// The tables on the host, for the CPU engine.
     pub fn rotation(&self) -> Result<crate::kernels::rope::Rotation> {
         let host = |t: &Tensor| -> Result<Vec<f32>> {

@@ -19,9 +19,11 @@
 
 use super::attention::Attn;
 use super::pool::{self, Buf};
+use super::rope::Rotation;
 use super::{layer_norm, linear, slice};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use std::sync::Mutex;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 /// One transformer layer's weights as the engine reads them: borrowed (weight, bias) pairs.
 pub struct LayerParts<'a> {
@@ -121,10 +123,12 @@ pub(crate) struct Saved {
 }
 
 /// One layer's shape: what its forward and backward over slices need.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Layer {
     d: Dims,
     attn: Attn,
+    /// Rotary positions: queries and keys of row r of a sample rotated as position r.
+    rot: Option<Arc<Rotation>>,
 }
 
 impl Layer {
@@ -139,7 +143,24 @@ impl Layer {
                 scale: (1.0 / ((head_dim as f64).sqrt() * temp)) as f32,
                 t,
             },
+            rot: None,
         }
+    }
+
+    /// The layer with rotary positions on its queries and keys.
+    pub(crate) fn rotated(self, rot: Option<Arc<Rotation>>) -> Self {
+        Layer { rot, ..self }
+    }
+
+    /// Adds the qkv bias and rotates each sample's queries and keys; the attention then takes
+    /// no bias (the rotation applies to the biased values).
+    fn bias_and_rotate(&self, qkv: &mut [f32], bias: &[f32], rot: &Rotation) {
+        let (t, c) = (self.attn.t, self.d.c);
+        let heads = self.attn.heads;
+        qkv.par_chunks_mut(t * 3 * c).for_each(|s| {
+            super::add_to_rows(s, bias);
+            rot.rotate_qk(s, 3 * c, (heads, c), |r| r);
+        });
     }
 
     /// Values in the packed weights.
@@ -167,7 +188,13 @@ impl Layer {
             0
         });
         let keep = a.keeps_probs().then_some(&mut probs[..]);
-        a.forward(&mut qkv, Some(qkvb), &mut att, keep);
+        match &self.rot {
+            Some(rot) => {
+                self.bias_and_rotate(&mut qkv, qkvb, rot);
+                a.forward(&mut qkv, None, &mut att, keep);
+            }
+            None => a.forward(&mut qkv, Some(qkvb), &mut att, keep),
+        }
         let mut x2 = pool::take(x.len());
         linear::forward(&att, projw, projb, &mut x2, Some(x));
         let mut h2 = pool::take(rows * c);
@@ -215,6 +242,15 @@ impl Layer {
         let mut dqkv = pool::take(rows * 3 * c);
         let probs = self.attn.keeps_probs().then_some(&s.probs[..]);
         self.attn.backward(&s.qkv, probs, &dh, &mut dqkv, dqkvb);
+        if let Some(rot) = &self.rot {
+            // The bias entered before the rotation: its gradient sums the unrotated rows.
+            let (t, heads) = (self.attn.t, self.attn.heads);
+            dqkv.par_chunks_mut(t * 3 * c).for_each(|s| {
+                rot.unrotate_qk(s, 3 * c, (heads, c), |r| r);
+            });
+            dqkvb.fill(0.0);
+            super::sum_rows_into(&dqkv, dqkvb);
+        }
         linear::backward_products(&s.h1, qkvw, &dqkv, Some(&mut dh), dqkvw, 3 * c);
         layer_norm::backward(x, &s.st1, ln1w, &dh, dy, dln1w, dln1b);
     }
@@ -277,7 +313,7 @@ impl CustomOp2 for LayerOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let saved = take_saved(&self.saved, "backward asked twice of one forward pass")?;
         let bwd = LayerBwd {
-            layer: self.layer,
+            layer: self.layer.clone(),
             saved: Mutex::new(Some(saved)),
         };
         // One buffer: [dx (rows·C) | d(packed weights)].
@@ -323,11 +359,17 @@ impl CustomOp3 for LayerBwd {
     }
 }
 
-/// The layer over `x` (N, T, C) with `parts`' weights, attention scores divided by `temp`; f32
-/// on the CPU. Gradients reach `x` and every weight.
-pub fn layer(x: &Tensor, parts: &LayerParts, temp: f64) -> candle_core::Result<Tensor> {
+/// The layer over `x` (N, T, C) with `parts`' weights, attention scores divided by `temp`,
+/// queries and keys rotated by `rot` (row t as position t); f32 on the CPU. Gradients reach
+/// `x` and every weight.
+pub fn layer(
+    x: &Tensor,
+    parts: &LayerParts,
+    temp: f64,
+    rot: Option<Arc<Rotation>>,
+) -> candle_core::Result<Tensor> {
     let (_, t, c) = x.dims3()?;
-    let layer = Layer::new(c, parts.fc1.1.elem_count(), parts.head_dim, t, temp);
+    let layer = Layer::new(c, parts.fc1.1.elem_count(), parts.head_dim, t, temp).rotated(rot);
     let d = layer.d;
     let packed = match parts.packed {
         Some(p) if p.dims() == [d.len() / c, c] => p.clone(),

@@ -1,7 +1,8 @@
 //! Rotary position embeddings on rows of f32: each head of a query or key is rotated pairwise
 //! by the angles of its sequence position, from tables the caller computes (`cos` and `sin`,
-//! positions × hd/2). The pairs are (2i, 2i + 1), or (i, i + hd/2) with `halves`. Rotations
-//! are for gradient-free passes: a model with rotary positions trains on candle's ops.
+//! positions × hd/2). The pairs are (2i, 2i + 1), or (i, i + hd/2) with `halves`. A rotation
+//! is orthogonal, so the backward of one is the rotation by the opposite angles
+//! ([`Rotation::unrotate_qk`]).
 
 /// The rotation tables of one block.
 #[derive(Debug, Clone)]
@@ -25,6 +26,11 @@ impl Rotation {
 
     /// Rotates one head `x` (hd values) as sequence position `pos`.
     pub fn rotate(&self, x: &mut [f32], pos: usize) {
+        self.turn(x, pos, 1.0)
+    }
+
+    /// Rotates `x` by `sign` times position `pos`'s angles.
+    fn turn(&self, x: &mut [f32], pos: usize, sign: f32) {
         let h = self.half;
         let (c, s) = (&self.cos[pos * h..][..h], &self.sin[pos * h..][..h]);
         for i in 0..h {
@@ -33,9 +39,9 @@ impl Rotation {
             } else {
                 (2 * i, 2 * i + 1)
             };
-            let (x0, x1) = (x[a], x[b]);
-            x[a] = x0 * c[i] - x1 * s[i];
-            x[b] = x0 * s[i] + x1 * c[i];
+            let (x0, x1, s) = (x[a], x[b], sign * s[i]);
+            x[a] = x0 * c[i] - x1 * s;
+            x[b] = x0 * s + x1 * c[i];
         }
     }
 
@@ -48,12 +54,35 @@ impl Rotation {
         (heads, k_at): (usize, usize),
         pos: impl Fn(usize) -> usize,
     ) {
+        self.turn_qk(qkv, stride, (heads, k_at), pos, 1.0)
+    }
+
+    /// The backward of [`Self::rotate_qk`]: the gradients of the rotated queries and keys in
+    /// `dqkv` become those of the unrotated ones (the inverse rotation, in place).
+    pub fn unrotate_qk(
+        &self,
+        dqkv: &mut [f32],
+        stride: usize,
+        (heads, k_at): (usize, usize),
+        pos: impl Fn(usize) -> usize,
+    ) {
+        self.turn_qk(dqkv, stride, (heads, k_at), pos, -1.0)
+    }
+
+    fn turn_qk(
+        &self,
+        qkv: &mut [f32],
+        stride: usize,
+        (heads, k_at): (usize, usize),
+        pos: impl Fn(usize) -> usize,
+        sign: f32,
+    ) {
         let hd = 2 * self.half;
         for (r, row) in qkv.chunks_exact_mut(stride).enumerate() {
             let p = pos(r);
             for h in 0..heads {
-                self.rotate(&mut row[h * hd..(h + 1) * hd], p);
-                self.rotate(&mut row[k_at + h * hd..k_at + (h + 1) * hd], p);
+                self.turn(&mut row[h * hd..(h + 1) * hd], p, sign);
+                self.turn(&mut row[k_at + h * hd..k_at + (h + 1) * hd], p, sign);
             }
         }
     }
@@ -89,6 +118,12 @@ mod tests {
                     (y[b] - (x[a] * s + x[b] * c)).abs() < 1e-6,
                     "{halves}: {y:?}"
                 );
+            }
+            // The backward's inverse rotation brings the rotated head back.
+            let mut qk = [y, y].concat();
+            r.unrotate_qk(&mut qk, 8, (1, 4), |_| 1);
+            for (a, b) in qk.iter().zip(x.iter().chain(x.iter())) {
+                assert!((a - b).abs() < 1e-6, "{halves}: {qk:?}");
             }
         }
     }

@@ -100,9 +100,15 @@ impl AttentionBlock {
         engine: Engine,
         rope: Option<&Rope>,
     ) -> Result<Tensor> {
-        let fused = engine == Engine::Cpu && rope.is_none() && mask.is_some();
+        let fused = engine == Engine::Cpu && mask.is_some();
         if fused && crate::kernels::applies(x) && !self.is_quantised() {
-            return Ok(crate::kernels::layer::layer(x, &self.parts()?, attn_temp)?);
+            let rot = rope.map(Rope::shared_rotation).transpose()?;
+            return Ok(crate::kernels::layer::layer(
+                x,
+                &self.parts()?,
+                attn_temp,
+                rot,
+            )?);
         }
         let x = (x + self.attention.forward(x, mask, attn_temp, rope)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
