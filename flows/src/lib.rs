@@ -7,6 +7,7 @@
 //! CPU engine under the model: a leaf the blocks call on the CPU in f32.
 
 pub mod affine;
+pub mod autoencoder;
 pub mod block;
 pub mod checkpoint;
 pub mod cond;

@@ -24,14 +24,14 @@ pub struct TensorScore {
 
 /// The tensors of a safetensors file, read on the host: the file may hold f64, which Metal
 /// lacks, so callers cast before they upload.
-pub(crate) fn read_file(path: &Path) -> Result<HashMap<String, Tensor>> {
+pub fn read_file(path: &Path) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| SampleError::file(path, format!("not a readable safetensors file: {e}")))
 }
 
 /// Tensor `name` of `map` (read from `path`), or an error naming the tensors the file has and
 /// what was `expected`.
-pub(crate) fn named<'a>(
+pub fn named<'a>(
     map: &'a HashMap<String, Tensor>,
     name: &str,
     path: &Path,

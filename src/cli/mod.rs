@@ -14,6 +14,8 @@ mod runtime;
 mod sample;
 mod score;
 mod train;
+mod train_ae;
+mod vae;
 
 use clap::{Parser, Subcommand};
 
@@ -62,6 +64,12 @@ enum Command {
     /// Store the Linear weights in reduced precision (f16, bf16, q8_0, q4_0, q4k, …) as a .gguf
     /// that every command loads, and measure the exact bits/dim it costs.
     Quantize(Box<quantize::QuantizeArgs>),
+    /// Encode images to latents and decode latents with a diffusers KL autoencoder (SD-VAE's
+    /// architecture): the space latent STARFlow models.
+    #[command(subcommand)]
+    Vae(vae::VaeCommand),
+    /// Train a small KL autoencoder from a TOML config; it is saved as a diffusers folder.
+    TrainAe(train_ae::TrainAeArgs),
 }
 
 /// Runs the parsed command line.
@@ -85,5 +93,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::Data(c) => data::run(c),
+        Command::Vae(c) => vae::run(c),
+        Command::TrainAe(a) => train_ae::run(a),
     }
 }

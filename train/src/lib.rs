@@ -4,6 +4,7 @@
 //! [`ema`] (one update) → [`checkpoints`] (writing and resuming a run) → [`metrics`], [`plot`] (what a run
 //! shows); [`run`] reads a run directory back for analysis.
 
+pub mod autoencoder;
 pub mod checkpoints;
 pub mod config;
 pub mod data;

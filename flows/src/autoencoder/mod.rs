@@ -1,0 +1,261 @@
+//! KL autoencoders (SD-VAE's architecture) from diffusers folders: `config.json` and
+//! `diffusion_pytorch_model.safetensors`, as `save_pretrained` writes them. The network
+//! ([`nets`]) is built from candle-transformers' stable-diffusion blocks; this module reads and
+//! checks the folder, so that a config that does not match its tensors is an error naming the
+//! file and key, and trains new ones (`tarflow train-ae`).
+
+use crate::error::{FlowError, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The config file of a diffusers autoencoder folder.
+pub const CONFIG: &str = "config.json";
+/// The weights file of a diffusers autoencoder folder.
+pub const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+mod config;
+mod nets;
+pub use config::AutoencoderConfig;
+use nets::{Decoder, Encoder};
+
+/// The file's tensors, handed to candle-transformers' constructor one by one; which were
+/// taken is remembered, so that tensors the config has no place for are found.
+struct Tensors {
+    all: HashMap<String, Tensor>,
+    taken: Mutex<BTreeSet<String>>,
+}
+
+impl SimpleBackend for Tensors {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor `{name}` has shape {:?}, the config implies {:?}",
+                t.dims(),
+                s.dims()
+            )));
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.all.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "tensor `{name}` is missing (the config implies it)"
+            ))
+        })?;
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        // Cast on the host: the file may hold f64 or f16, and some GPUs take no f64.
+        crate::device::upload(t, dev, dtype).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.all.contains_key(name)
+    }
+}
+
+/// The encoder and decoder of `cfg` over the variables of `vb`.
+fn build(cfg: &AutoencoderConfig, vb: VarBuilder) -> candle_core::Result<(Encoder, Decoder)> {
+    Ok((Encoder::new(cfg, vb.clone())?, Decoder::new(cfg, vb)?))
+}
+
+/// A KL autoencoder loaded from a diffusers folder.
+pub struct Autoencoder {
+    encoder: Encoder,
+    decoder: Decoder,
+    /// What its config says.
+    pub config: AutoencoderConfig,
+    /// The folder it was read from.
+    pub dir: PathBuf,
+    /// SHA-256 (hex) of its weights file: latents encoded by it say which autoencoder made them.
+    pub checksum: String,
+}
+
+impl Autoencoder {
+    /// Reads the folder `dir` onto `device` in `dtype`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg_path = dir.join(CONFIG);
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| FlowError::checkpoint(&cfg_path, format!("unreadable: {e}")))?;
+        let config = AutoencoderConfig::from_json(&text, &cfg_path)?;
+        let path = dir.join(WEIGHTS);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| FlowError::checkpoint(&path, format!("unreadable: {e}")))?;
+        let checksum = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| FlowError::checkpoint(&path, format!("not a safetensors file: {e}")))?;
+        drop(bytes);
+        let backend = Tensors {
+            all,
+            taken: Mutex::new(BTreeSet::new()),
+        };
+        let keys: BTreeSet<String> = backend.all.keys().cloned().collect();
+        let backend = std::sync::Arc::new(backend);
+        let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), dtype, device.clone());
+        let (encoder, decoder) = build(&config, vb).map_err(|e| {
+            FlowError::checkpoint(&path, format!("{e} (config: {})", cfg_path.display()))
+        })?;
+        let taken = backend
+            .taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(k) = keys.difference(&taken).next() {
+            return Err(FlowError::checkpoint(
+                &path,
+                format!(
+                    "tensor `{k}` has no place in the network {} describes (check block_out_channels, layers_per_block and the quant convs)",
+                    cfg_path.display()
+                ),
+            ));
+        }
+        Ok(Self {
+            encoder,
+            decoder,
+            config,
+            dir: dir.to_path_buf(),
+            checksum,
+        })
+    }
+
+    /// A new autoencoder for training, its weights the variables of the returned map, drawn
+    /// from `seed` as PyTorch initialises them (weights uniform in ±1/√fan_in; zero biases, unit
+    /// norm scales): candle's own initialisers cannot be seeded on the CPU.
+    pub fn init(
+        config: AutoencoderConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Self, candle_nn::VarMap)> {
+        config.check()?;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let (encoder, decoder) = build(&config, vb)?;
+        let mut rng = crate::rng::seeded(seed);
+        {
+            let vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            let mut names: Vec<&String> = vars.keys().collect();
+            names.sort();
+            for name in names {
+                let var = &vars[name];
+                let dims = var.dims().to_vec();
+                let value = match dims.len() {
+                    1 if name.ends_with("bias") => {
+                        Tensor::zeros(dims[0], DType::F32, &Device::Cpu)?
+                    }
+                    1 => Tensor::ones(dims[0], DType::F32, &Device::Cpu)?,
+                    _ => {
+                        let bound = 1.0 / (dims[1..].iter().product::<usize>() as f64).sqrt();
+                        crate::rng::uniform(&mut rng, dims.as_slice(), -bound, bound, &Device::Cpu)?
+                    }
+                };
+                var.set(&crate::device::upload(&value, device, DType::F32)?)?;
+            }
+        }
+        let me = Self {
+            encoder,
+            decoder,
+            config,
+            dir: PathBuf::new(),
+            checksum: String::new(),
+        };
+        Ok((me, varmap))
+    }
+
+    /// The training loss's two terms for images `x` and the posterior's noise `eps`: the
+    /// reconstruction's squared error per image value, and KL(q(z|x) ‖ N(0, I)) summed over the
+    /// latent, per image value.
+    pub fn losses(&self, x: &Tensor, eps: &Tensor) -> Result<(Tensor, Tensor)> {
+        let p = self.encoder.forward(x)?;
+        let l = self.config.latent_channels;
+        let mean = p.narrow(1, 0, l)?;
+        let logvar = p.narrow(1, l, l)?.clamp(-30f32, 20f32)?;
+        let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
+        let rec = (self.decoder.forward(&z)? - x)?.sqr()?.mean_all()?;
+        let kl = ((mean.sqr()? + logvar.exp()?)? - 1.0)?.sub(&logvar)?;
+        let kl = (kl.sum_all()? * (0.5 / x.elem_count() as f64))?;
+        Ok((rec, kl))
+    }
+
+    /// Writes `config` and the variables of `varmap` as a diffusers folder `dir` (each file
+    /// atomically).
+    pub fn save(config: &AutoencoderConfig, varmap: &candle_nn::VarMap, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| FlowError::Io {
+            path: dir.into(),
+            source,
+        })?;
+        let text = serde_json::to_string_pretty(&config.to_json())
+            .map_err(|e| FlowError::Config(e.to_string()))?;
+        crate::checkpoint::write_atomic(&dir.join(CONFIG), text.as_bytes())?;
+        let vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<(String, Tensor)> = Vec::with_capacity(vars.len());
+        for (k, v) in vars.iter() {
+            all.push((
+                k.clone(),
+                crate::device::to_host(v.as_tensor())?.contiguous()?,
+            ));
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let bytes = safetensors::tensor::serialize(all.iter().map(|(k, t)| (k.as_str(), t)), None)
+            .map_err(|e| FlowError::Config(format!("serialising {}: {e}", dir.display())))?;
+        crate::checkpoint::write_atomic(&dir.join(WEIGHTS), &bytes)
+    }
+
+    /// The posterior's mean and standard deviation (N, latent, S/f, S/f) of images `x`
+    /// (N, C, S, S) in [−1, 1], before the scaling factor.
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let p = self.encoder.forward(x)?;
+        let l = self.config.latent_channels;
+        let mean = p.narrow(1, 0, l)?;
+        let std = (p.narrow(1, l, l)?.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
+        Ok((mean, std))
+    }
+
+    /// Images (N, C, S, S), nominally in [−1, 1], of latents `z` (before the scaling factor).
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(self.decoder.forward(z)?)
+    }
+}
+
+/// The backend shared with the loader, which reads what was taken afterwards.
+struct Shared(std::sync::Arc<Tensors>);
+
+impl SimpleBackend for Shared {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
