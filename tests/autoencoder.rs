@@ -230,32 +230,25 @@ fn vae_encode_and_decode_from_the_cli() {
     let z = tmp.path().join("z.safetensors");
     candle_core::safetensors::save(&[("z", exp["mean"].clone())].into_iter().collect(), &z)
         .unwrap();
+    let decode_to = |out: &Path| {
+        let o = tarflow(&[
+            "vae",
+            "decode",
+            "--vae",
+            &s(&vae_dir()),
+            "--tensors",
+            &s(&z),
+            "-o",
+            &s(out),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
     let out = tmp.path().join("x.safetensors");
-    let o = tarflow(&[
-        "vae",
-        "decode",
-        "--vae",
-        &s(&vae_dir()),
-        "--tensors",
-        &s(&z),
-        "-o",
-        &s(&out),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    decode_to(&out);
     let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     assert_close("cli decoded", &got["x"], &exp["decoded"], 1e-3, 1e-3);
     let png = tmp.path().join("x.png");
-    let o = tarflow(&[
-        "vae",
-        "decode",
-        "--vae",
-        &s(&vae_dir()),
-        "--tensors",
-        &s(&z),
-        "-o",
-        &s(&png),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    decode_to(&png);
     let img = image::open(&png).unwrap();
     assert!(img.width() >= 64 && img.height() >= 32);
     // A tensor of the wrong name is named.

@@ -83,12 +83,12 @@ pub struct Samples {
 /// Reads tensor `z`, (N, T, D) tokens or (N, C, S, S) in image layout, from a safetensors
 /// file and checks it against the model.
 pub fn read_noise(path: &Path, model: &TarFlow) -> Result<Tensor> {
-    let map = crate::tensors::read_file(path)?;
+    let map = crate::safetensors_file::read_file(path)?;
     let cfg = model.config();
     let (t, d) = (cfg.num_tokens(), cfg.patch_dim());
     let (c, s) = (cfg.in_channels, cfg.img_size);
     let want = format!("(N, {t}, {d}) tokens or (N, {c}, {s}, {s})");
-    let z = crate::tensors::named(&map, "z", path, &want)?;
+    let z = crate::safetensors_file::named(&map, "z", path, &want)?;
     let up = |z: &Tensor| tarflow_flows::device::upload(z, model.device(), model.dtype());
     match z.dims() {
         [_, tt, dd] if (*tt, *dd) == (t, d) => Ok(up(z)?),

@@ -18,6 +18,7 @@ pub mod inputs;
 pub mod ood;
 pub mod quantize;
 pub mod resolve;
+pub mod safetensors_file;
 pub mod score;
 pub mod stats;
 pub mod tensors;

@@ -3,9 +3,9 @@
 //! `−log p(x)` in nats, the prior N(0, I) with its ½·log 2π per dimension included.
 
 use crate::error::{Result, SampleError};
+use crate::safetensors_file::{named, read_file};
 use crate::text::TextInput;
 use candle_core::Tensor;
-use std::collections::HashMap;
 use std::path::Path;
 use tarflow_flows::device::host_f64;
 use tarflow_flows::model::nats_to_bpd;
@@ -20,31 +20,6 @@ pub struct TensorScore {
     pub bits_per_dim: f64,
     /// Each block's log|det| in nats (x→z order).
     pub block_logdet_nats: Vec<f64>,
-}
-
-/// The tensors of a safetensors file, read on the host: the file may hold f64, which Metal
-/// lacks, so callers cast before they upload.
-pub fn read_file(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-        .map_err(|e| SampleError::file(path, format!("not a readable safetensors file: {e}")))
-}
-
-/// Tensor `name` of `map` (read from `path`), or an error naming the tensors the file has and
-/// what was `expected`.
-pub fn named<'a>(
-    map: &'a HashMap<String, Tensor>,
-    name: &str,
-    path: &Path,
-    expected: &str,
-) -> Result<&'a Tensor> {
-    map.get(name).ok_or_else(|| {
-        let mut keys: Vec<&String> = map.keys().collect();
-        keys.sort();
-        SampleError::file(
-            path,
-            format!("no tensor `{name}` (found {keys:?}); expected {expected}"),
-        )
-    })
 }
 
 /// Reads tensor `x` from `path` and checks its shape against `model`.

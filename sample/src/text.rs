@@ -21,7 +21,7 @@ pub struct TextInput {
 impl TextInput {
     /// Reads `y` and the optional `y_null` from `path` and checks them against `model`.
     pub fn read(path: &Path, model: &TarFlow) -> Result<Self> {
-        let map = crate::tensors::read_file(path)?;
+        let map = crate::safetensors_file::read_file(path)?;
         let cfg = model.config();
         let (l, d) = (cfg.txt_size, cfg.txt_dim);
         if d == 0 {
@@ -31,7 +31,7 @@ impl TextInput {
             ));
         }
         let want = format!("(N, {l}, {d}) text embeddings");
-        let y = crate::tensors::named(&map, "y", path, &want)?;
+        let y = crate::safetensors_file::named(&map, "y", path, &want)?;
         let fits = |t: &Tensor, rows: Option<usize>| match t.dims() {
             [n, ll, dd] => (*ll, *dd) == (l, d) && rows.is_none_or(|r| *n == 1 || *n == r),
             _ => false,

@@ -20,12 +20,32 @@ pub enum VaeCommand {
     Decode(DecodeArgs),
 }
 
-/// Arguments of `tarflow vae encode`.
+/// What both subcommands run: the autoencoder, its batch and its device.
 #[derive(Debug, Args)]
-pub struct EncodeArgs {
+pub struct VaeRun {
     /// The autoencoder: a diffusers folder (config.json, diffusion_pytorch_model.safetensors).
     #[arg(long)]
     vae: PathBuf,
+    /// Images (or latents) per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+impl VaeRun {
+    /// The autoencoder on the chosen device, and the device and dtype.
+    fn load(&self) -> Result<(Autoencoder, Device, DType)> {
+        let (device, dtype) = self.runtime.select()?;
+        Ok((Autoencoder::load(&self.vae, &device, dtype)?, device, dtype))
+    }
+}
+
+/// Arguments of `tarflow vae encode`.
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    run: VaeRun,
     /// Image files, resized (shorter side) and centre-cropped to --size.
     #[arg(conflicts_with_all = ["source", "tensors"])]
     images: Vec<PathBuf>,
@@ -41,36 +61,25 @@ pub struct EncodeArgs {
     /// Raw images: tensor `x` (N, C, S, S) in [−1, 1], in a safetensors file.
     #[arg(long)]
     tensors: Option<PathBuf>,
-    /// Side of image files (default: the autoencoder's sample_size is not known: 256).
+    /// Side in pixels that image files are resized (shorter side) and centre-cropped to.
     #[arg(long, default_value_t = 256)]
     size: usize,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
     /// Output (.safetensors): `mean`, `std`, and `labels` when the source has them.
     #[arg(short, long)]
     output: PathBuf,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
 }
 
 /// Arguments of `tarflow vae decode`.
 #[derive(Debug, Args)]
 pub struct DecodeArgs {
-    /// The autoencoder: a diffusers folder.
-    #[arg(long)]
-    vae: PathBuf,
+    #[command(flatten)]
+    run: VaeRun,
     /// Latents: tensor `z` (N, latent, s, s), before the scaling factor.
     #[arg(long)]
     tensors: PathBuf,
-    /// Latents per forward pass.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
     /// Output: `.safetensors` (tensor `x`) or `.png` (a grid).
     #[arg(short, long)]
     output: PathBuf,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
 }
 
 /// Runs an autoencoder subcommand.
@@ -83,7 +92,7 @@ pub fn run(cmd: VaeCommand) -> Result<()> {
 
 /// Tensor `name` of the safetensors file `path`, read on the host, in f32.
 fn read_named(path: &Path, name: &str, what: &str) -> Result<Tensor> {
-    use tarflow_sample::tensors::{named, read_file};
+    use tarflow_sample::safetensors_file::{named, read_file};
     let map = read_file(path)?;
     Ok(named(&map, name, path, what)?.to_dtype(DType::F32)?)
 }
@@ -112,8 +121,7 @@ fn batched(
 }
 
 fn encode(a: EncodeArgs) -> Result<()> {
-    let (device, dtype) = a.runtime.select()?;
-    let vae = Autoencoder::load(&a.vae, &device, dtype)?;
+    let (vae, device, dtype) = a.run.load()?;
     let c = vae.config.in_channels;
     // The images, their labels and what identifies them.
     let (x, labels, identity) = if let Some(t) = &a.tensors {
@@ -162,7 +170,7 @@ fn encode(a: EncodeArgs) -> Result<()> {
             bail!(
                 "the images have {} channels; the autoencoder {} takes {c}",
                 set.channels,
-                a.vae.display()
+                a.run.vae.display()
             );
         }
         let id = format!("{} images, sha256 {}", set.len(), set.checksum());
@@ -182,7 +190,7 @@ fn encode(a: EncodeArgs) -> Result<()> {
             x.dim(2)?
         );
     }
-    let out = batched(&x, a.batch, &device, dtype, |b| {
+    let out = batched(&x, a.run.batch, &device, dtype, |b| {
         let (m, s) = vae.encode(b)?;
         Ok(vec![m, s])
     })?;
@@ -220,8 +228,7 @@ fn encode(a: EncodeArgs) -> Result<()> {
 }
 
 fn decode(a: DecodeArgs) -> Result<()> {
-    let (device, dtype) = a.runtime.select()?;
-    let vae = Autoencoder::load(&a.vae, &device, dtype)?;
+    let (vae, device, dtype) = a.run.load()?;
     let z = read_named(
         &a.tensors,
         "z",
@@ -235,7 +242,10 @@ fn decode(a: DecodeArgs) -> Result<()> {
             a.tensors.display()
         ),
     }
-    let x = batched(&z, a.batch, &device, dtype, |b| Ok(vec![vae.decode(b)?]))?.remove(0);
+    let x = batched(&z, a.run.batch, &device, dtype, |b| {
+        Ok(vec![vae.decode(b)?])
+    })?
+    .remove(0);
     let png = a
         .output
         .extension()

@@ -1,6 +1,6 @@
 //! KL autoencoders (SD-VAE's architecture) from diffusers folders: `config.json` and
 //! `diffusion_pytorch_model.safetensors`, as `save_pretrained` writes them. The network
-//! ([`nets`]) is built from candle-transformers' stable-diffusion blocks; this module reads and
+//! (`nets.rs`) is built from candle-transformers' stable-diffusion blocks; this module reads and
 //! checks the folder, so that a config that does not match its tensors is an error naming the
 //! file and key, and trains new ones (`tarflow train-ae`).
 
