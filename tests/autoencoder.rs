@@ -354,3 +354,88 @@ fn the_shipped_mnist_autoencoder_reconstructs_digits() {
     eprintln!("shipped autoencoder: PSNR {psnr:.2} dB on {n} digits");
     assert!(psnr > 27.0, "PSNR {psnr:.2} dB");
 }
+
+/// A latent model's samples decode through `sample --vae DIR`: the imported ml-starflow fixture
+/// (4×8×8 latents) with vae-tiny gives 32×32 pictures, each the decoding of its raw sample
+/// divided by the scaling factor; `score --tensors` says its bits/dim are latent ones.
+#[test]
+fn sample_decodes_a_latent_models_samples_with_its_autoencoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = |n: &str| fixture(&format!("starflow-release/{n}"));
+    let ck = tmp.path().join("release.safetensors");
+    let o = tarflow(&[
+        "import",
+        &s(&f("model.safetensors")),
+        "--from",
+        "ml-starflow",
+        "--model-kwargs",
+        &s(&f("config.json")),
+        "-o",
+        &s(&ck),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (grid, raw) = (tmp.path().join("g.png"), tmp.path().join("z.safetensors"));
+    let sample = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--text",
+            f("inputs.safetensors").to_str().unwrap().to_owned().leak(),
+            "--num",
+            "3",
+            "--cols",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        tarflow(&args)
+    };
+    let dir = tmp.path().join("pictures");
+    let o = sample(&[
+        "--vae",
+        vae_dir().to_str().unwrap(),
+        "--out",
+        grid.to_str().unwrap(),
+        "--out-dir",
+        dir.to_str().unwrap(),
+        "--out-tensor",
+        raw.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(grid.is_file());
+    // Each picture is vae-tiny's decoding of its sample / 0.18215, to the 8-bit level.
+    let z = candle_core::safetensors::load(&raw, &Device::Cpu).unwrap()["samples"].clone();
+    assert_eq!(z.dims(), [3, 4, 8, 8]);
+    let vae = Autoencoder::load(&vae_dir(), &Device::Cpu, DType::F32).unwrap();
+    let x = vae.decode(&(z / 0.18215).unwrap()).unwrap();
+    let want = tarflow::sample::grid::to_u8(&x.get(0).unwrap()).unwrap();
+    let got = image::open(dir.join("sample-00000.png")).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), (32, 32));
+    let n = 32 * 32;
+    let worst = (0..n)
+        .flat_map(|i| (0..3).map(move |c| (i, c)))
+        .map(|(i, c)| (got.as_raw()[i * 3 + c] as i32 - want[c * n + i] as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "largest difference {worst} levels");
+    // Scoring a latent model says what its bits/dim are, and are not.
+    let inputs = f("inputs.safetensors");
+    let o = tarflow(&[
+        "score",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--tensors",
+        inputs.to_str().unwrap(),
+        "--text",
+        inputs.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("not comparable with pixel bits/dim"), "{}", text(&o));
+    // A model without --vae or --out-tensor is told how to get pictures.
+    let o = sample(&["--out", grid.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && text(&o).contains("--vae DIR"),
+        "{}",
+        text(&o)
+    );
+}

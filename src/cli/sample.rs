@@ -113,6 +113,11 @@ pub struct SampleArgs {
     /// Also write the raw float samples (NCHW, before clamping) and labels to a safetensors file.
     #[arg(long)]
     out_tensor: Option<PathBuf>,
+    /// A latent model's autoencoder (a diffusers folder): the samples, divided by its
+    /// `scaling_factor` (the flow models scaled latents, as STARFlow does), are decoded, and
+    /// the grid and --out-dir hold the images.
+    #[arg(long)]
+    vae: Option<PathBuf>,
     #[command(flatten)]
     model: super::runtime::ModelArgs,
 }
@@ -205,9 +210,26 @@ pub fn run(a: SampleArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} images ETA {eta}",
     )?);
-    if !matches!(cfg.in_channels, 1 | 3) && a.out_tensor.is_none() {
+    let vae = a
+        .vae
+        .as_ref()
+        .map(|dir| {
+            let (device, dtype) = a.model.runtime.select()?;
+            let v = tarflow_flows::autoencoder::Autoencoder::load(dir, &device, dtype)?;
+            if v.config.latent_channels != cfg.in_channels {
+                bail!(
+                    "--vae {}: its latents have {} channels, the model's samples {}",
+                    dir.display(),
+                    v.config.latent_channels,
+                    cfg.in_channels
+                );
+            }
+            Ok((v, device, dtype))
+        })
+        .transpose()?;
+    if !matches!(cfg.in_channels, 1 | 3) && a.out_tensor.is_none() && vae.is_none() {
         bail!(
-            "this model's samples have {} channels (latents, not pictures): give --out-tensor FILE.safetensors for them",
+            "this model's samples have {} channels (latents, not pictures): give --vae DIR (its autoencoder) to decode them, or --out-tensor FILE.safetensors for the raw latents",
             cfg.in_channels
         );
     }
@@ -215,8 +237,20 @@ pub fn run(a: SampleArgs) -> Result<()> {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    let px = to_u8(&s.images)?;
-    let images: Vec<&[u8]> = px.chunks(cfg.dims_per_image()).collect();
+    // Pictures: the samples, or their decoding by the autoencoder.
+    let (pixels, c, sz) = match &vae {
+        Some((v, device, dtype)) => {
+            let host =
+                tarflow_flows::device::to_host(&s.images)?.to_dtype(candle_core::DType::F32)?;
+            let z = (host / v.config.scaling_factor)?;
+            let x = super::vae::decode_latents(v, &z, a.batch, device, *dtype)?;
+            let (c, sz) = (x.dim(1)?, x.dim(2)?);
+            (x, c, sz)
+        }
+        None => (s.images.clone(), cfg.in_channels, cfg.img_size),
+    };
+    let px = to_u8(&pixels)?;
+    let images: Vec<&[u8]> = px.chunks(c * sz * sz).collect();
     let cols = match (a.cols, &opts.labels) {
         (Some(0), _) => bail!("--cols must be ≥ 1"),
         (Some(c), _) => c,
@@ -243,8 +277,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         },
         cols
     );
-    let (c, sz) = (cfg.in_channels, cfg.img_size);
-    // A latent model's samples (C ∉ {1, 3}) are no picture: they go to --out-tensor only.
+    // A latent model's samples (C ∉ {1, 3}) are no picture: without --vae they go to
+    // --out-tensor only.
     let pictures = matches!(c, 1 | 3);
     if pictures {
         tarflow_sample::grid::save(&images, c, sz, sz, cols, &a.out)?;

@@ -299,6 +299,14 @@ fn score_tensors(
 ) -> Result<()> {
     let x = tarflow_sample::tensors::read_tensors(path, model)?;
     let scores = tarflow_sample::tensors::score_tensors(model, &x, text, a.batch)?;
+    let c = model.config().in_channels;
+    if !matches!(c, 1 | 3) {
+        // The density is the latent's: an autoencoder's map to pixels is not invertible, so
+        // no pixel likelihood follows from it.
+        eprintln!(
+            "note: a latent model ({c} channels): these are bits per latent dimension of the latent density, not comparable with pixel bits/dim, and no pixel-space likelihood follows from them"
+        );
+    }
     for (i, s) in scores.iter().enumerate() {
         if a.json {
             println!(

@@ -266,6 +266,17 @@ fn decode(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Latents `z` (on the host) decoded by `vae` in batches, back on the host in f32.
+pub(super) fn decode_latents(
+    vae: &Autoencoder,
+    z: &Tensor,
+    batch: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    Ok(batched(z, batch, device, dtype, |b| Ok(vec![vae.decode(b)?]))?.remove(0))
+}
+
 /// Writes `tensors` with `meta` as a safetensors file, atomically.
 fn write(path: &Path, tensors: &[(String, Tensor)], meta: HashMap<String, String>) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
