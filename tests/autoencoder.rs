@@ -430,7 +430,11 @@ fn sample_decodes_a_latent_models_samples_with_its_autoencoder() {
         inputs.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("not comparable with pixel bits/dim"), "{}", text(&o));
+    assert!(
+        text(&o).contains("not comparable with pixel bits/dim"),
+        "{}",
+        text(&o)
+    );
     // A model without --vae or --out-tensor is told how to get pictures.
     let o = sample(&["--out", grid.to_str().unwrap()]);
     assert!(
