@@ -1,10 +1,12 @@
-//! `tarflow import --from ml-starflow --starflow-config X.yaml`: ml-starflow's YAML training
-//! configs (its `arguments:` list) give the same model as the `Model(**kwargs)` they build.
+//! `tarflow import --from ml-starflow` from the command line: by `--model-kwargs` (then sample
+//! and score reproduce upstream; kwargs that do not fit the weights are named) and by
+//! `--starflow-config X.yaml` (ml-starflow's YAML training configs, whose `arguments:` list gives
+//! the same model as the `Model(**kwargs)` it builds).
 
 mod common;
 
 use candle_core::Device;
-use common::{fixture, tarflow, text};
+use common::{assert_close, fixture, load, tarflow, text};
 use std::path::Path;
 use tarflow::flows::import::starflow_config;
 use tarflow::flows::starflow_args::{starflow_args, Encoders};
@@ -187,4 +189,148 @@ fn bad_yaml_configs_name_the_argument() {
     let args = starflow_args("arguments:\n- use_mm_attn: 1\n", path, enc).unwrap();
     let e = starflow_config(&args.kwargs, path).unwrap_err().to_string();
     assert!(e.contains("use_mm_attn"), "{e}");
+}
+
+/// From the command line, as a user would: import the release model by its kwargs, sample
+/// with text and guidance from upstream's noise, and score upstream's inputs as raw tensors;
+/// both give upstream's numbers.
+#[test]
+fn import_sample_and_score_from_the_cli_reproduce_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = |n: &str| fixture(&format!("starflow-release/{n}"));
+    let ck = dir.path().join("release.safetensors");
+    let (model, kw, inputs) = (
+        f("model.safetensors"),
+        f("config.json"),
+        f("inputs.safetensors"),
+    );
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let o = tarflow(&[
+        "import",
+        &s(&model),
+        "--from",
+        "ml-starflow",
+        "--model-kwargs",
+        &s(&kw),
+        "-o",
+        &s(&ck),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("4 text tokens"), "{}", text(&o));
+    // Upstream's z_in as the noise, in image layout.
+    let inp = load("starflow-release/inputs.safetensors");
+    let noise = dir.path().join("z.safetensors");
+    candle_core::safetensors::save(&[("z", inp["z_in"].clone())].into_iter().collect(), &noise)
+        .unwrap();
+    let out = dir.path().join("g.safetensors");
+    let o = tarflow(&[
+        "sample",
+        "--checkpoint",
+        &s(&ck),
+        "--text",
+        &s(&inputs),
+        "--noise",
+        &s(&noise),
+        "--guidance",
+        "2",
+        "--guidance-rule",
+        "gaussian",
+        "--out-tensor",
+        &s(&out),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let exp = load("starflow-release/expected.safetensors");
+    assert_close(
+        "cli reverse.guided",
+        &got["samples"],
+        &exp["reverse.guided"],
+        1e-4,
+        1e-4,
+    );
+    // Without --text the model says what it needs.
+    let o = tarflow(&[
+        "sample",
+        "--checkpoint",
+        &s(&ck),
+        "--num",
+        "1",
+        "--out-tensor",
+        &s(&out),
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("--text"),
+        "{}",
+        text(&o)
+    );
+    let o = tarflow(&[
+        "score",
+        "--checkpoint",
+        &s(&ck),
+        "--tensors",
+        &s(&inputs),
+        "--text",
+        &s(&inputs),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    let mean_nats: f64 = rows
+        .iter()
+        .map(|r| r["nll_nats"].as_f64().unwrap())
+        .sum::<f64>()
+        / 3.0;
+    // −log p(x) per dimension is upstream's loss plus the prior's ½·log 2π.
+    let loss = exp["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    let want = (loss + 0.5 * (2.0 * std::f64::consts::PI).ln()) * 256.0;
+    approx::assert_abs_diff_eq!(mean_nats, want, epsilon = 1e-3);
+    assert_eq!(rows[0]["block_logdet_nats"].as_array().unwrap().len(), 3);
+}
+
+/// Kwargs that do not fit the weights are refused with the argument to check, never imported
+/// as a different model (head_dim changes no weight's shape: the rotary buffer still says it).
+#[test]
+fn kwargs_that_do_not_fit_the_weights_name_the_argument() {
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("starflow-release/config.json")).unwrap(),
+    )
+    .unwrap();
+    let model = fixture("starflow-release/model.safetensors");
+    for (key, value, says) in [
+        ("sos", serde_json::json!(false), "check `sos`"),
+        (
+            "use_final_norm",
+            serde_json::json!(false),
+            "check `use_final_norm`",
+        ),
+        ("rope", serde_json::json!(false), "check `rope"),
+        ("head_dim", serde_json::json!(16), "check head_dim"),
+        (
+            "cond_top_only",
+            serde_json::json!(false),
+            "check `txt_dim, txt_size and cond_top_only",
+        ),
+        ("use_swiglu", serde_json::json!(true), "check `use_swiglu`"),
+        (
+            "learnable_self_denoiser",
+            serde_json::json!(true),
+            "check `learnable_self_denoiser`",
+        ),
+        (
+            "no_such_kwarg",
+            serde_json::json!(1),
+            "unknown kwarg `no_such_kwarg`",
+        ),
+    ] {
+        let mut kw = cfg["model_kwargs"].clone();
+        kw[key] = value;
+        let e = Checkpoint::import_starflow(&model, &kw, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{key}: {e}");
+    }
 }
