@@ -98,17 +98,7 @@ fn a_yaml_config_imports_the_model_its_kwargs_do() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("--sigma 0.3"), "{}", text(&o));
-    let o = tarflow(&[
-        "import",
-        &s(&model),
-        "--from",
-        "ml-starflow",
-        "--model-kwargs",
-        &s(&fixture("starflow-release/config.json")),
-        "-o",
-        &s(&b),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    common::import_starflow_release(&b);
     let (a, b) = (
         Checkpoint::load(&a, &Device::Cpu).unwrap(),
         Checkpoint::load(&b, &Device::Cpu).unwrap(),
@@ -199,24 +189,9 @@ fn import_sample_and_score_from_the_cli_reproduce_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let f = |n: &str| fixture(&format!("starflow-release/{n}"));
     let ck = dir.path().join("release.safetensors");
-    let (model, kw, inputs) = (
-        f("model.safetensors"),
-        f("config.json"),
-        f("inputs.safetensors"),
-    );
-    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let o = tarflow(&[
-        "import",
-        &s(&model),
-        "--from",
-        "ml-starflow",
-        "--model-kwargs",
-        &s(&kw),
-        "-o",
-        &s(&ck),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("4 text tokens"), "{}", text(&o));
+    let inputs = f("inputs.safetensors");
+    let printed = common::import_starflow_release(&ck);
+    assert!(printed.contains("4 text tokens"), "{printed}");
     // Upstream's z_in as the noise, in image layout.
     let inp = load("starflow-release/inputs.safetensors");
     let noise = dir.path().join("z.safetensors");

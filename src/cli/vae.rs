@@ -242,10 +242,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
             a.tensors.display()
         ),
     }
-    let x = batched(&z, a.run.batch, &device, dtype, |b| {
-        Ok(vec![vae.decode(b)?])
-    })?
-    .remove(0);
+    let x = decode_latents(&vae, &z, a.run.batch, &device, dtype)?;
     let png = a
         .output
         .extension()

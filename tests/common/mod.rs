@@ -206,6 +206,25 @@ pub fn tarflow_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output
         .unwrap()
 }
 
+/// `tarflow import` of the `starflow-release` fixture by its `Model(**kwargs)` into `out`;
+/// returns what the command printed.
+pub fn import_starflow_release(out: &std::path::Path) -> String {
+    let f = |n: &str| fixture(&format!("starflow-release/{n}"));
+    let (model, kw) = (f("model.safetensors"), f("config.json"));
+    let o = tarflow(&[
+        "import",
+        model.to_str().unwrap(),
+        "--from",
+        "ml-starflow",
+        "--model-kwargs",
+        kw.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    text(&o)
+}
+
 /// `tarflow train --config CFG` into the folder `out`, with `sets` as `--set` overrides.
 pub fn train(cfg: &std::path::Path, out: &std::path::Path, sets: &[&str]) -> std::process::Output {
     let out_set = format!("output.dir={}", out.display());

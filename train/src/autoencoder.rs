@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use tarflow_datasets::folder::FolderOptions;
 use tarflow_datasets::source::{self, SourceKind};
 use tarflow_datasets::ImageSet;
-use tarflow_flows::autoencoder::{Autoencoder, AutoencoderConfig};
+use tarflow_flows::autoencoder::{kl_sum, Autoencoder, AutoencoderConfig};
 
 /// An autoencoder run's config: `[model]`, `[data]`, `[train]`, `[output]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,13 +196,11 @@ fn measure(vae: &Autoencoder, set: &ImageSet, device: &Device) -> Result<(f64, f
     for start in (0..set.len()).step_by(64) {
         let idx: Vec<usize> = (start..(start + 64).min(set.len())).collect();
         let x = batch(set, &idx, device)?;
-        let (mean, std) = vae.encode(&x)?;
+        let (mean, logvar) = vae.posterior(&x)?;
         let xr = vae.decode(&mean)?.clamp(-1f32, 1f32)?;
         se += f64::from((xr - &x)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
         count += x.elem_count();
-        let var = std.sqr()?;
-        let k = ((mean.sqr()? + &var)? - 1.0)?.sub(&var.log()?)?;
-        kl += 0.5 * f64::from(k.sum_all()?.to_scalar::<f32>()?);
+        kl += f64::from(kl_sum(&mean, &logvar)?.to_scalar::<f32>()?);
         s1 += f64::from(mean.sum_all()?.to_scalar::<f32>()?);
         s2 += f64::from(mean.sqr()?.sum_all()?.to_scalar::<f32>()?);
         nz += mean.elem_count();
@@ -341,22 +339,25 @@ pub fn train_autoencoder(
                 msg: format!("the loss is {lv} at step {step}: lower train.lr"),
             });
         }
-        opt.set_learning_rate(sched.at(step - 1));
+        let lr = sched.at(step - 1);
+        opt.set_learning_rate(lr);
         opt.backward_step(&loss)?;
         if step % t.log_every == 0 || step == t.steps {
             let el = start.elapsed().as_secs_f64();
-            let r = f64::from(rec.to_scalar::<f32>()?);
-            let rec_line = serde_json::json!({
-                "step": step, "loss": lv, "rec_mse": r, "kl": f64::from(kl.to_scalar::<f32>()?),
-                "psnr_db": 10.0 * (4.0 / r.max(1e-12)).log10(), "lr": sched.at(step),
-                "images_per_s": (step as f64 * t.batch_size as f64) / el.max(1e-9), "elapsed_s": el,
+            let (r, k) = (
+                f64::from(rec.to_scalar::<f32>()?),
+                f64::from(kl.to_scalar::<f32>()?),
+            );
+            let speed = (step as f64 * t.batch_size as f64) / el.max(1e-9);
+            let line = serde_json::json!({
+                "step": step, "loss": lv, "rec_mse": r, "kl": k,
+                "psnr_db": 10.0 * (4.0 / r.max(1e-12)).log10(), "lr": lr,
+                "images_per_s": speed, "elapsed_s": el,
             });
-            writeln!(metrics, "{rec_line}").map_err(io(&metrics_path))?;
+            writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
             log(&format!(
-                "step {step}/{}  mse {r:.5}  kl {:.4}  {:.1} images/s",
-                t.steps,
-                rec_line["kl"].as_f64().unwrap_or(0.0),
-                rec_line["images_per_s"].as_f64().unwrap_or(0.0)
+                "step {step}/{}  mse {r:.5}  kl {k:.4}  {speed:.1} images/s",
+                t.steps
             ));
         }
     }

@@ -10,7 +10,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The config file of a diffusers autoencoder folder.
 pub const CONFIG: &str = "config.json";
@@ -26,7 +26,8 @@ use nets::{Decoder, Encoder};
 /// taken is remembered, so that tensors the config has no place for are found.
 struct Tensors {
     all: HashMap<String, Tensor>,
-    taken: Mutex<BTreeSet<String>>,
+    /// Shared with the loader, which reads it once the network is built.
+    taken: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl SimpleBackend for Tensors {
@@ -105,21 +106,17 @@ impl Autoencoder {
         let all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| FlowError::checkpoint(&path, format!("not a safetensors file: {e}")))?;
         drop(bytes);
+        let keys: BTreeSet<String> = all.keys().cloned().collect();
+        let taken = Arc::new(Mutex::new(BTreeSet::new()));
         let backend = Tensors {
             all,
-            taken: Mutex::new(BTreeSet::new()),
+            taken: taken.clone(),
         };
-        let keys: BTreeSet<String> = backend.all.keys().cloned().collect();
-        let backend = std::sync::Arc::new(backend);
-        let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), dtype, device.clone());
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let (encoder, decoder) = build(&config, vb).map_err(|e| {
             FlowError::checkpoint(&path, format!("{e} (config: {})", cfg_path.display()))
         })?;
-        let taken = backend
-            .taken
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let taken = taken.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(k) = keys.difference(&taken).next() {
             return Err(FlowError::checkpoint(
                 &path,
@@ -185,15 +182,19 @@ impl Autoencoder {
     /// reconstruction's squared error per image value, and KL(q(z|x) ‖ N(0, I)) summed over the
     /// latent, per image value.
     pub fn losses(&self, x: &Tensor, eps: &Tensor) -> Result<(Tensor, Tensor)> {
-        let p = self.encoder.forward(x)?;
-        let l = self.config.latent_channels;
-        let mean = p.narrow(1, 0, l)?;
-        let logvar = p.narrow(1, l, l)?.clamp(-30f32, 20f32)?;
+        let (mean, logvar) = self.posterior(x)?;
         let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
         let rec = (self.decoder.forward(&z)? - x)?.sqr()?.mean_all()?;
-        let kl = ((mean.sqr()? + logvar.exp()?)? - 1.0)?.sub(&logvar)?;
-        let kl = (kl.sum_all()? * (0.5 / x.elem_count() as f64))?;
+        let kl = (twice_kl(&mean, &logvar)? * (0.5 / x.elem_count() as f64))?;
         Ok((rec, kl))
+    }
+
+    /// The posterior's mean and log-variance (N, latent, S/f, S/f) of images `x`, the
+    /// log-variance clamped to [−30, 20] as diffusers clamps it.
+    pub fn posterior(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let p = self.encoder.forward(x)?;
+        let l = self.config.latent_channels;
+        Ok((p.narrow(1, 0, l)?, p.narrow(1, l, l)?.clamp(-30f32, 20f32)?))
     }
 
     /// Writes `config` and the variables of `varmap` as a diffusers folder `dir` (each file
@@ -223,11 +224,8 @@ impl Autoencoder {
     /// The posterior's mean and standard deviation (N, latent, S/f, S/f) of images `x`
     /// (N, C, S, S) in [−1, 1], before the scaling factor.
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let p = self.encoder.forward(x)?;
-        let l = self.config.latent_channels;
-        let mean = p.narrow(1, 0, l)?;
-        let std = (p.narrow(1, l, l)?.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
-        Ok((mean, std))
+        let (mean, logvar) = self.posterior(x)?;
+        Ok((mean, (logvar * 0.5)?.exp()?))
     }
 
     /// Images (N, C, S, S), nominally in [−1, 1], of latents `z` (before the scaling factor).
@@ -236,26 +234,14 @@ impl Autoencoder {
     }
 }
 
-/// The backend shared with the loader, which reads what was taken afterwards.
-struct Shared(std::sync::Arc<Tensors>);
+/// KL(N(mean, e^logvar) ‖ N(0, I)) in nats, summed over every value (a scalar tensor).
+pub fn kl_sum(mean: &Tensor, logvar: &Tensor) -> Result<Tensor> {
+    Ok((twice_kl(mean, logvar)? * 0.5)?)
+}
 
-impl SimpleBackend for Shared {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0.get(s, name, h, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.get_unchecked(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(name)
-    }
+/// Σ (μ² + σ² − 1 − log σ²): twice the KL, so that the training loss scales it once.
+fn twice_kl(mean: &Tensor, logvar: &Tensor) -> Result<Tensor> {
+    Ok(((mean.sqr()? + logvar.exp()?)? - 1.0)?
+        .sub(logvar)?
+        .sum_all()?)
 }
