@@ -311,6 +311,20 @@ fn train_ae_writes_a_folder_that_loads_and_repeats_exactly() {
     let weights =
         |d: &Path| std::fs::read(d.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     assert!(weights(&a) == weights(&b), "same seed, different weights");
+    // Every shipped autoencoder config parses (`tarflow train` reads the flows' configs).
+    let mut shipped = 0;
+    for e in std::fs::read_dir("experiments").unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with("ae-"))
+        {
+            let text = std::fs::read_to_string(&p).unwrap();
+            tarflow::train::autoencoder::AeConfig::from_toml(&text, p.to_str().unwrap(), &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            shipped += 1;
+        }
+    }
+    assert!(shipped >= 1);
     // An unknown key is named.
     let o = tarflow(&[
         "train-ae",
