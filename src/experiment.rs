@@ -62,6 +62,9 @@ pub struct Sampling {
     pub learned_denoise: bool,
     /// Noise temperature.
     pub temperature: f64,
+    /// A latent variant's samples are decoded by this autoencoder (a decoder fine-tuned on
+    /// noisy latents) instead of the run's; pixel variants skip the setting.
+    pub decoder: Option<std::path::PathBuf>,
 }
 
 impl Default for Sampling {
@@ -74,6 +77,7 @@ impl Default for Sampling {
             denoise: false,
             learned_denoise: false,
             temperature: 1.0,
+            decoder: None,
         }
     }
 }
@@ -230,7 +234,12 @@ pub fn run(
             let cached = run_dir.join("experiment-result.json");
             if let Ok(text) = std::fs::read_to_string(&cached) {
                 if let Ok(r) = serde_json::from_str::<Vec<Row>>(&text) {
-                    if r.len() == samplings.len() {
+                    // Pixel variants skip the settings that name a latent decoder.
+                    let applies = samplings
+                        .iter()
+                        .filter(|s| s.decoder.is_none() || cfg.data.vae.is_some())
+                        .count();
+                    if r.len() == applies {
                         log(format!("{} (seed {seed}): done, skipped", v.name));
                         rows.extend(r);
                         curves.push((format!("{} s{seed}", v.name), loss_curve(&run_dir)));
@@ -290,7 +299,8 @@ pub fn run(
             ))
             .unwrap_or_default();
             if reference.as_ref().is_none_or(|(k, _, _)| *k != key) {
-                let (c, real) = classifier_for(&cfg, &cls_path)?;
+                // A latent run is compared in pixels, with the images its latents encode.
+                let (c, real) = classifier_for(&crate::latent::pixel_twin(&cfg)?, &cls_path)?;
                 let r = Reference::of(&c, &real)?;
                 reference = Some((key, c, r));
             }
@@ -305,8 +315,18 @@ pub fn run(
                 std::fs::copy(&grid_src, results_dir.join("grids").join(&grid_name))
                     .map_err(|err| TrainError::io(&grid_src, err))?;
             }
+            let vae = crate::latent::run_autoencoder(&cfg)?;
             let mut mine = Vec::new();
             for s in &samplings {
+                let decoder = match (&s.decoder, &vae) {
+                    (Some(_), None) => continue,
+                    (Some(dir), Some(_)) => Some(tarflow_flows::autoencoder::Autoencoder::load(
+                        dir,
+                        &dev,
+                        candle_core::DType::F32,
+                    )?),
+                    (None, _) => None,
+                };
                 let opts = SampleOptions {
                     num: e.fd_samples,
                     batch: 100,
@@ -330,7 +350,13 @@ pub fn run(
                     jacobi: None,
                     ..SampleOptions::default()
                 };
-                let rep = measure(&model, &opts, real, classifier)?;
+                let rep = measure(
+                    &model,
+                    &opts,
+                    real,
+                    classifier,
+                    decoder.as_ref().or(vae.as_ref()),
+                )?;
                 log(format!(
                     "{} (seed {seed}) [{}]: val bpd {}, FD {:.3}",
                     v.name,

@@ -8,6 +8,7 @@ use candle_nn::{Module, VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::path::Path;
 use tarflow_datasets::ImageSet;
+use tarflow_flows::autoencoder::Autoencoder;
 use tarflow_flows::rng::seeded;
 use tarflow_train::optim::{AdamW, AdamWConfig};
 use tarflow_train::{Result, TrainError};
@@ -346,36 +347,44 @@ impl Reference {
     }
 }
 
-/// Features of `opts.num` images sampled from `model` (scored as images: clamped to [-1, 1]
-/// and rounded to 8 bits), with the sampling seconds and the images left non-finite.
+/// Features of `opts.num` images sampled from `model` (a latent model's decoded by `vae`;
+/// scored as images: clamped to [-1, 1] and rounded to 8 bits), with the sampling seconds
+/// (decoding included) and the images left non-finite.
 pub fn sample_features(
     model: &tarflow_flows::TarFlow,
     opts: &tarflow_sample::generate::SampleOptions,
     fx: &dyn FeatureExtractor,
+    vae: Option<&Autoencoder>,
 ) -> Result<(Tensor, f64, usize)> {
     let t0 = std::time::Instant::now();
     let s = tarflow_sample::generate::generate(model, opts, None, &mut |_, _| {})
         .map_err(|e| TrainError::config("fd", e.to_string()))?;
+    let images = match vae {
+        Some(v) => v.decode_scaled(&s.images, opts.batch)?,
+        None => s.images.clone(),
+    };
     let secs = t0.elapsed().as_secs_f64();
-    let px = tarflow_sample::grid::to_u8(&s.images)?;
+    let px = tarflow_sample::grid::to_u8(&images)?;
     let gen = Tensor::from_vec(
         px.into_iter()
             .map(tarflow_datasets::transform::to_unit)
             .collect::<Vec<_>>(),
-        s.images.dims(),
+        images.dims(),
         &Device::Cpu,
     )?;
     Ok((features_of(fx, &gen)?, secs, s.non_finite))
 }
 
-/// Samples `opts.num` images from `model` and measures their FD to `real` under `fx`.
+/// Samples `opts.num` images from `model` (decoded by `vae` for a latent model) and measures
+/// their FD to `real` under `fx`.
 pub fn measure(
     model: &tarflow_flows::TarFlow,
     opts: &tarflow_sample::generate::SampleOptions,
     real: &Reference,
     fx: &dyn FeatureExtractor,
+    vae: Option<&Autoencoder>,
 ) -> Result<FdReport> {
-    let (fg, secs, non_finite) = sample_features(model, opts, fx)?;
+    let (fg, secs, non_finite) = sample_features(model, opts, fx, vae)?;
     let n = fg.dim(0)?;
     Ok(FdReport {
         fd: frechet_distance(&fg, &real.features)?,

@@ -13,6 +13,7 @@ pub mod experiment;
 pub mod fd;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod latent;
 pub mod report;
 
 pub use tarflow_flows::{Checkpoint, Cond, ModelConfig, ReverseOptions, TarFlow};

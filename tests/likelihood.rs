@@ -349,6 +349,7 @@ fn validation_scores_an_image_f32_cannot_as_scoring_does() {
         width: 8,
         pixels: [far.clone(), near.clone()].concat(),
         labels: None,
+        latents: None,
     });
     let val = Loader::new(set, None, 2, 0, Transform::default(), false);
     let (mean, left_out) = tarflow::train::evaluate::val_bpd(&model, &val, 0)

@@ -37,7 +37,34 @@ pub fn parse_cifar10(bytes: &[u8], path: &Path) -> Result<ImageSet> {
         width: 32,
         pixels,
         labels: Some(labels),
+        latents: None,
     })
+}
+
+/// `set` (3×32×32, labels 0..=9) as CIFAR-10 binary records, the bytes of one batch file.
+pub fn to_records(set: &ImageSet, path: &Path) -> Result<Vec<u8>> {
+    if (set.channels, set.height, set.width) != (3, 32, 32) {
+        return Err(DataError::format(
+            path,
+            format!(
+                "CIFAR-10 records hold 3×32×32 images, not {}×{}×{}",
+                set.channels, set.height, set.width
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(set.len() * RECORD);
+    for (i, img) in set.images().iter().enumerate() {
+        let label = set.label(i).unwrap_or(0);
+        if !(0..=9).contains(&label) {
+            return Err(DataError::format(
+                path,
+                format!("label {label} is not 0..=9"),
+            ));
+        }
+        out.push(label as u8);
+        out.extend_from_slice(img);
+    }
+    Ok(out)
 }
 
 /// Reads the `.bin` batches of a CIFAR-10 folder in name order (or one file).

@@ -277,6 +277,7 @@ pub fn read_folder(root: &Path, opts: &FolderOptions) -> Result<FolderSet> {
         width: size,
         pixels,
         labels: by_subdir.then_some(labels),
+        latents: None,
     };
     Ok(FolderSet {
         set,

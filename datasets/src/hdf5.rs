@@ -164,6 +164,7 @@ fn read_in_process(path: &Path, opts: &Hdf5Options) -> Result<ImageSet> {
         width: w,
         pixels,
         labels,
+        latents: None,
     })
 }
 
@@ -322,6 +323,7 @@ mod isolated {
             width: w,
             pixels,
             labels,
+            latents: None,
         })
     }
 }

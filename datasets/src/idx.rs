@@ -115,6 +115,7 @@ pub fn image_set_from_bytes(
         width: w,
         pixels,
         labels,
+        latents: None,
     })
 }
 

@@ -7,12 +7,14 @@
 //! [−1, 1] (the one rounding every path uses) and adds noise, flips and label drop.
 
 pub mod cifar;
+pub mod crops;
 pub mod embedded;
 pub mod error;
 pub mod folder;
 #[cfg(feature = "hdf5")]
 pub mod hdf5;
 pub mod idx;
+pub mod latents;
 pub mod loader;
 pub mod npz;
 pub mod source;
@@ -33,6 +35,8 @@ pub struct ImageSet {
     pub pixels: Vec<u8>,
     /// One label per image (0-based), when the source has them.
     pub labels: Option<Vec<i64>>,
+    /// An encoded set's posterior (source `latents`), in place of `pixels` (then empty).
+    pub latents: Option<std::sync::Arc<latents::Latents>>,
 }
 
 impl ImageSet {
@@ -40,9 +44,14 @@ impl ImageSet {
     pub fn subset(&self, idx: &[usize]) -> ImageSet {
         let n = self.image_len();
         let mut pixels = Vec::with_capacity(idx.len() * n);
-        for &i in idx {
+        for &i in idx.iter().filter(|_| self.latents.is_none()) {
             pixels.extend_from_slice(&self.pixels[i * n..(i + 1) * n]);
         }
+        let rows = |v: &[f32]| -> Vec<f32> {
+            idx.iter()
+                .flat_map(|&i| v[i * n..(i + 1) * n].iter().copied())
+                .collect()
+        };
         ImageSet {
             channels: self.channels,
             height: self.height,
@@ -52,6 +61,13 @@ impl ImageSet {
                 .labels
                 .as_ref()
                 .map(|l| idx.iter().map(|&i| l[i]).collect()),
+            latents: self.latents.as_ref().map(|l| {
+                std::sync::Arc::new(latents::Latents {
+                    mean: rows(&l.mean),
+                    std: rows(&l.std),
+                    ..l.as_ref().clone()
+                })
+            }),
         }
     }
 
@@ -64,6 +80,12 @@ impl ImageSet {
             h.update((d as u64).to_le_bytes());
         }
         h.update(&self.pixels);
+        if let Some(l) = &self.latents {
+            for v in l.mean.iter().chain(&l.std) {
+                h.update(v.to_le_bytes());
+            }
+            h.update(l.vae_sha256.as_bytes());
+        }
         if let Some(l) = &self.labels {
             for v in l {
                 h.update(v.to_le_bytes());
@@ -74,7 +96,11 @@ impl ImageSet {
 
     /// Number of images.
     pub fn len(&self) -> usize {
-        self.pixels.len() / self.image_len().max(1)
+        let values = self
+            .latents
+            .as_ref()
+            .map_or(self.pixels.len(), |l| l.mean.len());
+        values / self.image_len().max(1)
     }
 
     /// Whether the set holds no image.
@@ -114,6 +140,12 @@ impl ImageSet {
     /// Appends `other` (read from `source`), which must have the same image shape and the
     /// same presence of labels.
     pub fn append(&mut self, other: ImageSet, source: &std::path::Path) -> Result<()> {
+        if self.latents.is_some() || other.latents.is_some() {
+            return Err(DataError::format(
+                source,
+                "latents are read from one `vae encode` file, not appended",
+            ));
+        }
         let same = (
             self.channels,
             self.height,
@@ -146,6 +178,18 @@ impl ImageSet {
             l.extend(m);
         }
         Ok(())
+    }
+
+    /// An error naming `origin` unless the set holds pixels: a `latents` set holds an
+    /// autoencoder's posterior, which only flow training reads.
+    pub fn require_pixels(&self, origin: &std::path::Path) -> Result<()> {
+        match self.latents {
+            Some(_) => Err(DataError::format(
+                origin,
+                "holds autoencoder latents, not images: give the images they encode, or decode                  latents with `tarflow vae decode`",
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Mean pixel value on the 0–255 scale.

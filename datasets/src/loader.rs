@@ -13,7 +13,7 @@ use std::sync::Arc;
 /// A batch of transformed images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
-    /// (B, C, H, W) f32 in [-1, 1] (plus noise), row-major.
+    /// (B, C, H, W) f32 in [-1, 1] (plus noise), row-major; scaled latents for a `latents` set.
     pub images: Vec<f32>,
     /// One label per image (−1 dropped); empty for unlabelled data.
     pub labels: Vec<i64>,
@@ -140,15 +140,18 @@ impl Loader {
         let mut labels = Vec::with_capacity(self.batch_size);
         let ids = &order[index * self.batch_size..(index + 1) * self.batch_size];
         for (slot, &i) in ids.iter().enumerate() {
-            let src = &set.pixels[i * n..(i + 1) * n];
-            self.transform.apply(
-                src,
-                c,
-                h,
-                w,
-                &mut images[slot * n..(slot + 1) * n],
-                &mut rng,
-            );
+            let dst = &mut images[slot * n..(slot + 1) * n];
+            match &set.latents {
+                Some(l) => {
+                    let rows = (&l.mean[i * n..(i + 1) * n], &l.std[i * n..(i + 1) * n]);
+                    let t = &self.transform;
+                    t.apply_latent(rows, l.scaling_factor, c, h, w, dst, &mut rng);
+                }
+                None => {
+                    let src = &set.pixels[i * n..(i + 1) * n];
+                    self.transform.apply(src, c, h, w, dst, &mut rng);
+                }
+            }
             if let Some(l) = set.label(i) {
                 labels.push(self.transform.label(l, &mut rng));
             }

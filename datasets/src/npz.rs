@@ -207,6 +207,7 @@ pub fn read_imagenet_batch(path: &Path) -> Result<ImageSet> {
         width: side,
         pixels: data.data,
         labels,
+        latents: None,
     })
 }
 

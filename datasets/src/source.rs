@@ -23,10 +23,12 @@ pub enum SourceKind {
     /// The embedded MNIST-10k default (`embedded`).
     #[default]
     Embedded,
+    /// An autoencoder's latents, as `tarflow vae encode` writes them (`latents`).
+    Latents,
 }
 
 /// Every accepted name, for error messages.
-pub const KIND_NAMES: &str = "imagenet-npz, hdf5, folder, mnist-idx, cifar10, embedded";
+pub const KIND_NAMES: &str = "imagenet-npz, hdf5, folder, mnist-idx, cifar10, embedded, latents";
 
 impl std::str::FromStr for SourceKind {
     type Err = String;
@@ -38,6 +40,7 @@ impl std::str::FromStr for SourceKind {
             "mnist-idx" => SourceKind::MnistIdx,
             "cifar10" => SourceKind::Cifar10,
             "embedded" => SourceKind::Embedded,
+            "latents" => SourceKind::Latents,
             other => {
                 return Err(format!(
                     "unknown source kind {other:?}: expected one of {KIND_NAMES}"
@@ -116,6 +119,7 @@ impl SourceKind {
             SourceKind::MnistIdx => "mnist-idx",
             SourceKind::Cifar10 => "cifar10",
             SourceKind::Embedded => "embedded",
+            SourceKind::Latents => "latents",
         }
     }
 
@@ -140,6 +144,11 @@ impl SourceKind {
             }
             SourceKind::Folder => {
                 "a folder of png/jpeg/bmp/webp/gif images, one sub-folder per class for labels"
+            }
+            SourceKind::Latents => {
+                "a `tarflow vae encode` output (.safetensors with `mean`, `std` and the \
+                 autoencoder's identity), e.g. `tarflow vae encode --vae models/ae-mnist/vae \
+                 --source embedded -o PATH`"
             }
             SourceKind::Hdf5 => {
                 "an HDF5 file with an `images` (or image_data, data, x) dataset, NCHW or NHWC, \
@@ -168,6 +177,7 @@ pub fn load(
         SourceKind::Embedded => crate::embedded::mnist10k()?,
         SourceKind::ImagenetNpz => crate::npz::read_imagenet(need()?)?,
         SourceKind::Cifar10 => crate::cifar::read_cifar10(need()?)?,
+        SourceKind::Latents => crate::latents::read_latents(need()?)?,
         SourceKind::MnistIdx => {
             let (images, labels) = mnist_files(need()?)?;
             crate::idx::read_mnist(&images, labels.as_deref())?

@@ -76,6 +76,38 @@ impl Transform {
         }
     }
 
+    /// Writes a latent drawn from an autoencoder's posterior, `(mean + std·ε)·scale`, into
+    /// `dst` with flip and Gaussian noise (σ in the scaled latent's units, STARFlow's 0.3);
+    /// uniform dequantisation is an 8-bit notion and adds nothing here (configs refuse it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_latent(
+        &self,
+        (mean, std): (&[f32], &[f32]),
+        scale: f64,
+        c: usize,
+        h: usize,
+        w: usize,
+        dst: &mut [f32],
+        rng: &mut impl Rng,
+    ) {
+        let flip = self.flip && rng.random_bool(0.5);
+        for ch in 0..c {
+            for y in 0..h {
+                let row = (ch * h + y) * w;
+                for x in 0..w {
+                    let sx = row + if flip { w - 1 - x } else { x };
+                    let e: f64 = StandardNormal.sample(rng);
+                    let mut v = (mean[sx] as f64 + std[sx] as f64 * e) * scale;
+                    if let Noise::Gaussian(s) = self.noise {
+                        let e: f64 = StandardNormal.sample(rng);
+                        v += s * e;
+                    }
+                    dst[row + x] = v as f32;
+                }
+            }
+        }
+    }
+
     /// The label after label drop: −1 with probability `label_drop`.
     pub fn label(&self, label: i64, rng: &mut impl Rng) -> i64 {
         if self.label_drop > 0.0 && rng.random_bool(self.label_drop.clamp(0.0, 1.0)) {

@@ -15,6 +15,7 @@ fn set(n: usize) -> Arc<ImageSet> {
         width: 4,
         pixels: img.repeat(n),
         labels: Some((0..n as i64).map(|i| i % 5).collect()),
+        latents: None,
     })
 }
 

@@ -99,6 +99,17 @@ impl RunLayout {
     }
 }
 
+impl RunLayout {
+    /// The autoencoder a latent run's data was encoded with (`[data] vae` of `config.toml`,
+    /// as written there: relative to where training ran); `None` for a pixel run.
+    pub fn autoencoder(&self) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(self.config_path()).ok()?;
+        let t: toml::Table = toml::from_str(&text).ok()?;
+        let vae = t.get("data")?.as_table()?.get("vae")?.as_str()?;
+        Some(PathBuf::from(vae))
+    }
+}
+
 /// The run a checkpoint file belongs to, when it sits in `RUN/checkpoints/step-…/`.
 pub fn run_of(file: &Path) -> Option<RunLayout> {
     let run = file.parent()?.parent()?.parent()?;

@@ -33,6 +33,7 @@ pub fn load(device: &Device) -> Result<Resolved> {
         ema: true,
         // Trained with uniform dequantisation: no Gaussian noise to denoise.
         train_noise_std: None,
+        autoencoder: None,
     })
 }
 

@@ -18,6 +18,8 @@ pub struct Resolved {
     pub ema: bool,
     /// σ of the Gaussian training noise, read from the run's `config.toml` when there is one.
     pub train_noise_std: Option<f64>,
+    /// A latent run's autoencoder (`[data] vae` of its `config.toml`).
+    pub autoencoder: Option<PathBuf>,
 }
 
 /// Resolves `path` (file, checkpoint folder or run directory); `prefer_ema` picks
@@ -34,6 +36,7 @@ pub fn resolve(path: &Path, prefer_ema: bool, device: &Device) -> Result<Resolve
         return Ok(Resolved {
             ema: path.file_name().is_some_and(|n| n == rundir::EMA),
             train_noise_std: quant_noise.or_else(|| run_of(path).and_then(|r| r.training_noise())),
+            autoencoder: run_of(path).and_then(|r| r.autoencoder()),
             checkpoint: ck,
             path: path.into(),
         });
@@ -59,6 +62,7 @@ pub fn resolve(path: &Path, prefer_ema: bool, device: &Device) -> Result<Resolve
         checkpoint: Checkpoint::load(&file, device)?,
         path: file,
         ema,
-        train_noise_std: run.and_then(|r| r.training_noise()),
+        train_noise_std: run.as_ref().and_then(|r| r.training_noise()),
+        autoencoder: run.and_then(|r| r.autoencoder()),
     })
 }

@@ -431,6 +431,7 @@ fn loader(a: &BenchArgs) -> Result<()> {
         width: 64,
         pixels,
         labels: Some(vec![0; n]),
+        latents: None,
     });
     let t = Transform {
         flip: true,

@@ -48,6 +48,7 @@ impl Dataset {
             eprintln!("skipped {}: {why}", p.display());
         }
         let set = loaded.set;
+        set.require_pixels(path.unwrap_or(std::path::Path::new("--source")))?;
         let want = (cfg.in_channels, cfg.img_size, cfg.img_size);
         if (set.channels, set.height, set.width) != want {
             bail!(

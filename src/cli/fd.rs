@@ -44,6 +44,10 @@ pub struct FdArgs {
     /// One denoising step with the run's training σ.
     #[arg(long)]
     denoise: bool,
+    /// A latent model's decoder: a diffusers folder (default: the run's autoencoder, its
+    /// config's data.vae); a decoder fine-tuned on noisy latents measures decoder denoising.
+    #[arg(long)]
+    vae: Option<PathBuf>,
     /// Print a JSON object.
     #[arg(long)]
     json: bool,
@@ -71,11 +75,21 @@ pub fn run(a: FdArgs) -> Result<()> {
             TrainConfig::from_toml(&text, &p.display().to_string(), &[])?
         }
     };
+    // A latent model is compared in pixels: its samples decoded, the images its latents encode.
+    let pixels = tarflow::latent::pixel_twin(&cfg)?;
     let cls_path = a
         .classifier
         .clone()
-        .unwrap_or_else(|| tarflow::fd::default_classifier_path(&cfg));
-    let (classifier, real) = classifier_for(&cfg, &cls_path)?;
+        .unwrap_or_else(|| tarflow::fd::default_classifier_path(&pixels));
+    let (classifier, real) = classifier_for(&pixels, &cls_path)?;
+    let vae = match &a.vae {
+        Some(dir) => Some(tarflow_flows::autoencoder::Autoencoder::load(
+            dir,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )?),
+        None => tarflow::latent::run_autoencoder(&cfg)?,
+    };
     let conditional = model.config().num_classes > 0;
     let opts = SampleOptions {
         num: a.num,
@@ -103,7 +117,7 @@ pub fn run(a: FdArgs) -> Result<()> {
         ..SampleOptions::default()
     };
     let reference = Reference::of(&classifier, &real)?;
-    let rep = measure(&model, &opts, &reference, &classifier)?;
+    let rep = measure(&model, &opts, &reference, &classifier, vae.as_ref())?;
     if a.json {
         println!(
             "{}",

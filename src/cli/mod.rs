@@ -8,6 +8,7 @@ mod experiment;
 mod fd;
 mod import;
 mod info;
+mod latent;
 mod ood;
 mod quantize;
 mod runtime;

@@ -374,11 +374,14 @@ fn fd_against_f32(
     use tarflow::fd::{classifier_for, frechet_distance, sample_features, Reference};
     use tarflow_sample::generate::{Labels, SampleOptions};
     let cfg = tarflow_train::TrainConfig::load(cfg_path, &[])?;
+    // A latent model is compared in pixels: its samples decoded, the images its latents encode.
+    let pixels = tarflow::latent::pixel_twin(&cfg)?;
     let cls_path = a
         .classifier
         .clone()
-        .unwrap_or_else(|| tarflow::fd::default_classifier_path(&cfg));
-    let (classifier, real) = classifier_for(&cfg, &cls_path)?;
+        .unwrap_or_else(|| tarflow::fd::default_classifier_path(&pixels));
+    let (classifier, real) = classifier_for(&pixels, &cls_path)?;
+    let vae = tarflow::latent::run_autoencoder(&cfg)?;
     let opts = SampleOptions {
         num: a.fd_num,
         batch: 100,
@@ -390,8 +393,8 @@ fn fd_against_f32(
         },
         ..Default::default()
     };
-    let (fq, q_secs, _) = sample_features(qm, &opts, &classifier)?;
-    let (ff, f32_secs, _) = sample_features(f32_model, &opts, &classifier)?;
+    let (fq, q_secs, _) = sample_features(qm, &opts, &classifier, vae.as_ref())?;
+    let (ff, f32_secs, _) = sample_features(f32_model, &opts, &classifier, vae.as_ref())?;
     let reference = Reference::of(&classifier, &real)?;
     Ok(FdFigures {
         to_f32: frechet_distance(&fq, &ff)?,

@@ -17,6 +17,17 @@ enum Solver {
     Jacobi,
 }
 
+/// How sampling removes the training noise (`--denoise`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DenoiseMode {
+    /// One score step with the run's σ.
+    Score,
+    /// Decode the noisy latents with a decoder fine-tuned on them.
+    Decoder,
+    /// The raw samples.
+    None,
+}
+
 /// Arguments of `tarflow sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
@@ -69,12 +80,15 @@ pub struct SampleArgs {
     /// Jacobi: initial guess, input (the block's output) or zeros.
     #[arg(long, value_enum, default_value = "input")]
     jacobi_init: JacobiInit,
-    /// One score-based denoising step x + λσ²∇log p(x) after sampling. It is on by default
-    /// when the checkpoint's run trained with Gaussian noise (its σ is known), as the run's own
-    /// sample grids were drawn.
-    #[arg(long, conflicts_with = "no_denoise")]
-    denoise: bool,
-    /// The raw samples, without the denoising step a Gaussian-noise run gets by default.
+    /// How the training noise is removed: `score` (one step x + λσ²∇log p(x), the default
+    /// when the checkpoint's run trained with Gaussian noise, as its own grids were drawn),
+    /// `decoder` (a latent model: no score step; --vae names a decoder fine-tuned on noisy
+    /// latents by `train-ae` with `[finetune]`, which decodes the noisy samples) or `none`.
+    /// A bare `--denoise` means `score`.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "score", conflicts_with = "no_denoise")]
+    denoise: Option<DenoiseMode>,
+    /// The raw samples, without the denoising step a Gaussian-noise run gets by default
+    /// (`--denoise none`).
     #[arg(long)]
     no_denoise: bool,
     /// λ of the denoising step.
@@ -145,11 +159,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.like_training {
         return like_training(&r, &model, &a.out);
     }
+    let mode = match (a.denoise, a.no_denoise) {
+        (_, true) => Some(DenoiseMode::None),
+        (m, false) => m,
+    };
     // Denoised when asked, or by default where the run's Gaussian training noise is known.
-    let denoise = match (a.denoise, a.no_denoise, a.sigma.or(r.train_noise_std)) {
-        (_, true, _) | (false, false, None) => None,
-        (_, false, Some(sigma)) => Some((sigma, a.denoise_lambda)),
-        (true, false, None) => bail!(
+    let denoise = match (mode, a.sigma.or(r.train_noise_std)) {
+        (Some(DenoiseMode::None | DenoiseMode::Decoder), _) | (None, None) => None,
+        (_, Some(sigma)) => Some((sigma, a.denoise_lambda)),
+        (Some(DenoiseMode::Score), None) => bail!(
             "--denoise needs σ: {} has no run config with Gaussian training noise beside it; give --sigma",
             r.path.display()
         ),
@@ -210,23 +228,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} images ETA {eta}",
     )?);
-    let vae = a
-        .vae
-        .as_ref()
-        .map(|dir| {
-            let (device, dtype) = a.model.runtime.select()?;
-            let v = tarflow_flows::autoencoder::Autoencoder::load(dir, &device, dtype)?;
-            if v.config.latent_channels != cfg.in_channels {
-                bail!(
-                    "--vae {}: its latents have {} channels, the model's samples {}",
-                    dir.display(),
-                    v.config.latent_channels,
-                    cfg.in_channels
-                );
-            }
-            Ok((v, device, dtype))
-        })
-        .transpose()?;
+    let vae = super::latent::sample_decoder(
+        a.vae.as_deref(),
+        r.autoencoder.as_deref(),
+        mode == Some(DenoiseMode::Decoder),
+        a.sigma.or(r.train_noise_std),
+        cfg.in_channels,
+        &a.model.runtime,
+    )?;
     if !matches!(cfg.in_channels, 1 | 3) && a.out_tensor.is_none() && vae.is_none() {
         bail!(
             "this model's samples have {} channels (latents, not pictures): give --vae DIR (its autoencoder) to decode them, or --out-tensor FILE.safetensors for the raw latents",
@@ -239,11 +248,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
     bar.finish_and_clear();
     // Pictures: the samples, or their decoding by the autoencoder.
     let (pixels, c, sz) = match &vae {
-        Some((v, device, dtype)) => {
-            let host =
-                tarflow_flows::device::to_host(&s.images)?.to_dtype(candle_core::DType::F32)?;
-            let z = (host / v.config.scaling_factor)?;
-            let x = super::vae::decode_latents(v, &z, a.batch, device, *dtype)?;
+        Some(v) => {
+            let x = v.decode_scaled(&s.images, a.batch)?;
             let (c, sz) = (x.dim(1)?, x.dim(2)?);
             (x, c, sz)
         }
@@ -269,7 +275,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
             Solver::Jacobi => "jacobi",
         },
         match denoise {
-            Some((s, l)) if a.denoise || a.sigma.is_some() => format!("denoised (σ {s}, λ {l})"),
+            _ if mode == Some(DenoiseMode::Decoder) => "denoised by the fine-tuned decoder".into(),
+            Some((s, l)) if a.denoise.is_some() || a.sigma.is_some() => format!("denoised (σ {s}, λ {l})"),
             Some((s, l)) => format!(
                 "denoised (σ {s}, λ {l}: the run trained with Gaussian noise; --no-denoise for the raw samples)"
             ),
@@ -333,7 +340,15 @@ fn like_training(
         )
     })?;
     let cfg = tarflow_train::Trainer::config_of_run(&run.root, &[])?;
-    tarflow_train::evaluate::sample_grid(model, &cfg, out)?;
+    let vae = match &cfg.data.vae {
+        Some(dir) => Some(tarflow_flows::autoencoder::Autoencoder::load(
+            dir,
+            model.device(),
+            candle_core::DType::F32,
+        )?),
+        None => None,
+    };
+    tarflow_train::evaluate::sample_grid(model, &cfg, vae.as_ref(), out)?;
     let e = &cfg.eval;
     eprintln!(
         "settings of the run's grids: {} samples, labels cycling through the classes, guidance {}, \

@@ -147,6 +147,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             eprintln!("{m}")
         }
     };
+    // A latent run's bits/dim are of the continuous latent density, and say so.
+    let (unit, to_bpd): (&str, fn(f64) -> f64) = match trainer.latent() {
+        true => (
+            "latent bits/dim",
+            tarflow_flows::model::continuous_loss_to_bpd,
+        ),
+        false => ("bits/dim", loss_to_bpd),
+    };
     let mut smooth: Option<f64> = None;
     let mut last_ips = 0.0;
     let mut on = |ev: Event| match ev {
@@ -181,7 +189,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bar.set_position(step);
             bar.set_message(format!(
                 "ep {epoch:.2} loss {s:.4} bpd {:.3} lr {lr:.2e} {last_ips:.0} img/s",
-                loss_to_bpd(s)
+                to_bpd(s)
             ));
         }
         Event::Log(r) => {
@@ -202,7 +210,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
         Event::Eval(r) => say(format!(
-            "step {}: validation {:.4} bits/dim{}",
+            "step {}: validation {:.4} {unit}{}",
             r.step,
             r.val_bpd.unwrap_or(f64::NAN),
             r.val_bpd_ema
@@ -223,7 +231,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let run = s.run_dir.display();
     println!(
-        "{} at step {} after {:.1} s; last loss {}; validation bits/dim {}{}",
+        "{} at step {} after {:.1} s; last loss {}; validation {unit} {}{}",
         match s.outcome {
             Outcome::Finished => "finished",
             Outcome::Interrupted => "interrupted",

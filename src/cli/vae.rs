@@ -145,6 +145,7 @@ fn encode(a: EncodeArgs) -> Result<()> {
                 eprintln!("note: {n}");
             }
             let mut set = loaded.set;
+            set.require_pixels(a.path.as_deref().unwrap_or(Path::new("--source")))?;
             if let Some(l) = a.limit {
                 set = set.subset(&(0..l.min(set.len())).collect::<Vec<_>>());
             }
@@ -162,6 +163,7 @@ fn encode(a: EncodeArgs) -> Result<()> {
                 width: a.size,
                 pixels,
                 labels: None,
+                latents: None,
             }
         } else {
             bail!("nothing to encode: give image files, --source KIND [--path P] or --tensors X.safetensors");
@@ -202,8 +204,14 @@ fn encode(a: EncodeArgs) -> Result<()> {
         let n = l.len();
         tensors.push(("labels".into(), Tensor::from_vec(l, n, &Device::Cpu)?));
     }
-    let meta: HashMap<String, String> = [
-        ("format", "tarflow-latents/1".to_string()),
+    // A whole source is recorded, so that its pixels (and their held-out split, the same
+    // as the latents') can be found again for FD.
+    let whole_source = a.source.filter(|_| a.limit.is_none()).map(|k| {
+        let path = a.path.as_ref().map(|p| p.display().to_string());
+        (k.name().to_string(), path)
+    });
+    let mut meta: HashMap<String, String> = [
+        ("format", tarflow_datasets::latents::FORMAT.to_string()),
         ("count", x.dim(0)?.to_string()),
         ("data", identity),
         ("vae", vae.dir.display().to_string()),
@@ -213,6 +221,12 @@ fn encode(a: EncodeArgs) -> Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if let Some((kind, path)) = whole_source {
+        meta.insert("source".into(), kind);
+        if let Some(p) = path {
+            meta.insert("source_path".into(), p);
+        }
+    }
     write(&a.output, &tensors, meta)?;
     let d = out[0].dims();
     println!(

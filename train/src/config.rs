@@ -69,6 +69,9 @@ pub struct DataConfig {
     pub skip_bad: bool,
     /// Background threads building batches.
     pub workers: usize,
+    /// The autoencoder (a diffusers folder) a `latents` source was encoded with: checked
+    /// against the file, it decodes the run's sample grids, and `sample` decodes with it.
+    pub vae: Option<PathBuf>,
 }
 
 impl Default for DataConfig {
@@ -84,6 +87,7 @@ impl Default for DataConfig {
             label_drop: 0.0,
             skip_bad: false,
             workers: 2,
+            vae: None,
         }
     }
 }
@@ -381,6 +385,23 @@ impl TrainConfig {
             return bad(
                 "data.path",
                 format!("missing: data.source = {:?} needs a path", d.source.name()),
+            );
+        }
+        match (d.source == SourceKind::Latents, &d.vae) {
+            (true, None) => return bad(
+                "data.vae",
+                "missing: data.source = \"latents\" needs the autoencoder the latents were encoded with (e.g. data.vae = \"models/ae-mnist/vae\")".to_string(),
+            ),
+            (false, Some(_)) => return bad(
+                "data.vae",
+                format!("only a `latents` source has an autoencoder (data.source = {:?})", d.source.name()),
+            ),
+            _ => {}
+        }
+        if d.source == SourceKind::Latents && d.noise == NoiseKind::Uniform {
+            return bad(
+                "data.noise",
+                "uniform dequantisation fills 8-bit bins; latents are continuous: use \"gaussian\" (STARFlow: noise_std = 0.3 in latent units) or \"none\"".to_string(),
             );
         }
         if !(d.noise_std.is_finite() && d.noise_std >= 0.0) {

@@ -92,6 +92,22 @@ pub(crate) fn load_images(
     if set.is_empty() {
         return Err(TrainError::config(key, format!("{origin} holds no image")));
     }
+    if let (Some(l), Some(dir)) = (&set.latents, &cfg.data.vae) {
+        let sha = tarflow_flows::autoencoder::weights_checksum(dir)?;
+        if sha != l.vae_sha256 {
+            return Err(TrainError::config(
+                "data.vae",
+                format!(
+                    "{origin} was encoded by the autoencoder {} (sha256 {}…), not by {} (sha256 {}…): re-encode with `tarflow vae encode --vae {}` or point data.vae at the encoder used",
+                    l.vae,
+                    &l.vae_sha256[..l.vae_sha256.len().min(12)],
+                    dir.display(),
+                    &sha[..12],
+                    dir.display()
+                ),
+            ));
+        }
+    }
     let notes = loaded.notes.iter().map(|n| format!("{key}: {n}")).collect();
     Ok((set, loaded.skipped.len(), notes))
 }
@@ -113,9 +129,14 @@ pub fn loaders(
     }
     let set = Arc::new(set);
     let transform = cfg.data.transform();
+    // Pixels are scored dequantised (bits/dim of 8-bit data); latents with the training
+    // noise, the density the flow learns.
     let eval_t = Transform {
         flip: false,
-        noise: Noise::Uniform,
+        noise: match set.latents {
+            Some(_) => transform.noise,
+            None => Noise::Uniform,
+        },
         label_drop: 0.0,
     };
     let (train, val) = match &cfg.data.val_path {

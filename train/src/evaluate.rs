@@ -4,12 +4,14 @@ use crate::config::{NoiseKind, TrainConfig};
 use crate::error::{Result, TrainError};
 use std::path::Path;
 use tarflow_datasets::loader::Loader;
+use tarflow_flows::autoencoder::Autoencoder;
 use tarflow_flows::model::needs_widening;
 use tarflow_flows::rng::seeded;
 use tarflow_flows::{BpdConvention, Cond, ReverseOptions, TarFlow};
 use tarflow_sample::stats::Sums;
 
-/// Mean bits/dim of the first `batches` batches of `val` (all when 0), with the images' own
+/// Mean bits/dim of the first `batches` batches of `val` (all when 0; latent bits/dim of the
+/// continuous density for a `latents` set), with the images' own
 /// labels for a conditional model, and how many images were left out; `None` when the loader
 /// holds no full batch. An image whose f32 score is not finite or implausibly high
 /// ([`needs_widening`], scoring's rule) is recomputed in f64 (f32 overflows for images far from
@@ -33,6 +35,8 @@ pub fn val_bpd_sums(
     };
     let mut sums = Sums::default();
     let mut wide: Option<Option<TarFlow>> = None;
+    // Latents are continuous: their bits/dim is the density's, without the 8-bit bin.
+    let discrete = val.set().latents.is_none();
     let bpd_of =
         |m: &TarFlow, images: &[f32], shape: [usize; 4], labels: &[i64]| -> Result<Vec<f64>> {
             let [bn, c, h, w] = shape;
@@ -44,7 +48,13 @@ pub fn val_bpd_sums(
             )?;
             let cond = Cond::of(m.config().num_classes, Some(labels));
             let out = m.forward(&x, cond)?;
-            let bpd = m.bits_per_dim(&out, BpdConvention::TrueDims)?;
+            let bpd = match discrete {
+                true => m.bits_per_dim(&out, BpdConvention::TrueDims)?,
+                false => {
+                    let n = m.config().dims_per_image();
+                    (m.nll(&out, false)? * tarflow_flows::model::nats_to_bpd(1.0, n))?
+                }
+            };
             Ok(tarflow_flows::device::host_f64(&bpd)?.to_vec1::<f64>()?)
         };
     for i in (rank..n).step_by(size.max(1)) {
@@ -89,7 +99,13 @@ pub fn grid_denoise_sigma(cfg: &TrainConfig) -> Option<f64> {
 /// Samples `eval.num_samples` images (labels cycling through the classes, `eval.guidance`,
 /// `eval.temperature`, one denoising step when trained with Gaussian noise) from a noise draw
 /// fixed by `train.seed`, and writes them as a PNG grid at `path` (atomically).
-pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()> {
+/// A latent run's samples are decoded by its autoencoder `vae` first.
+pub fn sample_grid(
+    model: &TarFlow,
+    cfg: &TrainConfig,
+    vae: Option<&Autoencoder>,
+    path: &Path,
+) -> Result<()> {
     let (e, m) = (&cfg.eval, &cfg.model);
     let labels: Vec<i64> = (0..e.num_samples)
         .map(|i| (i % m.num_classes.max(1)) as i64)
@@ -109,8 +125,12 @@ pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()
             x = model.denoise(&x, cond, sigma, 1.0)?;
         }
     }
+    if let Some(vae) = vae {
+        x = vae.decode_scaled(&x, e.num_samples)?;
+    }
+    let (_, c, h, w) = x.dims4()?;
     let px = tarflow_sample::grid::to_u8(&x)?;
-    let images: Vec<&[u8]> = px.chunks(m.dims_per_image()).collect();
+    let images: Vec<&[u8]> = px.chunks(c * h * w).collect();
     let cols = (e.num_samples as f64).sqrt().ceil() as usize;
     // The encoder picks the format from the extension, so the temporary name ends in .png.
     let name = path
@@ -118,6 +138,6 @@ pub fn sample_grid(model: &TarFlow, cfg: &TrainConfig, path: &Path) -> Result<()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".tmp-{name}"));
-    tarflow_sample::grid::save(&images, m.in_channels, m.img_size, m.img_size, cols, &tmp)?;
+    tarflow_sample::grid::save(&images, c, h, w, cols, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }

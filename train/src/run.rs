@@ -9,6 +9,7 @@ use crate::TrainConfig;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use tarflow_datasets::ImageSet;
+use tarflow_flows::autoencoder::Autoencoder;
 use tarflow_flows::TarFlow;
 use tarflow_sample::display::Png;
 
@@ -134,6 +135,15 @@ impl Run {
     pub fn model(&self, ema: bool, device: &Device) -> Result<TarFlow> {
         let r = tarflow_sample::resolve::resolve(&self.dir, ema, device)?;
         Ok(r.checkpoint.model(device, DType::F32)?)
+    }
+
+    /// A latent run's autoencoder (its config's `data.vae`, relative to the working directory)
+    /// on `device` in f32; `None` for a pixel run.
+    pub fn autoencoder(&self, device: &Device) -> Result<Option<Autoencoder>> {
+        match &self.config.data.vae {
+            Some(dir) => Ok(Some(Autoencoder::load(dir, device, DType::F32)?)),
+            None => Ok(None),
+        }
     }
 
     /// σ of the Gaussian noise the run trained with (for the denoising step), if any.

@@ -84,6 +84,27 @@ pub struct Autoencoder {
     pub dir: PathBuf,
     /// SHA-256 (hex) of its weights file: latents encoded by it say which autoencoder made them.
     pub checksum: String,
+    /// Where its decoder was fine-tuned on noisy latents, what that fine-tune recorded.
+    pub finetune: Option<DecoderFinetune>,
+    /// Where its weights live, and in which dtype.
+    device: Device,
+    dtype: DType,
+}
+
+/// The file a decoder fine-tune (`train-ae` with `[finetune]`) writes beside the diffusers
+/// files; diffusers ignores it.
+pub const FINETUNE: &str = "denoiser.json";
+
+/// What a decoder fine-tuned on noisy latents was trained for: decoding `z + σ·ε` (σ in the
+/// scaled latent's units, the flow's training noise) to the clean image.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DecoderFinetune {
+    /// σ of the latent noise, in scaled-latent units.
+    pub noise_std: f64,
+    /// The autoencoder it started from.
+    pub base: String,
+    /// SHA-256 of the base's weights file: its encoder is this one's.
+    pub base_sha256: String,
 }
 
 impl Autoencoder {
@@ -96,13 +117,7 @@ impl Autoencoder {
         let path = dir.join(WEIGHTS);
         let bytes = std::fs::read(&path)
             .map_err(|e| FlowError::checkpoint(&path, format!("unreadable: {e}")))?;
-        let checksum = {
-            use sha2::{Digest, Sha256};
-            Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        };
+        let checksum = sha256_hex(&bytes);
         let all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| FlowError::checkpoint(&path, format!("not a safetensors file: {e}")))?;
         drop(bytes);
@@ -126,13 +141,37 @@ impl Autoencoder {
                 ),
             ));
         }
+        let ft_path = dir.join(FINETUNE);
+        let finetune = match std::fs::read_to_string(&ft_path) {
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                FlowError::checkpoint(&ft_path, format!("not a decoder fine-tune record: {e}"))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(FlowError::checkpoint(&ft_path, format!("unreadable: {e}"))),
+        };
         Ok(Self {
             encoder,
             decoder,
             config,
             dir: dir.to_path_buf(),
             checksum,
+            finetune,
+            device: device.clone(),
+            dtype,
         })
+    }
+
+    /// The folder `dir` with its weights as the variables of the returned map, for further
+    /// training (the folder is first read as [`Self::load`] reads it, with its checks).
+    pub fn load_trainable(dir: &Path, device: &Device) -> Result<(Self, candle_nn::VarMap)> {
+        let fixed = Self::load(dir, device, DType::F32)?;
+        let (mut me, mut varmap) = Self::init(fixed.config.clone(), 0, device)?;
+        let path = dir.join(WEIGHTS);
+        varmap
+            .load(&path)
+            .map_err(|e| FlowError::checkpoint(&path, format!("{e} (expected f32 tensors)")))?;
+        (me.dir, me.checksum, me.finetune) = (fixed.dir, fixed.checksum, fixed.finetune);
+        Ok((me, varmap))
     }
 
     /// A new autoencoder for training, its weights the variables of the returned map, drawn
@@ -174,6 +213,9 @@ impl Autoencoder {
             config,
             dir: PathBuf::new(),
             checksum: String::new(),
+            finetune: None,
+            device: device.clone(),
+            dtype: DType::F32,
         };
         Ok((me, varmap))
     }
@@ -232,6 +274,39 @@ impl Autoencoder {
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         Ok(self.decoder.forward(z)?)
     }
+
+    /// Pictures of a latent flow's samples `x` (N, latent, s, s; any device): divided by the
+    /// scaling factor (the flow models scaled latents, as STARFlow does), decoded `batch` at a
+    /// time on this autoencoder's device, and returned on the host in f32.
+    pub fn decode_scaled(&self, x: &Tensor, batch: usize) -> Result<Tensor> {
+        let host = (crate::device::to_host(x)?.to_dtype(DType::F32)? / self.config.scaling_factor)?;
+        let n = host.dim(0)?;
+        let mut parts = Vec::new();
+        for i in (0..n).step_by(batch.max(1)) {
+            let z = host.narrow(0, i, batch.max(1).min(n - i))?;
+            let z = crate::device::upload(&z, &self.device, self.dtype)?;
+            let img = crate::device::to_host(&self.decode(&z)?)?.to_dtype(DType::F32)?;
+            parts.push(img);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SHA-256 (hex) of the weights file of the diffusers folder `dir`, without building the
+/// network: what `vae encode` records and a `latents` source is checked against.
+pub fn weights_checksum(dir: &Path) -> Result<String> {
+    let path = dir.join(WEIGHTS);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| FlowError::checkpoint(&path, format!("unreadable: {e}")))?;
+    Ok(sha256_hex(&bytes))
 }
 
 /// KL(N(mean, e^logvar) ‖ N(0, I)) in nats, summed over every value (a scalar tensor).

@@ -16,6 +16,12 @@ pub fn loss_to_bpd(loss: f64) -> f64 {
     nats_to_bpd(loss + 0.5 * LN_2PI + LN_128, 1)
 }
 
+/// The training loss of continuous data (an autoencoder's latents) as bits per dimension of
+/// its density: `(loss + ½ln 2π)/ln 2`, no 8-bit bin.
+pub fn continuous_loss_to_bpd(loss: f64) -> f64 {
+    nats_to_bpd(loss + 0.5 * LN_2PI, 1)
+}
+
 /// Bits per dimension above which a score is recomputed in f64 even when finite: an 8-bit
 /// image costs at most 8 bits/dim under a uniform model, so past 32 the input is far enough
 /// from the data that f32's intermediate values (scaled by e^{−α} block after block) may have

@@ -10,7 +10,9 @@ mod options;
 mod train_pass;
 
 pub use inverse::{gaussian_guidance, guidance_weight, guide};
-pub use likelihood::{loss_to_bpd, nats_to_bpd, needs_widening, WIDEN_ABOVE_BPD};
+pub use likelihood::{
+    continuous_loss_to_bpd, loss_to_bpd, nats_to_bpd, needs_widening, WIDEN_ABOVE_BPD,
+};
 pub use options::{BlockSolve, GuidanceRule, GuideWhat, JacobiInit, JacobiOptions, ReverseOptions};
 pub use train_pass::TrainPass;
 

@@ -121,6 +121,8 @@ pub struct Trainer {
     feed: crate::data::Feed,
     val: Option<Loader>,
     train_images: usize,
+    /// A latent run's autoencoder (`data.vae`): it decodes the sample grids.
+    vae: Option<tarflow_flows::autoencoder::Autoencoder>,
     state: TrainState,
     max_steps: u64,
     /// `metrics.jsonl`, written by rank 0 alone.
@@ -143,6 +145,12 @@ impl Trainer {
     /// The run directory.
     pub fn run_dir(&self) -> &Path {
         &self.run.root
+    }
+
+    /// Whether the run models an autoencoder's latents (its bits/dim are the continuous
+    /// latent density's).
+    pub fn latent(&self) -> bool {
+        self.vae.is_some()
     }
 
     /// Steps of the whole run.
@@ -211,7 +219,10 @@ impl Trainer {
                     step,
                     epoch: self.epoch_f(),
                     loss: Some(mean),
-                    bpd: Some(loss_to_bpd(mean)),
+                    bpd: Some(match self.vae {
+                        None => loss_to_bpd(mean),
+                        Some(_) => tarflow_flows::model::continuous_loss_to_bpd(mean),
+                    }),
                     lr: Some(lr),
                     grad_norm: Some(win_norm / win_n as f64),
                     images_per_s: Some((win_n * t.batch_size as u64) as f64 / win_time.max(1e-9)),

@@ -92,7 +92,7 @@ impl Trainer {
             .run
             .samples()
             .join(format!("step-{:07}.png", self.state.step));
-        crate::evaluate::sample_grid(&model, &self.cfg, &path)?;
+        crate::evaluate::sample_grid(&model, &self.cfg, self.vae.as_ref(), &path)?;
         on(Event::Samples(&path));
         Ok(())
     }

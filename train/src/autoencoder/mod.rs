@@ -6,147 +6,21 @@
 //! latent and divided by the image's values: β trades reconstruction for a latent the flow can
 //! model. SD-VAE adds a perceptual and an adversarial term; at CPU scale they are left out.
 
+mod config;
+
 use crate::error::{Result, TrainError};
-use crate::overrides::apply_overrides;
 use crate::schedule::WarmupCosine;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tarflow_datasets::folder::FolderOptions;
-use tarflow_datasets::source::{self, SourceKind};
+use tarflow_datasets::source;
 use tarflow_datasets::ImageSet;
 use tarflow_flows::autoencoder::{kl_sum, Autoencoder, AutoencoderConfig};
 
-/// An autoencoder run's config: `[model]`, `[data]`, `[train]`, `[output]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AeConfig {
-    /// The network.
-    pub model: AeModel,
-    /// The images.
-    #[serde(default)]
-    pub data: AeData,
-    /// The optimisation.
-    pub train: AeTrain,
-    /// Where the run goes.
-    #[serde(default)]
-    pub output: AeOutput,
-}
-
-/// `[model]`: diffusers' `AutoencoderKL` arguments.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AeModel {
-    /// Widths of the levels; each level after the first halves the side (3 levels: 4×).
-    pub block_out_channels: Vec<usize>,
-    /// ResNet blocks per level.
-    #[serde(default = "one")]
-    pub layers_per_block: usize,
-    /// Channels of the latent.
-    #[serde(default = "four")]
-    pub latent_channels: usize,
-    /// GroupNorm groups (every width a multiple of it).
-    #[serde(default = "thirty_two")]
-    pub norm_num_groups: usize,
-}
-
-/// `[data]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AeData {
-    /// The kinds of `tarflow data inspect`.
-    pub source: SourceKind,
-    /// File or folder (all sources but `embedded`).
-    pub path: Option<PathBuf>,
-    /// Images held out for the reported PSNR (a seeded draw).
-    pub val_count: usize,
-}
-
-impl Default for AeData {
-    fn default() -> Self {
-        AeData {
-            source: SourceKind::Embedded,
-            path: None,
-            val_count: 1000,
-        }
-    }
-}
-
-/// `[train]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AeTrain {
-    /// Optimiser steps.
-    pub steps: u64,
-    /// Images per step.
-    #[serde(default = "thirty_two_u")]
-    pub batch_size: usize,
-    /// Peak learning rate of the warm-up + cosine schedule.
-    #[serde(default = "lr")]
-    pub lr: f64,
-    /// β of the KL term.
-    #[serde(default = "kl_weight")]
-    pub kl_weight: f64,
-    /// Initial weights, data order, held-out draw and latent noise.
-    #[serde(default)]
-    pub seed: u64,
-    /// Steps between log lines.
-    #[serde(default = "fifty")]
-    pub log_every: u64,
-}
-
-/// `[output]`.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct AeOutput {
-    /// Parent folder of the run (default `runs`).
-    pub dir: Option<PathBuf>,
-    /// Run name (default: the config's file stem).
-    pub name: Option<String>,
-}
-
-fn one() -> usize {
-    1
-}
-fn four() -> usize {
-    4
-}
-fn thirty_two() -> usize {
-    32
-}
-fn thirty_two_u() -> usize {
-    32
-}
-fn lr() -> f64 {
-    1e-3
-}
-fn kl_weight() -> f64 {
-    1e-4
-}
-fn fifty() -> u64 {
-    50
-}
-
-impl AeConfig {
-    /// Parses `text` (from `origin`) with `--set` overrides; unknown keys are errors.
-    pub fn from_toml(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
-        let table: toml::Table = toml::from_str(text)
-            .map_err(|e| TrainError::config(origin, e.message().to_string()))?;
-        let table = apply_overrides::<AeConfig>(table, sets)?;
-        let cfg: AeConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| TrainError::config(origin, e.message().to_string()))?;
-        if cfg.train.steps == 0 || cfg.train.batch_size == 0 {
-            return Err(TrainError::config(
-                origin,
-                "train.steps and train.batch_size must be positive",
-            ));
-        }
-        Ok(cfg)
-    }
-}
+pub use config::{AeConfig, AeData, AeFinetune, AeModel, AeOutput, AeTrain};
 
 /// What a finished run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -167,6 +41,10 @@ pub struct AeSummary {
     pub val_checksum: String,
     /// Wall time of the training steps.
     pub train_seconds: f64,
+    /// A decoder fine-tune: held-out PSNR of decoding noisy latents before it.
+    pub noisy_val_psnr_before_db: Option<f64>,
+    /// A decoder fine-tune: the same after it.
+    pub noisy_val_psnr_db: Option<f64>,
 }
 
 /// Images `idx` of `set` as (N, C, H, W) in [−1, 1].
@@ -216,6 +94,48 @@ fn measure(vae: &Autoencoder, set: &ImageSet, device: &Device) -> Result<(f64, f
     ))
 }
 
+/// The squared error per image value of decoding a posterior sample of `x` (noise `eps`)
+/// plus Gaussian noise of σ `latent_noise` (before the scaling factor): what a decoder
+/// fine-tuned on noisy latents minimises. The encoder's side is held fixed.
+fn noisy_reconstruction(
+    vae: &Autoencoder,
+    x: &Tensor,
+    eps: &Tensor,
+    latent_noise: f64,
+    rng: &mut tarflow_flows::rng::FlowRng,
+) -> Result<Tensor> {
+    let (mean, logvar) = vae.posterior(x)?;
+    let z = (mean.detach() + ((logvar.detach() * 0.5)?.exp()? * eps)?)?;
+    let e2 = tarflow_flows::rng::randn(rng, z.dims(), latent_noise, &Device::Cpu)?;
+    let z = (z + tarflow_flows::device::upload(&e2, x.device(), DType::F32)?)?;
+    Ok((vae.decode(&z)? - x)?.sqr()?.mean_all()?)
+}
+
+/// PSNR in dB of `set` decoded from its latent means plus noise of σ `latent_noise` (before
+/// the scaling factor; a fixed draw from `seed`): how well a decoder removes the flow's noise.
+fn measure_noisy(
+    vae: &Autoencoder,
+    set: &ImageSet,
+    latent_noise: f64,
+    seed: u64,
+    device: &Device,
+) -> Result<f64> {
+    let mut rng = tarflow_flows::rng::seeded(seed ^ 0x0de_c0de);
+    let (mut se, mut count) = (0f64, 0usize);
+    for start in (0..set.len()).step_by(64) {
+        let idx: Vec<usize> = (start..(start + 64).min(set.len())).collect();
+        let x = batch(set, &idx, device)?;
+        let (mean, _) = vae.posterior(&x)?;
+        let e = tarflow_flows::rng::randn(&mut rng, mean.dims(), latent_noise, &Device::Cpu)?;
+        let z = (mean + tarflow_flows::device::upload(&e, device, DType::F32)?)?;
+        let xr = vae.decode(&z)?.clamp(-1f32, 1f32)?;
+        se += f64::from((xr - &x)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        count += x.elem_count();
+    }
+    let mse01 = se / count.max(1) as f64 / 4.0;
+    Ok(10.0 * (1.0 / mse01.max(1e-12)).log10())
+}
+
 /// Trains the autoencoder of `cfg` (named `name`) and writes `DIR/NAME/{vae/,metrics.jsonl,
 /// summary.json,config.toml}`; `log` receives the progress lines.
 pub fn train_autoencoder(
@@ -231,6 +151,7 @@ pub fn train_autoencoder(
     };
     let loaded = source::load(cfg.data.source, cfg.data.path.as_deref(), &opts)?;
     let all = loaded.set;
+    all.require_pixels(cfg.data.path.as_deref().unwrap_or(Path::new("data.path")))?;
     let vc = cfg.data.val_count.min(all.len() / 2);
     let mut rng = tarflow_flows::rng::seeded(t.seed);
     let order = {
@@ -239,41 +160,104 @@ pub fn train_autoencoder(
         o.shuffle(&mut rng);
         o
     };
-    let (val, train) = (all.subset(&order[..vc]), all.subset(&order[vc..]));
+    let (val, train) = match &cfg.data.val_path {
+        Some(vp) => {
+            let v = source::load(cfg.data.source, Some(vp), &opts)?.set;
+            v.require_pixels(vp)?;
+            if (v.channels, v.height, v.width) != (all.channels, all.height, all.width) {
+                return Err(TrainError::config(
+                    "data.val_path",
+                    format!(
+                        "{}: {}×{}×{} images, the training images are {}×{}×{}",
+                        vp.display(),
+                        v.channels,
+                        v.height,
+                        v.width,
+                        all.channels,
+                        all.height,
+                        all.width
+                    ),
+                ));
+            }
+            (v, all.clone())
+        }
+        None => (all.subset(&order[..vc]), all.subset(&order[vc..])),
+    };
+    let vc = val.len();
     if train.len() < t.batch_size {
         return Err(TrainError::config(
             "train.batch_size",
             format!("{} training images cannot fill a batch", train.len()),
         ));
     }
-    let m = &cfg.model;
-    let config = AutoencoderConfig {
-        in_channels: all.channels,
-        out_channels: all.channels,
-        block_out_channels: m.block_out_channels.clone(),
-        layers_per_block: m.layers_per_block,
-        latent_channels: m.latent_channels,
-        norm_num_groups: m.norm_num_groups,
-        scaling_factor: 1.0,
-        use_quant_conv: true,
-        use_post_quant_conv: true,
+    let (vae, varmap, base) = match (&cfg.model, &cfg.finetune) {
+        (_, Some(ft)) => {
+            let (vae, varmap) = Autoencoder::load_trainable(&ft.from, device)?;
+            (vae, varmap, Some(ft))
+        }
+        (Some(m), None) => {
+            let config = AutoencoderConfig {
+                in_channels: all.channels,
+                out_channels: all.channels,
+                block_out_channels: m.block_out_channels.clone(),
+                layers_per_block: m.layers_per_block,
+                latent_channels: m.latent_channels,
+                norm_num_groups: m.norm_num_groups,
+                scaling_factor: 1.0,
+                use_quant_conv: true,
+                use_post_quant_conv: true,
+            };
+            config
+                .check()
+                .map_err(|e| TrainError::config("model", e.to_string()))?;
+            let (vae, varmap) = Autoencoder::init(config, t.seed, device)?;
+            (vae, varmap, None)
+        }
+        (None, None) => return Err(TrainError::config("model", "missing [model] or [finetune]")),
     };
-    config
-        .check()
-        .map_err(|e| TrainError::config("model", e.to_string()))?;
+    let config = vae.config.clone();
+    if config.in_channels != all.channels {
+        return Err(TrainError::config(
+            "data.source",
+            format!(
+                "{}-channel images; the autoencoder {} takes {}",
+                all.channels,
+                vae.dir.display(),
+                config.in_channels
+            ),
+        ));
+    }
     let f = config.downsample();
     if all.height % f != 0 || all.width % f != 0 {
         return Err(TrainError::config(
             "model.block_out_channels",
             format!(
                 "{} levels downsample {f}×, which does not divide {}×{} images",
-                m.block_out_channels.len(),
+                config.block_out_channels.len(),
                 all.height,
                 all.width
             ),
         ));
     }
-    let (vae, varmap) = Autoencoder::init(config, t.seed, device)?;
+    // A fine-tune trains the decoder side only: the encoder must keep producing the latents
+    // the flow was trained on.
+    let vars: Vec<candle_core::Var> = {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut named: Vec<(&String, &candle_core::Var)> = data
+            .iter()
+            .filter(|(k, _)| {
+                base.is_none() || k.starts_with("decoder.") || k.starts_with("post_quant_conv.")
+            })
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    // σ of the latent noise before the scaling factor (the flow's σ is in scaled units).
+    let latent_noise = base.map(|ft| ft.noise_std / config.scaling_factor);
+    let noisy_before = match latent_noise {
+        Some(s) => Some(measure_noisy(&vae, &val, s, t.seed, device)?),
+        None => None,
+    };
     let params = ParamsAdamW {
         lr: t.lr,
         beta1: 0.9,
@@ -281,7 +265,7 @@ pub fn train_autoencoder(
         eps: 1e-8,
         weight_decay: 0.0,
     };
-    let mut opt = AdamW::new(varmap.all_vars(), params)?;
+    let mut opt = AdamW::new(vars, params)?;
     let sched = WarmupCosine {
         lr: t.lr,
         start_lr: t.lr * 0.01,
@@ -305,7 +289,7 @@ pub fn train_autoencoder(
     let metrics_path = root.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&metrics_path).map_err(io(&metrics_path))?;
     let (h, w) = (all.height, all.width);
-    let lat = (m.latent_channels, h / f, w / f);
+    let lat = (config.latent_channels, h / f, w / f);
     let start = std::time::Instant::now();
     let mut cursor = train.len();
     let mut perm: Vec<usize> = Vec::new();
@@ -330,7 +314,13 @@ pub fn train_autoencoder(
             &Device::Cpu,
         )?;
         let eps = tarflow_flows::device::upload(&eps, device, DType::F32)?;
-        let (rec, kl) = vae.losses(&x, &eps)?;
+        let (rec, kl) = match latent_noise {
+            None => vae.losses(&x, &eps)?,
+            Some(s) => (
+                noisy_reconstruction(&vae, &x, &eps, s, &mut rng)?,
+                x.zeros_like()?.sum_all()?,
+            ),
+        };
         let loss = (&rec + (&kl * t.kl_weight)?)?;
         let lv = f64::from(loss.to_scalar::<f32>()?);
         if !lv.is_finite() {
@@ -366,8 +356,25 @@ pub fn train_autoencoder(
     let probe = train.subset(&(0..vc.min(train.len())).collect::<Vec<_>>());
     let (train_psnr, _, _) = measure(&vae, &probe, device)?;
     let mut config = vae.config.clone();
-    config.scaling_factor = 1.0 / std.max(1e-6);
+    if base.is_none() {
+        config.scaling_factor = 1.0 / std.max(1e-6);
+    }
     Autoencoder::save(&config, &varmap, &root.join("vae"))?;
+    let noisy_after = match (base, latent_noise) {
+        (Some(ft), Some(s)) => {
+            let record = tarflow_flows::autoencoder::DecoderFinetune {
+                noise_std: ft.noise_std,
+                base: ft.from.display().to_string(),
+                base_sha256: vae.checksum.clone(),
+            };
+            let text = serde_json::to_string_pretty(&record)
+                .map_err(|e| TrainError::config("finetune", e.to_string()))?;
+            let path = root.join("vae").join(tarflow_flows::autoencoder::FINETUNE);
+            tarflow_flows::checkpoint::write_atomic(&path, text.as_bytes())?;
+            Some(measure_noisy(&vae, &val, s, t.seed, device)?)
+        }
+        _ => None,
+    };
     let summary = AeSummary {
         steps: t.steps,
         val_psnr_db: val_psnr,
@@ -377,6 +384,8 @@ pub fn train_autoencoder(
         val_count: val.len(),
         val_checksum: val.checksum(),
         train_seconds,
+        noisy_val_psnr_before_db: noisy_before,
+        noisy_val_psnr_db: noisy_after,
     };
     let s = serde_json::to_string_pretty(&summary)
         .map_err(|e| TrainError::config("summary", e.to_string()))?;
