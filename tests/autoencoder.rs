@@ -345,28 +345,10 @@ fn train_ae_writes_a_folder_that_loads_and_repeats_exactly() {
 /// PSNR above 27 dB (27.7 on its 1000 held-out digits).
 #[test]
 fn the_shipped_mnist_autoencoder_reconstructs_digits() {
-    let vae =
-        Autoencoder::load(Path::new("models/ae-mnist/vae"), &Device::Cpu, DType::F32).unwrap();
-    assert_eq!(vae.config.downsample(), 4);
     let set = tarflow::datasets::embedded::mnist10k().unwrap();
     let n = 256;
-    let v: Vec<f32> = set.pixels[..n * 784]
-        .iter()
-        .map(|&k| tarflow::datasets::transform::to_unit(k))
-        .collect();
-    let x = Tensor::from_vec(v, (n, 1, 28, 28), &Device::Cpu).unwrap();
-    let (mean, _) = vae.encode(&x).unwrap();
-    assert_eq!(mean.dims(), [n, 4, 7, 7]);
-    let xr = vae.decode(&mean).unwrap().clamp(-1f32, 1f32).unwrap();
-    let mse = (xr - &x)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let psnr = 10.0 * (4.0 / mse).log10();
+    let set = set.subset(&(0..n).collect::<Vec<_>>());
+    let psnr = common::reconstruction_psnr("models/ae-mnist/vae", &set, [4, 7, 7]);
     eprintln!("shipped autoencoder: PSNR {psnr:.2} dB on {n} digits");
     assert!(psnr > 27.0, "PSNR {psnr:.2} dB");
 }

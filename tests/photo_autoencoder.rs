@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::{tarflow, text};
 use std::path::Path;
 use tarflow::flows::autoencoder::Autoencoder;
@@ -91,26 +91,7 @@ fn the_shipped_photo_autoencoder_reconstructs_an_unseen_photo() {
     let val = tmp.path().join("val.bin");
     crops(&["data/photos/coffee.png"], "64", "1", &val);
     let set = tarflow::datasets::cifar::read_cifar10(&val).unwrap();
-    let vae =
-        Autoencoder::load(Path::new("models/ae-photos/vae"), &Device::Cpu, DType::F32).unwrap();
-    let v: Vec<f32> = set
-        .pixels
-        .iter()
-        .map(|&k| tarflow::datasets::transform::to_unit(k))
-        .collect();
-    let x = Tensor::from_vec(v, (64, 3, 32, 32), &Device::Cpu).unwrap();
-    let (mean, _) = vae.encode(&x).unwrap();
-    assert_eq!(mean.dims(), [64, 4, 8, 8]);
-    let xr = vae.decode(&mean).unwrap().clamp(-1f32, 1f32).unwrap();
-    let mse = (xr - &x)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let psnr = 10.0 * (4.0 / mse).log10();
+    let psnr = common::reconstruction_psnr("models/ae-photos/vae", &set, [4, 8, 8]);
     eprintln!("shipped photo autoencoder: PSNR {psnr:.2} dB on 64 held-out crops");
     assert!(psnr > 22.0, "PSNR {psnr:.2} dB");
 }

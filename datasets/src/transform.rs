@@ -22,6 +22,19 @@ pub fn dequantised(k: u8, u: f64) -> f32 {
     ((k as f64 + u) / 128.0 - 1.0) as f32
 }
 
+/// Calls `f(destination, source)` for every value of a C×H×W image in order, the source
+/// mirrored horizontally when `flip`: the one place a flip is written.
+fn mirrored(c: usize, h: usize, w: usize, flip: bool, mut f: impl FnMut(usize, usize)) {
+    for ch in 0..c {
+        for y in 0..h {
+            let row = (ch * h + y) * w;
+            for x in 0..w {
+                f(row + x, row + if flip { w - 1 - x } else { x });
+            }
+        }
+    }
+}
+
 /// Noise added to the [-1, 1] image.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Noise {
@@ -57,23 +70,17 @@ impl Transform {
         rng: &mut impl Rng,
     ) {
         let flip = self.flip && rng.random_bool(0.5);
-        for ch in 0..c {
-            for y in 0..h {
-                let row = (ch * h + y) * w;
-                for x in 0..w {
-                    let sx = if flip { w - 1 - x } else { x };
-                    let k = src[row + sx];
-                    dst[row + x] = match self.noise {
-                        Noise::None => to_unit(k),
-                        Noise::Gaussian(s) => {
-                            let e: f64 = StandardNormal.sample(rng);
-                            (unit(k) + s * e) as f32
-                        }
-                        Noise::Uniform => dequantised(k, rng.random::<f64>()),
-                    };
+        mirrored(c, h, w, flip, |d, i| {
+            let k = src[i];
+            dst[d] = match self.noise {
+                Noise::None => to_unit(k),
+                Noise::Gaussian(s) => {
+                    let e: f64 = StandardNormal.sample(rng);
+                    (unit(k) + s * e) as f32
                 }
-            }
-        }
+                Noise::Uniform => dequantised(k, rng.random::<f64>()),
+            };
+        });
     }
 
     /// Writes a latent drawn from an autoencoder's posterior, `(mean + std·ε)·scale`, into
@@ -91,21 +98,15 @@ impl Transform {
         rng: &mut impl Rng,
     ) {
         let flip = self.flip && rng.random_bool(0.5);
-        for ch in 0..c {
-            for y in 0..h {
-                let row = (ch * h + y) * w;
-                for x in 0..w {
-                    let sx = row + if flip { w - 1 - x } else { x };
-                    let e: f64 = StandardNormal.sample(rng);
-                    let mut v = (mean[sx] as f64 + std[sx] as f64 * e) * scale;
-                    if let Noise::Gaussian(s) = self.noise {
-                        let e: f64 = StandardNormal.sample(rng);
-                        v += s * e;
-                    }
-                    dst[row + x] = v as f32;
-                }
+        mirrored(c, h, w, flip, |d, i| {
+            let e: f64 = StandardNormal.sample(rng);
+            let mut v = (mean[i] as f64 + std[i] as f64 * e) * scale;
+            if let Noise::Gaussian(s) = self.noise {
+                let e: f64 = StandardNormal.sample(rng);
+                v += s * e;
             }
-        }
+            dst[d] = v as f32;
+        });
     }
 
     /// The label after label drop: −1 with probability `label_drop`.

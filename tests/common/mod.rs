@@ -307,3 +307,38 @@ pub fn assert_same_checkpoint(a: &std::path::Path, b: &std::path::Path, rel: &st
         }
     }
 }
+
+/// PSNR in dB (values in [−1, 1] read as [0, 1]) of the autoencoder folder `dir` reconstructing
+/// `set` from its posterior means, which must have the (C, h, w) `latent`.
+pub fn reconstruction_psnr(
+    dir: &str,
+    set: &tarflow::datasets::ImageSet,
+    latent: [usize; 3],
+) -> f64 {
+    use tarflow::flows::autoencoder::Autoencoder;
+    let vae = Autoencoder::load(
+        std::path::Path::new(dir),
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let v: Vec<f32> = set
+        .pixels
+        .iter()
+        .map(|&k| tarflow::datasets::transform::to_unit(k))
+        .collect();
+    let shape = (set.len(), set.channels, set.height, set.width);
+    let x = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    let (mean, _) = vae.encode(&x).unwrap();
+    assert_eq!(mean.dims()[1..], latent);
+    let xr = vae.decode(&mean).unwrap().clamp(-1f32, 1f32).unwrap();
+    let mse = (xr - &x)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    10.0 * (4.0 / mse).log10()
+}
