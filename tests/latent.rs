@@ -257,6 +257,19 @@ fn a_latent_flow_trains_samples_and_decodes_from_the_cli() {
         "{}",
         text(&o)
     );
+    // Scoring a digit file encodes it by the run's autoencoder and says what the figure is.
+    let o = tarflow(&[
+        "score",
+        "data/mnist-samples/test-0000-label-7.png",
+        "--checkpoint",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("not comparable with pixel bits/dim") && text(&o).contains("bits/dim"),
+        "{}",
+        text(&o)
+    );
     // The same latents checked against another autoencoder.
     let other = tmp.path().join("other");
     std::fs::create_dir_all(&other).unwrap();

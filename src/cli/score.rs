@@ -139,7 +139,16 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         .map(|p| tarflow_sample::text::TextInput::read(p, &model))
         .transpose()?;
     if let Some(path) = &a.tensors {
-        return score_tensors(&a, path, &model, text.as_ref());
+        let x = tarflow_sample::tensors::read_tensors(path, &model)?;
+        return print_tensor_scores(&a, &x, &model, text.as_ref(), r.autoencoder.is_some());
+    }
+    if let Some(dir) = &r.autoencoder {
+        // A latent run scores images through its autoencoder's latents.
+        if a.source.is_some() || text.is_some() {
+            bail!("a latent model scores image files (encoded by its autoencoder) or --tensors latents; not --source or --text");
+        }
+        let x = super::latent::encode_files(dir, &a.inputs, a.resize, &model, a.batch)?;
+        return print_tensor_scores(&a, &x, &model, None, true);
     }
     if text.is_some() && (a.true_labels || a.marginal || a.label.is_some()) {
         bail!("--text gives each image its prompt: not with --label, --true-labels or --marginal");
@@ -290,17 +299,18 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// `score --tensors`: each row's exact continuous NLL, as text or JSON lines.
-fn score_tensors(
+/// `score --tensors` (or a latent model's encoded images, `latent`): each row's exact
+/// continuous NLL, as text or JSON lines.
+fn print_tensor_scores(
     a: &ScoreArgs,
-    path: &std::path::Path,
+    x: &candle_core::Tensor,
     model: &tarflow_flows::TarFlow,
     text: Option<&tarflow_sample::text::TextInput>,
+    latent: bool,
 ) -> Result<()> {
-    let x = tarflow_sample::tensors::read_tensors(path, model)?;
-    let scores = tarflow_sample::tensors::score_tensors(model, &x, text, a.batch)?;
+    let scores = tarflow_sample::tensors::score_tensors(model, x, text, a.batch)?;
     let c = model.config().in_channels;
-    if !matches!(c, 1 | 3) {
+    if latent || !matches!(c, 1 | 3) {
         // The density is the latent's: an autoencoder's map to pixels is not invertible, so
         // no pixel likelihood follows from it.
         eprintln!(
