@@ -290,6 +290,44 @@ fn a_latent_flow_trains_samples_and_decodes_from_the_cli() {
     );
 }
 
+/// The whole latent pipeline on candle's composed ops, the path CUDA and Metal run (the
+/// autoencoder has no other): training says it ran composed, and its grid, `sample` and `score`
+/// of an image file go through with the CPU kernels off.
+#[test]
+fn the_latent_pipeline_runs_on_the_composed_ops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lat = tmp.path().join("lat.safetensors");
+    encode(
+        &lat,
+        &["--source", "embedded", "--limit", "48", "--composed"],
+    );
+    let o = tiny_latent_run(&lat, tmp.path(), "c", &["--composed"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(composed ops)"), "{}", text(&o));
+    let run = tmp.path().join("c");
+    assert!(run.join("samples/step-0000004.png").is_file());
+    let png = tmp.path().join("s.png");
+    let o = tarflow(&[
+        "--composed",
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--num",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && png.is_file(), "{}", text(&o));
+    let o = tarflow(&[
+        "--composed",
+        "score",
+        "data/mnist-samples/test-0001-label-2.png",
+        "--checkpoint",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 /// Held-out bits/dim of latents are the continuous density's: the trainer's validation figure
 /// equals `score --tensors`' exact NLL of the same (noise-free, std-0) latents, and lies
 /// log₂128 = 7 bits/dim below the 8-bit convention on the same outputs.
