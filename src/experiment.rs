@@ -315,7 +315,7 @@ pub fn run(
                 std::fs::copy(&grid_src, results_dir.join("grids").join(&grid_name))
                     .map_err(|err| TrainError::io(&grid_src, err))?;
             }
-            let vae = crate::latent::run_autoencoder(&cfg)?;
+            let vae = tarflow_train::data::autoencoder(&cfg, &candle_core::Device::Cpu)?;
             let mut mine = Vec::new();
             for s in &samplings {
                 let decoder = match (&s.decoder, &vae) {

@@ -1,9 +1,8 @@
 //! A latent run measured in pixels: the pixel configuration whose held-out split is the
-//! latents' own (FD compares decoded samples with those images), and the autoencoder its
-//! samples are decoded with.
+//! latents' own (FD compares decoded samples with those images); the autoencoder itself comes
+//! from `tarflow_train::data::autoencoder`.
 
 use tarflow_datasets::source::SourceKind;
-use tarflow_flows::autoencoder::Autoencoder;
 use tarflow_train::{Result, TrainConfig, TrainError};
 
 /// `cfg` itself for a pixel run; for a latent run, the same run over the pixels its latents
@@ -49,16 +48,4 @@ pub fn pixel_twin(cfg: &TrainConfig) -> Result<TrainConfig> {
     twin.model.in_channels = ae.in_channels;
     twin.model.img_size = set.height * ae.downsample();
     Ok(twin)
-}
-
-/// The autoencoder of a latent run's config (on the CPU, f32), `None` for a pixel run.
-pub fn run_autoencoder(cfg: &TrainConfig) -> Result<Option<Autoencoder>> {
-    match &cfg.data.vae {
-        Some(dir) => Ok(Some(Autoencoder::load(
-            dir,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )?)),
-        None => Ok(None),
-    }
 }

@@ -88,7 +88,7 @@ pub fn run(a: FdArgs) -> Result<()> {
             &candle_core::Device::Cpu,
             candle_core::DType::F32,
         )?),
-        None => tarflow::latent::run_autoencoder(&cfg)?,
+        None => tarflow_train::data::autoencoder(&cfg, &candle_core::Device::Cpu)?,
     };
     let conditional = model.config().num_classes > 0;
     let opts = SampleOptions {

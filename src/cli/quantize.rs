@@ -381,7 +381,7 @@ fn fd_against_f32(
         .clone()
         .unwrap_or_else(|| tarflow::fd::default_classifier_path(&pixels));
     let (classifier, real) = classifier_for(&pixels, &cls_path)?;
-    let vae = tarflow::latent::run_autoencoder(&cfg)?;
+    let vae = tarflow_train::data::autoencoder(&cfg, &candle_core::Device::Cpu)?;
     let opts = SampleOptions {
         num: a.fd_num,
         batch: 100,

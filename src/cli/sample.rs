@@ -340,14 +340,7 @@ fn like_training(
         )
     })?;
     let cfg = tarflow_train::Trainer::config_of_run(&run.root, &[])?;
-    let vae = match &cfg.data.vae {
-        Some(dir) => Some(tarflow_flows::autoencoder::Autoencoder::load(
-            dir,
-            model.device(),
-            candle_core::DType::F32,
-        )?),
-        None => None,
-    };
+    let vae = tarflow_train::data::autoencoder(&cfg, model.device())?;
     tarflow_train::evaluate::sample_grid(model, &cfg, vae.as_ref(), out)?;
     let e = &cfg.eval;
     eprintln!(

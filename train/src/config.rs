@@ -387,22 +387,8 @@ impl TrainConfig {
                 format!("missing: data.source = {:?} needs a path", d.source.name()),
             );
         }
-        match (d.source == SourceKind::Latents, &d.vae) {
-            (true, None) => return bad(
-                "data.vae",
-                "missing: data.source = \"latents\" needs the autoencoder the latents were encoded with (e.g. data.vae = \"models/ae-mnist/vae\")".to_string(),
-            ),
-            (false, Some(_)) => return bad(
-                "data.vae",
-                format!("only a `latents` source has an autoencoder (data.source = {:?})", d.source.name()),
-            ),
-            _ => {}
-        }
-        if d.source == SourceKind::Latents && d.noise == NoiseKind::Uniform {
-            return bad(
-                "data.noise",
-                "uniform dequantisation fills 8-bit bins; latents are continuous: use \"gaussian\" (STARFlow: noise_std = 0.3 in latent units) or \"none\"".to_string(),
-            );
+        if let Some((key, msg)) = crate::data::latents_problem(d) {
+            return bad(key, msg);
         }
         if !(d.noise_std.is_finite() && d.noise_std >= 0.0) {
             return bad("data.noise_std", format!("{} must be ≥ 0", d.noise_std));

@@ -10,6 +10,7 @@ use tarflow_datasets::folder::FolderOptions;
 use tarflow_datasets::loader::{Batch, Loader};
 use tarflow_datasets::transform::{Noise, Transform};
 use tarflow_datasets::ImageSet;
+use tarflow_flows::autoencoder::Autoencoder;
 
 /// Checks that the data path named by `key` exists; otherwise says what the source kind
 /// expects there, where such data comes from, and how to point the config at it.
@@ -42,6 +43,43 @@ pub fn check_path(cfg: &TrainConfig, path: Option<&Path>, key: &str) -> Result<(
 
 fn kind_name(cfg: &TrainConfig) -> String {
     cfg.data.source.name().to_string()
+}
+
+/// What is wrong with the keys a `latents` source adds to `[data]`, as (key, why): it needs
+/// `data.vae`, which no other source takes, and Gaussian noise or none (uniform dequantisation
+/// fills 8-bit bins).
+pub(crate) fn latents_problem(d: &crate::config::DataConfig) -> Option<(&'static str, String)> {
+    use tarflow_datasets::source::SourceKind;
+    let latents = d.source == SourceKind::Latents;
+    match (latents, &d.vae) {
+        (true, None) => Some((
+            "data.vae",
+            "missing: data.source = \"latents\" needs the autoencoder the latents were encoded with (e.g. data.vae = \"models/ae-mnist/vae\")".into(),
+        )),
+        (false, Some(_)) => Some((
+            "data.vae",
+            format!("only a `latents` source has an autoencoder (data.source = {:?})", d.source.name()),
+        )),
+        _ if latents && d.noise == crate::config::NoiseKind::Uniform => Some((
+            "data.noise",
+            "uniform dequantisation fills 8-bit bins; latents are continuous: use \"gaussian\" (STARFlow: noise_std = 0.3 in latent units) or \"none\"".into(),
+        )),
+        _ => None,
+    }
+}
+
+/// A latent run's autoencoder (`data.vae`, relative to the working directory) on `device` in
+/// f32 — the decoder is small next to the flow —, `None` for a pixel run. Training's grids,
+/// `sample`, `fd` and notebooks all load it here.
+pub fn autoencoder(cfg: &TrainConfig, device: &candle_core::Device) -> Result<Option<Autoencoder>> {
+    match &cfg.data.vae {
+        Some(dir) => Ok(Some(Autoencoder::load(
+            dir,
+            device,
+            candle_core::DType::F32,
+        )?)),
+        None => Ok(None),
+    }
 }
 
 /// Loads the images of one source path named by `key`; returns them, the number of files

@@ -140,10 +140,7 @@ impl Run {
     /// A latent run's autoencoder (its config's `data.vae`, relative to the working directory)
     /// on `device` in f32; `None` for a pixel run.
     pub fn autoencoder(&self, device: &Device) -> Result<Option<Autoencoder>> {
-        match &self.config.data.vae {
-            Some(dir) => Ok(Some(Autoencoder::load(dir, device, DType::F32)?)),
-            None => Ok(None),
-        }
+        crate::data::autoencoder(&self.config, device)
     }
 
     /// σ of the Gaussian noise the run trained with (for the denoising step), if any.

@@ -318,7 +318,7 @@ pub fn train_autoencoder(
             None => vae.losses(&x, &eps)?,
             Some(s) => (
                 noisy_reconstruction(&vae, &x, &eps, s, &mut rng)?,
-                x.zeros_like()?.sum_all()?,
+                Tensor::zeros((), DType::F32, device)?,
             ),
         };
         let loss = (&rec + (&kl * t.kl_weight)?)?;

@@ -257,16 +257,8 @@ impl Trainer {
         );
         crate::dist::watch(group.as_ref())?;
         let train_images = train.len();
-        // A latent run's grids are pictures: its autoencoder decodes them (f32: the decoder
-        // is small next to the flow, and grids are not timed).
-        let vae = match &cfg.data.vae {
-            Some(dir) => Some(tarflow_flows::autoencoder::Autoencoder::load(
-                dir,
-                &device,
-                DType::F32,
-            )?),
-            None => None,
-        };
+        // A latent run's grids are pictures: its autoencoder decodes them.
+        let vae = crate::data::autoencoder(&cfg, &device)?;
         #[cfg(all(feature = "mpi", feature = "cuda"))]
         let nccl = match device.is_cuda() && group.size() > 1 {
             true => Some(crate::dist::nccl::Nccl::new(group.as_ref(), &device)?),
